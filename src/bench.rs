@@ -1,0 +1,233 @@
+//! `mpcformer bench`: steps of training, distillation or inference timed on random data of
+//! fixed shapes — the same work as `shared/tools/bench_torch.py`'s cases, so the tokens/s compare.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use serde::Serialize;
+
+use crate::loss;
+use crate::model::{Act, Approx, Arch, Attn, Capture, Inputs, ModelConfig};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Case {
+    /// Forward + backward + AdamW step of a classifier (cross-entropy).
+    Train,
+    /// Exact teacher forward (no grad) + Quad/2Quad student forward, backward and AdamW step;
+    /// loss = Σ hidden-state MSE + soft cross-entropy, as bench_torch.py's `minilm_distill`.
+    Distill,
+    /// Forward only, no autodiff.
+    Infer,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Shape {
+    /// all-MiniLM-L6-v2: 6 layers, hidden 384, 12 heads, FFN 1536.
+    Minilm,
+    /// BERT-base: 12 layers, hidden 768, 12 heads, FFN 3072.
+    BertBase,
+}
+
+impl Shape {
+    pub fn config(self, approx: Approx) -> ModelConfig {
+        let (d, l, ffn) = match self {
+            Shape::Minilm => (384, 6, 1536),
+            Shape::BertBase => (768, 12, 3072),
+        };
+        ModelConfig {
+            arch: Arch::Bert,
+            vocab_size: 30522,
+            hidden_size: d,
+            num_hidden_layers: l,
+            num_attention_heads: 12,
+            intermediate_size: ffn,
+            max_position_embeddings: 512,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 0,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            classifier_dropout: None,
+            num_labels: 2,
+            labels: vec!["0".into(), "1".into()],
+            approx,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub case: Case,
+    pub shape: Shape,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub median_step_s: f64,
+    pub tokens_per_s: f64,
+    pub peak_rss_bytes: u64,
+    pub backend: String,
+    pub step_s: Vec<f64>,
+}
+
+/// Peak resident set size of this process (`VmHWM`), 0 where /proc is unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// SplitMix64: a tiny deterministic generator for synthetic inputs.
+struct SplitMix(u64);
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Random ids in [1000, vocab), full attention, second half of each row is segment B.
+fn synthetic_batch(b: usize, s: usize, vocab: usize, device: &Device) -> (Inputs, Tensor<1, Int>) {
+    let mut rng = SplitMix(0);
+    let ids: Vec<i64> = (0..b * s)
+        .map(|_| 1000 + (rng.next() % (vocab as u64 - 1000)) as i64)
+        .collect();
+    let types: Vec<i64> = (0..b * s).map(|i| ((i % s) >= s / 2) as i64).collect();
+    let labels: Vec<i64> = (0..b).map(|_| (rng.next() % 2) as i64).collect();
+    let t = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, s]), device);
+    let inputs = Inputs {
+        input_ids: t(ids),
+        attention_mask: Tensor::ones([b, s], device),
+        token_type_ids: Some(t(types)),
+    };
+    (inputs, Tensor::from_data(TensorData::new(labels, [b]), device))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Runs `warmup + steps` steps of `case` and reports the median step time.
+pub fn run(
+    case: Case,
+    shape: Shape,
+    batch: usize,
+    seq: usize,
+    warmup: usize,
+    steps: usize,
+    device: &Device,
+) -> Result<BenchResult> {
+    device.seed(0);
+    let mut step_s = Vec::with_capacity(steps);
+    let mut time = |i: usize, f: &mut dyn FnMut() -> f32| {
+        let t0 = Instant::now();
+        let v = f();
+        let dt = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "{} step {i}: {dt:.3} s (loss/out {v:.4})",
+            if i < warmup { "warmup" } else { "timed" }
+        );
+        if i >= warmup {
+            step_s.push(dt);
+        }
+    };
+    match case {
+        Case::Infer => {
+            let model = shape.config(Approx::exact()).init(device);
+            let (inputs, _) = synthetic_batch(batch, seq, 30522, device);
+            for i in 0..warmup + steps {
+                time(i, &mut || {
+                    let logits = model.logits(&inputs);
+                    logits.sum().into_scalar::<f32>()
+                });
+            }
+        }
+        Case::Train => {
+            let ad = device.clone().autodiff();
+            let mut model = shape.config(Approx::exact()).init(&ad);
+            let mut optim = AdamWConfig::new().init();
+            let (inputs, labels) = synthetic_batch(batch, seq, 30522, &ad);
+            for i in 0..warmup + steps {
+                time(i, &mut || {
+                    let logits = model.logits(&inputs);
+                    let loss = loss::cross_entropy(logits, labels.clone());
+                    let v = loss.clone().into_scalar::<f32>();
+                    let grads = GradientsParams::from_grads(loss.backward(), &model);
+                    model = optim.step(1e-4, model.clone(), grads);
+                    v
+                });
+            }
+        }
+        Case::Distill => {
+            let teacher = shape.config(Approx::exact()).without_dropout().init(device);
+            let ad = device.clone().autodiff();
+            let mut student = shape
+                .config(Approx::new(Act::Quad, Attn::TwoQuad))
+                .init(&ad);
+            let mut optim = AdamWConfig::new().init();
+            let (inputs, _) = synthetic_batch(batch, seq, 30522, device);
+            let (inputs_ad, _) = synthetic_batch(batch, seq, 30522, &ad);
+            let capture = Capture {
+                hidden_states: true,
+                ..Capture::NONE
+            };
+            for i in 0..warmup + steps {
+                time(i, &mut || {
+                    let t = teacher.forward(&inputs, capture);
+                    let s = student.forward(&inputs_ad, capture);
+                    let mut total = loss::soft_cross_entropy(
+                        s.logits,
+                        t.logits.to_device(&ad),
+                        1.0,
+                        false,
+                    );
+                    for (hs, ht) in s.encoder.hidden_states.into_iter().zip(t.encoder.hidden_states)
+                    {
+                        total = total + loss::mse_all(hs, ht.to_device(&ad));
+                    }
+                    let v = total.clone().into_scalar::<f32>();
+                    let grads = GradientsParams::from_grads(total.backward(), &student);
+                    student = optim.step(1e-4, student.clone(), grads);
+                    v
+                });
+            }
+        }
+    }
+    let median_step_s = median(&step_s);
+    Ok(BenchResult {
+        case,
+        shape,
+        batch,
+        seq,
+        steps,
+        warmup,
+        median_step_s,
+        tokens_per_s: (batch * seq) as f64 / median_step_s,
+        peak_rss_bytes: peak_rss_bytes(),
+        backend: format!("{device:?}"),
+        step_s,
+    })
+}

@@ -1,0 +1,363 @@
+//! The `mpcformer` command line: thin — parses, then calls the library.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use mpcformer::bench;
+use mpcformer::data::{Fields, Task};
+use mpcformer::eval;
+use mpcformer::device::Backend;
+use mpcformer::io::{HostTensor, batch_from_safetensors, save_safetensors};
+use mpcformer::model::{self, Act, Approx, Attn, Capture, Overrides};
+use mpcformer::tokenize::{Encoded, HostBatch, TextTokenizer};
+
+#[derive(Parser)]
+#[command(
+    name = "mpcformer",
+    version,
+    about = "MPC-friendly BERT/RoBERTa: Quad/2Quad/2ReLU approximations, distillation, export, 2-party inference"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a model on text or a saved batch; print tokens, ids and logits; dump every
+    /// intermediate tensor.
+    #[command(after_help = "Examples:
+  mpcformer inspect --model ../shared/models/all-MiniLM-L6-v2 --text \"Hello world\"
+  mpcformer inspect --model ../shared/models/all-MiniLM-L6-v2 --act quad --attn 2quad \\
+      --text \"A man is playing a guitar.\" --text-pair \"Someone plays an instrument.\"
+  mpcformer inspect --model bert-base-uncased --text \"first\" --text \"second one\" --dump out.safetensors
+  mpcformer inspect --model ../shared/fixtures/tiny-bert/model --batch batch0.safetensors --dump ours.safetensors")]
+    Inspect(InspectArgs),
+    /// Time training, distillation or inference steps on random data of fixed shapes.
+    #[command(after_help = "Examples:
+  mpcformer bench infer --shape minilm --batch 16 --seq 128
+  mpcformer bench distill --shape minilm --steps 5 --output distill.json
+  mpcformer bench train --shape bert-base --batch 32 --seq 128 --steps 3")]
+    Bench(BenchArgs),
+    /// Evaluate a checkpoint on GLUE/IMDb splits with the official metrics; print a table.
+    #[command(after_help = "Examples:
+  mpcformer eval --model checkpoints/rte --task rte --data ../shared/data/glue
+  mpcformer eval --model ../shared/models/all-MiniLM-L6-v2 --task rte --data ../shared/data/glue \\
+      --allow-random-head --output rte.json
+  mpcformer eval --model 'checkpoints/{task}' --task rte --task mrpc --task stsb --data hub:nyu-mll/glue
+  mpcformer eval --model checkpoints/imdb --task imdb --data ../shared/data/imdb --batch-size 8
+  mpcformer eval --model m --task sst2 --data reviews.csv --text-field review --label-field stars")]
+    Eval(EvalArgs),
+    /// Write GLUE submission files (`<Task>.tsv`: index, prediction) for test splits.
+    #[command(after_help = "Examples:
+  mpcformer predict --model 'checkpoints/{task}' --task rte --task mnli --data glue_data --output-dir submission")]
+    Predict(PredictArgs),
+}
+
+/// Approximation flags, the same wherever a model is loaded.
+#[derive(Args, Clone, Debug)]
+struct ApproxArgs {
+    /// FFN activation for every layer: gelu, gelu_tanh, relu, quad (default: the checkpoint's).
+    #[arg(long)]
+    act: Option<Act>,
+    /// Attention normalisation for every layer: softmax, 2quad, 2relu (default: the checkpoint's).
+    #[arg(long)]
+    attn: Option<Attn>,
+    /// Per-layer override `N:act[:attn]`, e.g. `--layer 0:gelu:softmax` (repeatable).
+    #[arg(long = "layer", value_parser = Approx::parse_override)]
+    layers: Vec<(usize, model::LayerOverride)>,
+}
+
+impl ApproxArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            act: self.act,
+            attn: self.attn,
+            layers: self.layers.clone(),
+            ..Overrides::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// Model directory (config.json + model.safetensors + tokenizer) or Hub id (`org/name`).
+    #[arg(long)]
+    model: String,
+    /// Input sentence; repeat for a batch (right-padded to the longest).
+    #[arg(long, conflicts_with = "batch")]
+    text: Vec<String>,
+    /// Second sentence of a pair, one per --text.
+    #[arg(long)]
+    text_pair: Vec<String>,
+    /// A saved batch (`input_ids`, `attention_mask`, optional `token_type_ids`) instead of text.
+    #[arg(long)]
+    batch: Option<PathBuf>,
+    #[command(flatten)]
+    approx: ApproxArgs,
+    /// Truncate inputs to this many tokens (longest-first for pairs).
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    /// Write inputs and every intermediate tensor here, under the fixtures' names.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    device: Backend,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(value_enum)]
+    case: bench::Case,
+    #[arg(long, value_enum, default_value_t = bench::Shape::Minilm)]
+    shape: bench::Shape,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Timed steps (after warm-up).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    device: Backend,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Inspect(a) => inspect(a),
+        Command::Eval(a) => eval(a),
+        Command::Predict(a) => predict(a),
+        Command::Bench(a) => {
+            let device = a.device.device()?;
+            let r = bench::run(a.case, a.shape, a.batch, a.seq, a.warmup, a.steps, &device)?;
+            let json = serde_json::to_string_pretty(&r)?;
+            println!("{json}");
+            if let Some(out) = a.output {
+                mpcformer::io::write_atomic(&out, json.as_bytes())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let device = a.device.device()?;
+    let overrides = Overrides {
+        no_dropout: true,
+        ..a.approx.overrides()
+    };
+    let pre = model::load_pretrained(&a.model, &overrides, &device)?;
+    eprintln!("{}: {}", pre.dir.display(), pre.report);
+    let cfg = &pre.model.config;
+    eprintln!(
+        "{:?}, {} layers, hidden {}, approximations {}",
+        cfg.arch,
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.approx.label()
+    );
+    let inputs = if let Some(path) = &a.batch {
+        batch_from_safetensors(path, &device)?
+    } else {
+        if a.text.is_empty() {
+            bail!("give --text (repeatable) or --batch");
+        }
+        if !a.text_pair.is_empty() && a.text_pair.len() != a.text.len() {
+            bail!(
+                "{} --text-pair values for {} --text values; give one pair per text",
+                a.text_pair.len(),
+                a.text.len()
+            );
+        }
+        let tok = TextTokenizer::from_dir(&pre.dir, a.max_len)?;
+        let encs: Vec<Encoded> = a
+            .text
+            .iter()
+            .enumerate()
+            .map(|(i, t)| tok.encode(t, a.text_pair.get(i).map(String::as_str)))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?;
+        for (i, e) in encs.iter().enumerate() {
+            println!("[{i}] tokens: {}", e.tokens.join(" "));
+            println!("[{i}] ids:    {:?}", e.ids);
+        }
+        let refs: Vec<&Encoded> = encs.iter().collect();
+        HostBatch::collate(&refs, tok.pad_id).to_inputs(&device)
+    };
+    let capture = if a.dump.is_some() {
+        Capture::ALL
+    } else {
+        Capture::NONE
+    };
+    let out = pre.model.forward(&inputs, capture);
+    let logits = HostTensor::from_float(out.logits.clone());
+    let head_is_random = !pre.report.initialised.is_empty();
+    let [b, s, d] = out.encoder.last_hidden_state.dims();
+    let mask = inputs.attention_mask.clone().float().reshape([b, s, 1]);
+    let mean = (out.encoder.last_hidden_state.clone() * mask.clone()).sum_dim(1)
+        / mask.sum_dim(1);
+    let mean = HostTensor::from_float(mean.reshape([b, d])).to_f64();
+    let k = logits.shape()[1];
+    let lv = logits.to_f64();
+    for i in 0..b {
+        let row = &lv[i * k..(i + 1) * k];
+        let emb = &mean[i * d..i * d + d.min(6)];
+        println!(
+            "[{i}] logits: {}{}",
+            fmt_row(row),
+            if head_is_random {
+                "  (head randomly initialised: not in the checkpoint)"
+            } else {
+                ""
+            }
+        );
+        println!("[{i}] mean-pooled embedding[..{}]: {}", d.min(6), fmt_row(emb));
+    }
+    if let Some(path) = a.dump {
+        let mut map = BTreeMap::new();
+        map.insert("input_ids".into(), HostTensor::from_int(inputs.input_ids.clone()));
+        map.insert(
+            "attention_mask".into(),
+            HostTensor::from_int(inputs.attention_mask.clone()),
+        );
+        if let Some(tt) = &inputs.token_type_ids {
+            map.insert("token_type_ids".into(), HostTensor::from_int(tt.clone()));
+        }
+        for (i, h) in out.encoder.hidden_states.into_iter().enumerate() {
+            map.insert(format!("hidden_states.{i}"), HostTensor::from_float(h));
+        }
+        for (i, t) in out.encoder.attention_scores.into_iter().enumerate() {
+            map.insert(format!("attention_scores.{i}"), HostTensor::from_float(t));
+        }
+        for (i, t) in out.encoder.attentions.into_iter().enumerate() {
+            map.insert(format!("attentions.{i}"), HostTensor::from_float(t));
+        }
+        map.insert("pooled_output".into(), HostTensor::from_float(out.pooled_output));
+        map.insert("logits".into(), logits);
+        save_safetensors(&path, &map, None)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {} tensors to {}", map.len(), path.display());
+    }
+    Ok(())
+}
+
+fn fmt_row(v: &[f64]) -> String {
+    let parts: Vec<String> = v.iter().map(|x| format!("{x:.6}")).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// Which tasks, where their data is, and which fields to read (`eval`, `predict`).
+#[derive(Args)]
+struct DataArgs {
+    /// Task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, imdb (repeatable).
+    #[arg(long = "task", required = true, value_parser = parse_task)]
+    tasks: Vec<&'static Task>,
+    /// Data: a GLUE folder or file (.tsv), an aclImdb folder, .jsonl/.csv/.parquet, or
+    /// `hub:org/name[/config]` (default: the task's Hub dataset, e.g. hub:nyu-mll/glue/rte).
+    #[arg(long)]
+    data: Option<String>,
+    /// Text field(s) of JSONL/CSV/parquet/TSV files (two for a pair; default: the Hub's names).
+    #[arg(long = "text-field", alias = "text-fields", value_delimiter = ',')]
+    text_fields: Vec<String>,
+    /// Label field of JSONL/CSV/parquet/TSV files (default `label`).
+    #[arg(long)]
+    label_field: Option<String>,
+}
+
+fn parse_task(s: &str) -> Result<&'static Task, String> {
+    Task::find(s)
+}
+
+/// The checkpoint and how to run it (`eval`, `predict`).
+#[derive(Args)]
+struct RunArgs {
+    /// Model directory or Hub id; `{task}` is replaced by the task name (e.g. 'checkpoints/{task}').
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    approx: ApproxArgs,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Maximum tokens per example (default: the task's, 128; IMDb 512).
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Run even if the checkpoint has no classification head for the task (random predictions).
+    #[arg(long)]
+    allow_random_head: bool,
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    device: Backend,
+}
+
+impl RunArgs {
+    fn setup(&self, data: &DataArgs) -> Result<eval::Setup> {
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        Ok(eval::Setup {
+            model: self.model.clone(),
+            overrides: self.approx.overrides(),
+            allow_random_head: self.allow_random_head,
+            batch_size: self.batch_size,
+            max_len: self.max_len,
+            data: data.data.clone(),
+            fields: Fields {
+                text: data.text_fields.clone(),
+                label: data.label_field.clone(),
+            },
+            device: self.device.device()?,
+        })
+    }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Split: dev (MNLI: dev_matched and dev_mismatched; IMDb: test), train, test, ...
+    #[arg(long, default_value = "dev")]
+    split: String,
+    /// Write the results as JSON here (one object, or a list for several).
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Folder for the submission files.
+    #[arg(long, default_value = "submission")]
+    output_dir: PathBuf,
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let setup = a.run.setup(&a.data)?;
+    let results = eval::eval_tasks(&setup, &a.data.tasks, &a.split)?;
+    print!("{}", eval::format_table(&results));
+    if let Some(out) = a.output {
+        let json = serde_json::to_string_pretty(&eval::results_json(&results))?;
+        mpcformer::io::write_atomic(&out, json.as_bytes())?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn predict(a: PredictArgs) -> Result<()> {
+    let setup = a.run.setup(&a.data)?;
+    eval::predict_tasks(&setup, &a.data.tasks, &a.split, &a.output_dir)?;
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! The official GLUE metrics, computed as scikit-learn and scipy compute them: accuracy, binary
+//! F1 (positive class 1), Matthews correlation, Pearson, Spearman (average ranks for ties), the
+//! combined scores, and the GLUE average of the paper's table.
+
+use std::collections::BTreeMap;
+
+use crate::data::{Label, Task};
+
+/// A metric, named as in the metrics fixture (scikit-learn's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Metric {
+    Accuracy,
+    /// Binary F1 of class 1; 0 when there are no positive labels or predictions.
+    F1,
+    /// Matthews correlation; 0 when a row or column of the confusion matrix is empty.
+    Mcc,
+    /// (accuracy + F1) / 2: MRPC's and QQP's combined score.
+    AccuracyAndF1,
+    Pearson,
+    Spearman,
+    /// (Pearson + Spearman) / 2: STS-B's combined score.
+    PearsonAndSpearman,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 7] = [
+        Metric::Accuracy,
+        Metric::F1,
+        Metric::Mcc,
+        Metric::AccuracyAndF1,
+        Metric::Pearson,
+        Metric::Spearman,
+        Metric::PearsonAndSpearman,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "accuracy",
+            Metric::F1 => "f1",
+            Metric::Mcc => "matthews_corrcoef",
+            Metric::AccuracyAndF1 => "accuracy_and_f1",
+            Metric::Pearson => "pearson",
+            Metric::Spearman => "spearman",
+            Metric::PearsonAndSpearman => "pearson_and_spearman",
+        }
+    }
+
+    /// A short column heading for tables.
+    pub fn short(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "acc",
+            Metric::F1 => "f1",
+            Metric::Mcc => "mcc",
+            Metric::AccuracyAndF1 => "acc+f1",
+            Metric::Pearson => "pearson",
+            Metric::Spearman => "spearman",
+            Metric::PearsonAndSpearman => "corr",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Metric> {
+        Metric::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// Fraction of equal entries.
+pub fn accuracy(gold: &[usize], pred: &[usize]) -> f64 {
+    assert_eq!(gold.len(), pred.len(), "gold and predicted lengths differ");
+    if gold.is_empty() {
+        return 0.0;
+    }
+    let correct = gold.iter().zip(pred).filter(|(g, p)| g == p).count();
+    correct as f64 / gold.len() as f64
+}
+
+/// Binary F1 with class 1 positive (scikit-learn's `f1_score(pos_label=1, zero_division=0)`).
+pub fn f1(gold: &[usize], pred: &[usize]) -> f64 {
+    assert_eq!(gold.len(), pred.len(), "gold and predicted lengths differ");
+    let (mut tp, mut fp, mut fnn) = (0usize, 0usize, 0usize);
+    for (&g, &p) in gold.iter().zip(pred) {
+        match (g == 1, p == 1) {
+            (true, true) => tp += 1,
+            (false, true) => fp += 1,
+            (true, false) => fnn += 1,
+            (false, false) => {}
+        }
+    }
+    if tp == 0 {
+        return 0.0;
+    }
+    let precision = tp as f64 / (tp + fp) as f64;
+    let recall = tp as f64 / (tp + fnn) as f64;
+    2.0 * precision * recall / (precision + recall)
+}
+
+/// Matthews correlation for any number of classes, as scikit-learn computes it.
+pub fn mcc(gold: &[usize], pred: &[usize]) -> f64 {
+    assert_eq!(gold.len(), pred.len(), "gold and predicted lengths differ");
+    let k = gold.iter().chain(pred).copied().max().map_or(0, |m| m + 1);
+    let mut t = vec![0f64; k];
+    let mut p = vec![0f64; k];
+    let mut correct = 0f64;
+    for (&g, &q) in gold.iter().zip(pred) {
+        t[g] += 1.0;
+        p[q] += 1.0;
+        if g == q {
+            correct += 1.0;
+        }
+    }
+    let s = gold.len() as f64;
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let cov_tp = correct * s - dot(&t, &p);
+    let cov_pp = s * s - dot(&p, &p);
+    let cov_tt = s * s - dot(&t, &t);
+    if cov_pp * cov_tt == 0.0 {
+        return 0.0;
+    }
+    cov_tp / (cov_tt * cov_pp).sqrt()
+}
+
+/// Pearson correlation (scipy's `pearsonr`); 0 when either input is constant.
+pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    assert_eq!(x.len(), y.len(), "lengths differ");
+    let n = x.len() as f64;
+    if x.len() < 2 {
+        return 0.0;
+    }
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let xm: Vec<f64> = x.iter().map(|v| v - mx).collect();
+    let ym: Vec<f64> = y.iter().map(|v| v - my).collect();
+    let nx = xm.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let ny = ym.iter().map(|v| v * v).sum::<f64>().sqrt();
+    if nx == 0.0 || ny == 0.0 {
+        return 0.0;
+    }
+    let r: f64 = xm.iter().zip(&ym).map(|(a, b)| (a / nx) * (b / ny)).sum();
+    r.clamp(-1.0, 1.0)
+}
+
+/// Ranks from 1, ties sharing their average rank (scipy's `rankdata(method="average")`).
+pub fn average_ranks(x: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut ranks = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        // Positions i..=j (0-based) share ranks i+1..=j+1.
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        for &o in &order[i..=j] {
+            ranks[o] = rank;
+        }
+        i = j + 1;
+    }
+    ranks
+}
+
+/// Spearman correlation: Pearson of the average ranks.
+pub fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    pearson(&average_ranks(x), &average_ranks(y))
+}
+
+/// The values of a task's metrics, in the task's display order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Scores(pub Vec<(Metric, f64)>);
+
+impl Scores {
+    pub fn get(&self, metric: Metric) -> Option<f64> {
+        self.0.iter().find(|(m, _)| *m == metric).map(|(_, v)| *v)
+    }
+
+    /// Name → value, as written to JSON.
+    pub fn to_map(&self) -> BTreeMap<String, f64> {
+        self.0.iter().map(|(m, v)| (m.name().to_string(), *v)).collect()
+    }
+}
+
+/// Every metric of classification (`regression = false`) or regression, by the fixture's names.
+pub fn all_metrics(gold: &[Label], pred: &[Label], regression: bool) -> Result<Scores, String> {
+    if gold.len() != pred.len() {
+        return Err(format!(
+            "{} gold labels but {} predictions",
+            gold.len(),
+            pred.len()
+        ));
+    }
+    if regression {
+        let g = scores_of(gold)?;
+        let p = scores_of(pred)?;
+        let (pe, sp) = (pearson(&g, &p), spearman(&g, &p));
+        Ok(Scores(vec![
+            (Metric::Pearson, pe),
+            (Metric::Spearman, sp),
+            (Metric::PearsonAndSpearman, (pe + sp) / 2.0),
+        ]))
+    } else {
+        let g = classes_of(gold)?;
+        let p = classes_of(pred)?;
+        let (acc, f) = (accuracy(&g, &p), f1(&g, &p));
+        Ok(Scores(vec![
+            (Metric::Accuracy, acc),
+            (Metric::F1, f),
+            (Metric::Mcc, mcc(&g, &p)),
+            (Metric::AccuracyAndF1, (acc + f) / 2.0),
+        ]))
+    }
+}
+
+/// The task's metrics (those it reports, in its order).
+pub fn score(task: &Task, gold: &[Label], pred: &[Label]) -> Result<Scores, String> {
+    let all = all_metrics(gold, pred, task.is_regression())?;
+    Ok(Scores(
+        task.metrics
+            .iter()
+            .map(|m| (*m, all.get(*m).expect("metric computed for its kind")))
+            .collect(),
+    ))
+}
+
+fn classes_of(labels: &[Label]) -> Result<Vec<usize>, String> {
+    labels
+        .iter()
+        .map(|l| l.class().ok_or_else(|| format!("expected a class label, found {l:?}")))
+        .collect()
+}
+
+fn scores_of(labels: &[Label]) -> Result<Vec<f64>, String> {
+    labels
+        .iter()
+        .map(|l| l.score().ok_or_else(|| format!("expected a score, found {l:?}")))
+        .collect()
+}
+
+/// The GLUE average as the paper's table computes it: the mean over the GLUE tasks evaluated
+/// of each task's primary metric (CoLA MCC, STS-B mean of Pearson and Spearman, MRPC F1, QQP
+/// mean of accuracy and F1, the others accuracy), MNLI counted once by its matched accuracy,
+/// WNLI left out (the paper has no WNLI column).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct GlueAverage {
+    pub value: f64,
+    /// `TASK split` of each result averaged.
+    pub over: Vec<String>,
+}
+
+pub fn glue_average<'a>(
+    results: impl IntoIterator<Item = (&'a Task, &'a str, &'a Scores)>,
+) -> Option<GlueAverage> {
+    let mut picked: Vec<(&Task, &str, f64)> = Vec::new();
+    for (task, split, scores) in results {
+        if !task.glue || task.name == "wnli" {
+            continue;
+        }
+        let Some(v) = scores.get(task.primary) else {
+            continue;
+        };
+        match picked.iter_mut().find(|(t, _, _)| t.name == task.name) {
+            // MNLI: matched wins over mismatched.
+            Some(slot) if split == "dev_matched" && slot.1 != "dev_matched" => {
+                *slot = (task, split, v)
+            }
+            Some(_) => {}
+            None => picked.push((task, split, v)),
+        }
+    }
+    if picked.is_empty() {
+        return None;
+    }
+    Some(GlueAverage {
+        value: picked.iter().map(|p| p.2).sum::<f64>() / picked.len() as f64,
+        over: picked
+            .iter()
+            .map(|(t, s, _)| format!("{} {s}", t.title))
+            .collect(),
+    })
+}

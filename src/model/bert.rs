@@ -1,0 +1,435 @@
+//! One encoder for BERT and RoBERTa, with the MPC approximations as configuration.
+//!
+//! Struct and field names follow Hugging Face's `modeling_bert.py` / `modeling_roberta.py`, so a
+//! weight name maps onto a field path by the short table in [`super::names`]
+//! (`LayerNorm` ↔ `layer_norm`, `self` ↔ `self_attn`, the `bert.`/`roberta.` prefix).
+
+use burn::module::Param;
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig,
+    Linear, LinearConfig,
+};
+use burn::prelude::*;
+use burn::tensor::activation;
+
+use super::approx::{Approx, LayerApprox};
+use super::config::{Arch, ModelConfig};
+
+/// HF's `initializer_range`: every weight N(0, 0.02²), biases 0, LayerNorm (1, 0).
+const INIT_STD: f64 = 0.02;
+
+fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    let mut l = LinearConfig::new(d_in, d_out)
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: INIT_STD,
+        })
+        .init(device);
+    l.bias = Some(Param::from_tensor(Tensor::zeros([d_out], device)));
+    l
+}
+
+fn embedding(n: usize, d: usize, device: &Device) -> Embedding {
+    EmbeddingConfig::new(n, d)
+        .with_initializer(Initializer::Normal {
+            mean: 0.0,
+            std: INIT_STD,
+        })
+        .init(device)
+}
+
+fn layer_norm(d: usize, eps: f64, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(d).with_epsilon(eps).init(device)
+}
+
+fn dropout(p: f64) -> Dropout {
+    DropoutConfig::new(p).init()
+}
+
+/// Embedding lookup with PyTorch's `padding_idx` semantics: the pad row is used in the forward
+/// pass but receives no gradient, as in HF's `nn.Embedding(..., padding_idx=pad)`.
+fn embed(table: &Embedding, ids: Tensor<2, Int>, padding_idx: Option<usize>) -> Tensor<3> {
+    let out = table.forward(ids.clone());
+    match padding_idx {
+        Some(pad) if table.weight.val().is_require_grad() => {
+            // x·1 + x̄·0 = x exactly, so the forward value is untouched.
+            let keep = ids.not_equal_elem(pad as i64).float().unsqueeze_dim::<3>(2);
+            out.clone() * keep.clone() + out.detach() * (keep.neg() + 1.0)
+        }
+        _ => out,
+    }
+}
+
+/// Which intermediate tensors a forward pass keeps. Inference asks for none and pays for none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capture {
+    /// Embedding output and every layer's output (`hidden_states`, L + 1 tensors).
+    pub hidden_states: bool,
+    /// Raw scores `QKᵀ/√d` before any mask (`attention_scores`, L tensors).
+    pub attention_scores: bool,
+    /// Attention weights after normalisation (`attentions`, L tensors).
+    pub attentions: bool,
+}
+
+impl Capture {
+    pub const NONE: Capture = Capture {
+        hidden_states: false,
+        attention_scores: false,
+        attentions: false,
+    };
+    pub const ALL: Capture = Capture {
+        hidden_states: true,
+        attention_scores: true,
+        attentions: true,
+    };
+}
+
+/// A tokenised, right-padded batch.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    pub input_ids: Tensor<2, Int>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Tensor<2, Int>,
+    /// `None` means all zeros.
+    pub token_type_ids: Option<Tensor<2, Int>>,
+}
+
+/// What the encoder returns; the `Vec`s are empty unless asked for by [`Capture`].
+#[derive(Clone, Debug)]
+pub struct EncoderOutput {
+    pub last_hidden_state: Tensor<3>,
+    pub hidden_states: Vec<Tensor<3>>,
+    pub attention_scores: Vec<Tensor<4>>,
+    pub attentions: Vec<Tensor<4>>,
+}
+
+/// Sequence-classification output: the encoder's plus the head's.
+#[derive(Clone, Debug)]
+pub struct ClassifierOutput {
+    pub encoder: EncoderOutput,
+    /// BERT: the pooler's `tanh(W h₀ + b)`; RoBERTa: the head's `tanh(dense(h₀))`.
+    pub pooled_output: Tensor<2>,
+    /// [B, num_labels]; [B, 1] for regression.
+    pub logits: Tensor<2>,
+}
+
+/// `BertEmbeddings` / `RobertaEmbeddings`.
+#[derive(Module, Debug)]
+pub struct BertEmbeddings {
+    pub word_embeddings: Embedding,
+    pub position_embeddings: Embedding,
+    pub token_type_embeddings: Embedding,
+    pub layer_norm: LayerNorm,
+    pub dropout: Dropout,
+    #[module(skip)]
+    pub arch: Arch,
+    #[module(skip)]
+    pub pad_token_id: usize,
+}
+
+impl BertEmbeddings {
+    pub fn forward(&self, inputs: &Inputs) -> Tensor<3> {
+        let ids = inputs.input_ids.clone();
+        let [b, s] = ids.dims();
+        let device = ids.device();
+        let pad = self.pad_token_id;
+        let position_ids = match self.arch {
+            Arch::Bert => Tensor::<1, Int>::arange(0..s as i64, &device)
+                .reshape([1, s])
+                .repeat_dim(0, b),
+            // `create_position_ids_from_input_ids`: real tokens count from pad + 1, pads sit at pad.
+            Arch::Roberta => {
+                let real = ids.clone().not_equal_elem(pad as i64).int();
+                real.clone().cumsum(1) * real + pad as i64
+            }
+        };
+        let token_type_ids = inputs
+            .token_type_ids
+            .clone()
+            .unwrap_or_else(|| Tensor::zeros([b, s], &device));
+        let position_padding = (self.arch == Arch::Roberta).then_some(pad);
+        let x = embed(&self.word_embeddings, ids, Some(pad))
+            + embed(&self.position_embeddings, position_ids, position_padding)
+            + self.token_type_embeddings.forward(token_type_ids);
+        self.dropout.forward(self.layer_norm.forward(x))
+    }
+}
+
+/// `BertSelfAttention` (HF name `attention.self`).
+#[derive(Module, Debug)]
+pub struct BertSelfAttention {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub dropout: Dropout,
+    #[module(skip)]
+    pub num_heads: usize,
+}
+
+impl BertSelfAttention {
+    /// Returns the context, the raw scores and the weights ([B, H, S, S]).
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        key_mask: Tensor<2>,
+        approx: LayerApprox,
+        c: f64,
+    ) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+        let [b, s, d] = x.dims();
+        let h = self.num_heads;
+        let dh = d / h;
+        let heads = |t: Tensor<3>| t.reshape([b, s, h, dh]).swap_dims(1, 2);
+        let q = heads(self.query.forward(x.clone()));
+        let k = heads(self.key.forward(x.clone()));
+        let v = heads(self.value.forward(x));
+        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (dh as f64).sqrt());
+        let probs = approx.attn.apply(scores.clone(), key_mask, c);
+        let ctx = self
+            .dropout
+            .forward(probs.clone())
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b, s, d]);
+        (ctx, scores, probs)
+    }
+}
+
+/// `BertSelfOutput` (HF name `attention.output`).
+#[derive(Module, Debug)]
+pub struct BertSelfOutput {
+    pub dense: Linear,
+    pub layer_norm: LayerNorm,
+    pub dropout: Dropout,
+}
+
+impl BertSelfOutput {
+    fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+        self.layer_norm
+            .forward(self.dropout.forward(self.dense.forward(x)) + residual)
+    }
+}
+
+/// `BertAttention`.
+#[derive(Module, Debug)]
+pub struct BertAttention {
+    pub self_attn: BertSelfAttention,
+    pub output: BertSelfOutput,
+}
+
+/// `BertIntermediate`: the FFN up-projection and its activation (GeLU or Quad).
+#[derive(Module, Debug)]
+pub struct BertIntermediate {
+    pub dense: Linear,
+}
+
+/// `BertOutput`: the FFN down-projection, residual and LayerNorm.
+#[derive(Module, Debug)]
+pub struct BertOutput {
+    pub dense: Linear,
+    pub layer_norm: LayerNorm,
+    pub dropout: Dropout,
+}
+
+/// `BertLayer`, with this layer's approximation choice.
+#[derive(Module, Debug)]
+pub struct BertLayer {
+    pub attention: BertAttention,
+    pub intermediate: BertIntermediate,
+    pub output: BertOutput,
+    #[module(skip)]
+    pub approx: LayerApprox,
+    #[module(skip)]
+    pub two_quad_c: f64,
+}
+
+impl BertLayer {
+    fn forward(&self, x: Tensor<3>, key_mask: Tensor<2>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+        let (ctx, scores, probs) =
+            self.attention
+                .self_attn
+                .forward(x.clone(), key_mask, self.approx, self.two_quad_c);
+        let attn_out = self.attention.output.forward(ctx, x);
+        let inter = self
+            .approx
+            .act
+            .apply(self.intermediate.dense.forward(attn_out.clone()));
+        let y = self.output.dense.forward(inter);
+        let y = self
+            .output
+            .layer_norm
+            .forward(self.output.dropout.forward(y) + attn_out);
+        (y, scores, probs)
+    }
+}
+
+/// `BertEncoder`.
+#[derive(Module, Debug)]
+pub struct BertEncoder {
+    pub layer: Vec<BertLayer>,
+}
+
+/// `BertPooler`: `tanh(dense(h[:, 0]))`.
+#[derive(Module, Debug)]
+pub struct BertPooler {
+    pub dense: Linear,
+}
+
+/// `BertModel` / `RobertaModel` (RoBERTa's classifier has no pooler).
+#[derive(Module, Debug)]
+pub struct BertModel {
+    pub embeddings: BertEmbeddings,
+    pub encoder: BertEncoder,
+    pub pooler: Option<BertPooler>,
+}
+
+impl BertModel {
+    pub fn forward(&self, inputs: &Inputs, capture: Capture) -> EncoderOutput {
+        let key_mask = inputs.attention_mask.clone().float();
+        let mut x = self.embeddings.forward(inputs);
+        let n = self.encoder.layer.len();
+        let mut out = EncoderOutput {
+            last_hidden_state: x.clone(),
+            hidden_states: Vec::with_capacity(if capture.hidden_states { n + 1 } else { 0 }),
+            attention_scores: Vec::new(),
+            attentions: Vec::new(),
+        };
+        if capture.hidden_states {
+            out.hidden_states.push(x.clone());
+        }
+        for layer in &self.encoder.layer {
+            let (y, scores, probs) = layer.forward(x, key_mask.clone());
+            if capture.hidden_states {
+                out.hidden_states.push(y.clone());
+            }
+            if capture.attention_scores {
+                out.attention_scores.push(scores);
+            }
+            if capture.attentions {
+                out.attentions.push(probs);
+            }
+            x = y;
+        }
+        out.last_hidden_state = x;
+        out
+    }
+}
+
+/// The classification head. BERT (`BertForSequenceClassification`): dropout → `classifier` on the
+/// pooler output (`dense` is `None`; the field `out_proj` is HF's `classifier`). RoBERTa
+/// (`RobertaClassificationHead`): dropout → `classifier.dense` → tanh → dropout →
+/// `classifier.out_proj` on the first token.
+#[derive(Module, Debug)]
+pub struct ClassificationHead {
+    pub dense: Option<Linear>,
+    pub out_proj: Linear,
+    pub dropout: Dropout,
+}
+
+/// `BertForSequenceClassification` / `RobertaForSequenceClassification`. The field `bert` holds
+/// the backbone for both families; its HF prefix (`bert.` or `roberta.`) comes from the config.
+#[derive(Module, Debug)]
+pub struct SequenceClassifier {
+    pub bert: BertModel,
+    pub classifier: ClassificationHead,
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+impl ModelConfig {
+    /// Builds a randomly initialised model (HF's init); load weights with [`super::load`].
+    pub fn init(&self, device: &Device) -> SequenceClassifier {
+        let d = self.hidden_size;
+        let approx: &Approx = &self.approx;
+        let embeddings = BertEmbeddings {
+            word_embeddings: embedding(self.vocab_size, d, device),
+            position_embeddings: embedding(self.max_position_embeddings, d, device),
+            token_type_embeddings: embedding(self.type_vocab_size, d, device),
+            layer_norm: layer_norm(d, self.layer_norm_eps, device),
+            dropout: dropout(self.hidden_dropout_prob),
+            arch: self.arch,
+            pad_token_id: self.pad_token_id,
+        };
+        let layer = (0..self.num_hidden_layers)
+            .map(|i| BertLayer {
+                attention: BertAttention {
+                    self_attn: BertSelfAttention {
+                        query: linear(d, d, device),
+                        key: linear(d, d, device),
+                        value: linear(d, d, device),
+                        dropout: dropout(self.attention_probs_dropout_prob),
+                        num_heads: self.num_attention_heads,
+                    },
+                    output: BertSelfOutput {
+                        dense: linear(d, d, device),
+                        layer_norm: layer_norm(d, self.layer_norm_eps, device),
+                        dropout: dropout(self.hidden_dropout_prob),
+                    },
+                },
+                intermediate: BertIntermediate {
+                    dense: linear(d, self.intermediate_size, device),
+                },
+                output: BertOutput {
+                    dense: linear(self.intermediate_size, d, device),
+                    layer_norm: layer_norm(d, self.layer_norm_eps, device),
+                    dropout: dropout(self.hidden_dropout_prob),
+                },
+                approx: approx.layer(i),
+                two_quad_c: approx.c,
+            })
+            .collect();
+        let classifier_dropout = self.classifier_dropout.unwrap_or(self.hidden_dropout_prob);
+        let (pooler, head_dense) = match self.arch {
+            Arch::Bert => (
+                Some(BertPooler {
+                    dense: linear(d, d, device),
+                }),
+                None,
+            ),
+            Arch::Roberta => (None, Some(linear(d, d, device))),
+        };
+        SequenceClassifier {
+            bert: BertModel {
+                embeddings,
+                encoder: BertEncoder { layer },
+                pooler,
+            },
+            classifier: ClassificationHead {
+                dense: head_dense,
+                out_proj: linear(d, self.num_labels, device),
+                dropout: dropout(classifier_dropout),
+            },
+            config: self.clone(),
+        }
+    }
+}
+
+impl SequenceClassifier {
+    pub fn forward(&self, inputs: &Inputs, capture: Capture) -> ClassifierOutput {
+        let encoder = self.bert.forward(inputs, capture);
+        let [b, _, d] = encoder.last_hidden_state.dims();
+        let first = encoder
+            .last_hidden_state
+            .clone()
+            .slice(s![.., 0..1, ..])
+            .reshape([b, d]);
+        let head = &self.classifier;
+        let pooled_output = match (&self.bert.pooler, &head.dense) {
+            (_, Some(dense)) => activation::tanh(dense.forward(head.dropout.forward(first))),
+            (Some(pooler), None) => activation::tanh(pooler.dense.forward(first)),
+            (None, None) => first,
+        };
+        let logits = head
+            .out_proj
+            .forward(head.dropout.forward(pooled_output.clone()));
+        ClassifierOutput {
+            encoder,
+            pooled_output,
+            logits,
+        }
+    }
+
+    /// Logits only: what inference and evaluation need.
+    pub fn logits(&self, inputs: &Inputs) -> Tensor<2> {
+        self.forward(inputs, Capture::NONE).logits
+    }
+}

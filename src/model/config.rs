@@ -1,0 +1,327 @@
+//! The model configuration, read from (and written back to) a Hugging Face `config.json`.
+//!
+//! Mirrors `transformers.BertConfig` / `RobertaConfig` plus MPCFormer's two extra keys
+//! (`hidden_act: "quad"`, `softmax_act`) and our `mpc` block with per-layer choices.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::approx::{Act, Approx, Attn, LayerOverride, TWO_QUAD_C};
+use crate::error::LoadError;
+
+/// Which family of checkpoint: decides position ids, the head and the weight-name prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Bert,
+    Roberta,
+}
+
+impl Arch {
+    /// Prefix of the backbone's weight names in a `*ForSequenceClassification` checkpoint.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Arch::Bert => "bert",
+            Arch::Roberta => "roberta",
+        }
+    }
+}
+
+/// Everything needed to build the encoder and its head.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub pad_token_id: usize,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    /// `None` means "as hidden_dropout_prob" (HF's `classifier_dropout`).
+    pub classifier_dropout: Option<f64>,
+    /// 1 = regression.
+    pub num_labels: usize,
+    /// Label names in id order (`id2label`).
+    pub labels: Vec<String>,
+    pub approx: Approx,
+}
+
+/// The subset of HF's `config.json` we read; unknown keys are ignored like `AutoConfig` does.
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    type_vocab_size: usize,
+    #[serde(default = "default_ln_eps")]
+    layer_norm_eps: f64,
+    pad_token_id: Option<usize>,
+    #[serde(default = "default_dropout")]
+    hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    attention_probs_dropout_prob: f64,
+    classifier_dropout: Option<f64>,
+    #[serde(default = "default_act")]
+    hidden_act: String,
+    softmax_act: Option<String>,
+    num_labels: Option<usize>,
+    id2label: Option<BTreeMap<String, String>>,
+    problem_type: Option<String>,
+    position_embedding_type: Option<String>,
+    mpc: Option<MpcBlock>,
+}
+
+/// The `mpc` object our export writes; read back so per-layer choices survive a round trip.
+#[derive(Deserialize)]
+struct MpcBlock {
+    #[serde(default)]
+    two_quad_c: Option<f64>,
+    #[serde(default)]
+    layers: BTreeMap<String, LayerOverride>,
+}
+
+fn default_max_pos() -> usize {
+    512
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_ln_eps() -> f64 {
+    1e-12
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+
+impl ModelConfig {
+    /// Reads `config.json`. Errors name the file and what is wrong with it.
+    pub fn from_file(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+        Self::from_json_str(&text).map_err(|msg| LoadError::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
+    }
+
+    pub fn from_json_str(text: &str) -> Result<Self, String> {
+        let hf: HfConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let arch = match hf.model_type.as_deref() {
+            Some("bert") => Arch::Bert,
+            Some("roberta") => Arch::Roberta,
+            Some(other) => {
+                return Err(format!(
+                    "model_type `{other}` is not supported (bert and roberta are)"
+                ));
+            }
+            None if hf.architectures.iter().any(|a| a.starts_with("Roberta")) => Arch::Roberta,
+            None if hf.architectures.iter().any(|a| a.starts_with("Bert")) => Arch::Bert,
+            None => return Err("no `model_type` and no recognised `architectures`".into()),
+        };
+        if let Some(p) = hf.position_embedding_type.as_deref()
+            && p != "absolute"
+        {
+            return Err(format!(
+                "position_embedding_type `{p}` is not supported (only absolute)"
+            ));
+        }
+        if hf.num_attention_heads == 0 || hf.hidden_size % hf.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                hf.hidden_size, hf.num_attention_heads
+            ));
+        }
+        let act: Act = hf.hidden_act.parse()?;
+        let attn: Attn = match hf.softmax_act.as_deref() {
+            Some(s) => s.parse()?,
+            None => Attn::Softmax,
+        };
+        let labels = match (&hf.id2label, hf.num_labels) {
+            (Some(map), _) => {
+                let mut v: Vec<(usize, String)> = map
+                    .iter()
+                    .map(|(k, v)| {
+                        k.parse::<usize>()
+                            .map(|i| (i, v.clone()))
+                            .map_err(|_| format!("id2label key `{k}` is not an integer"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                v.sort();
+                if v.iter().enumerate().any(|(i, (k, _))| i != *k) {
+                    return Err("id2label ids are not 0..n".into());
+                }
+                v.into_iter().map(|(_, s)| s).collect()
+            }
+            (None, Some(n)) => (0..n).map(|i| format!("LABEL_{i}")).collect(),
+            // HF's PretrainedConfig default.
+            (None, None) => vec!["LABEL_0".into(), "LABEL_1".into()],
+        };
+        let num_labels = if hf.problem_type.as_deref() == Some("regression") {
+            1
+        } else {
+            labels.len()
+        };
+        let mut approx = Approx::new(act, attn);
+        if let Some(mpc) = hf.mpc {
+            approx.c = mpc.two_quad_c.unwrap_or(TWO_QUAD_C);
+            for (k, v) in mpc.layers {
+                let i = k
+                    .parse::<usize>()
+                    .map_err(|_| format!("mpc.layers key `{k}` is not a layer index"))?;
+                approx.layers.insert(i, v);
+            }
+        }
+        let default_pad = match arch {
+            Arch::Bert => 0,
+            Arch::Roberta => 1,
+        };
+        Ok(Self {
+            arch,
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            num_hidden_layers: hf.num_hidden_layers,
+            num_attention_heads: hf.num_attention_heads,
+            intermediate_size: hf.intermediate_size,
+            max_position_embeddings: hf.max_position_embeddings,
+            type_vocab_size: hf.type_vocab_size,
+            layer_norm_eps: hf.layer_norm_eps,
+            pad_token_id: hf.pad_token_id.unwrap_or(default_pad),
+            hidden_dropout_prob: hf.hidden_dropout_prob,
+            attention_probs_dropout_prob: hf.attention_probs_dropout_prob,
+            classifier_dropout: hf.classifier_dropout,
+            num_labels,
+            labels,
+            approx,
+        })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn is_regression(&self) -> bool {
+        self.num_labels == 1
+    }
+
+    /// A config with every dropout at zero: for parity checks and deterministic evaluation.
+    pub fn without_dropout(mut self) -> Self {
+        self.hidden_dropout_prob = 0.0;
+        self.attention_probs_dropout_prob = 0.0;
+        self.classifier_dropout = Some(0.0);
+        self
+    }
+
+    /// Sets the classification head's size, e.g. for a task whose labels differ from the checkpoint.
+    pub fn with_labels(mut self, labels: Vec<String>, regression: bool) -> Self {
+        self.num_labels = if regression { 1 } else { labels.len() };
+        self.labels = labels;
+        self
+    }
+
+    /// The Hugging Face `config.json` that `AutoConfig` and MPCFormer's patched BERT accept.
+    pub fn to_hf_json(&self) -> Value {
+        let arch_name = match self.arch {
+            Arch::Bert => "BertForSequenceClassification",
+            Arch::Roberta => "RobertaForSequenceClassification",
+        };
+        let id2label: BTreeMap<String, String> = self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), l.clone()))
+            .collect();
+        let label2id: BTreeMap<String, usize> = self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), i))
+            .collect();
+        let mut v = serde_json::json!({
+            "model_type": self.arch.prefix(),
+            "architectures": [arch_name],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "pad_token_id": self.pad_token_id,
+            "hidden_dropout_prob": self.hidden_dropout_prob,
+            "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
+            "classifier_dropout": self.classifier_dropout,
+            "position_embedding_type": "absolute",
+            "hidden_act": self.approx.act.hf_name(),
+            "softmax_act": self.approx.attn.hf_name(),
+            "num_labels": self.num_labels,
+            "id2label": id2label,
+            "label2id": label2id,
+        });
+        if self.is_regression() {
+            v["problem_type"] = "regression".into();
+        }
+        if self.arch == Arch::Roberta {
+            v["bos_token_id"] = 0.into();
+            v["eos_token_id"] = 2.into();
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::approx::LayerOverride;
+
+    const TINY: &str = include_str!("../../tests/fixtures/tiny-bert/model/config.json");
+
+    #[test]
+    fn reads_hf_and_mpcformer_keys() {
+        let c = ModelConfig::from_json_str(TINY).unwrap();
+        assert_eq!((c.arch, c.hidden_size, c.num_labels), (Arch::Bert, 32, 3));
+        assert_eq!(c.approx, Approx::exact());
+        let quad = TINY.replace("\"hidden_act\": \"gelu\"", "\"hidden_act\": \"quad\", \"softmax_act\": \"2quad\"");
+        let c = ModelConfig::from_json_str(&quad).unwrap();
+        assert_eq!((c.approx.act, c.approx.attn), (Act::Quad, Attn::TwoQuad));
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        let mut c = ModelConfig::from_json_str(TINY).unwrap();
+        c.approx = Approx::new(Act::Quad, Attn::TwoRelu);
+        c.approx.layers.insert(1, LayerOverride { act: Some(Act::Gelu), attn: None });
+        let mut v = c.to_hf_json();
+        // Per-layer choices travel in the `mpc` block (export writes it).
+        v["mpc"] = serde_json::json!({"two_quad_c": 5.0, "layers": {"1": {"act": "gelu"}}});
+        let back = ModelConfig::from_json_str(&v.to_string()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn regression_and_roberta_defaults() {
+        let reg = include_str!("../../tests/fixtures/tiny-bert-regression/model/config.json");
+        assert_eq!(ModelConfig::from_json_str(reg).unwrap().num_labels, 1);
+        let rob = include_str!("../../tests/fixtures/tiny-roberta/model/config.json");
+        let c = ModelConfig::from_json_str(rob).unwrap();
+        assert_eq!((c.arch, c.pad_token_id, c.num_labels, c.type_vocab_size), (Arch::Roberta, 1, 2, 1));
+    }
+}
