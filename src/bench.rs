@@ -8,6 +8,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use serde::Serialize;
 
+use crate::distill::loss::{SoftCeNorm, mse, soft_cross_entropy};
 use crate::loss;
 use crate::model::{Act, Approx, Arch, Attn, Capture, Inputs, ModelConfig};
 
@@ -113,7 +114,10 @@ fn synthetic_batch(b: usize, s: usize, vocab: usize, device: &Device) -> (Inputs
         attention_mask: Tensor::ones([b, s], device),
         token_type_ids: Some(t(types)),
     };
-    (inputs, Tensor::from_data(TensorData::new(labels, [b]), device))
+    (
+        inputs,
+        Tensor::from_data(TensorData::new(labels, [b]), device),
+    )
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -198,15 +202,19 @@ pub fn run(
                 time(i, &mut || {
                     let t = teacher.forward(&inputs, capture);
                     let s = student.forward(&inputs_ad, capture);
-                    let mut total = loss::soft_cross_entropy(
+                    let mut total = soft_cross_entropy(
                         s.logits,
                         t.logits.to_device(&ad),
                         1.0,
-                        false,
+                        SoftCeNorm::PerExample,
                     );
-                    for (hs, ht) in s.encoder.hidden_states.into_iter().zip(t.encoder.hidden_states)
+                    for (hs, ht) in s
+                        .encoder
+                        .hidden_states
+                        .into_iter()
+                        .zip(t.encoder.hidden_states)
                     {
-                        total = total + loss::mse_all(hs, ht.to_device(&ad));
+                        total = total + mse(hs, ht.to_device(&ad));
                     }
                     let v = total.clone().into_scalar::<f32>();
                     let grads = GradientsParams::from_grads(total.backward(), &student);

@@ -14,9 +14,13 @@ pub enum LoadError {
     },
     #[error("{path}: invalid config: {msg}")]
     Config { path: PathBuf, msg: String },
-    #[error("{path}: not a valid safetensors file ({msg}); the file may be truncated or corrupt, download it again")]
+    #[error(
+        "{path}: not a valid safetensors file ({msg}); the file may be truncated or corrupt, download it again"
+    )]
     Corrupt { path: PathBuf, msg: String },
-    #[error("{path}: tensor `{key}` has shape {found:?} but the model expects {expected:?} (check config.json against the weights)")]
+    #[error(
+        "{path}: tensor `{key}` has shape {found:?} but the model expects {expected:?} (check config.json against the weights)"
+    )]
     Shape {
         path: PathBuf,
         key: String,
@@ -29,13 +33,17 @@ pub enum LoadError {
         key: String,
         hint: String,
     },
-    #[error("{path}: tensor `{key}` has dtype {dtype}, expected a float type (F32, F16, BF16, F64)")]
+    #[error(
+        "{path}: tensor `{key}` has dtype {dtype}, expected a float type (F32, F16, BF16, F64)"
+    )]
     Dtype {
         path: PathBuf,
         key: String,
         dtype: String,
     },
-    #[error("{dir}: only `pytorch_model.bin` found; convert it to safetensors first, e.g.\n  python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{dir}').save_pretrained('{dir}', safe_serialization=True)\"")]
+    #[error(
+        "{dir}: only `pytorch_model.bin` found; convert it to safetensors first, e.g.\n  python -c \"from transformers import AutoModel; AutoModel.from_pretrained('{dir}').save_pretrained('{dir}', safe_serialization=True)\""
+    )]
     PytorchBin { dir: PathBuf },
     #[error("{dir}: no `model.safetensors` or `model.safetensors.index.json`")]
     NoWeights { dir: PathBuf },

@@ -98,11 +98,12 @@ pub fn label_map(model_labels: &[String], task: &Task) -> Vec<usize> {
         })
         .collect();
     match mapped {
-        Some(m) if {
-            let mut s = m.clone();
-            s.sort();
-            s == identity
-        } =>
+        Some(m)
+            if {
+                let mut s = m.clone();
+                s.sort();
+                s == identity
+            } =>
         {
             m
         }
@@ -178,7 +179,8 @@ pub fn load_for_task(setup: &Setup, task: &'static Task) -> Result<TaskModel> {
     let spec = setup.model.replace("{task}", task.name);
     let dir = crate::hub::model_dir(&spec)?;
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let fits = config.num_labels == task.num_outputs() && config.is_regression() == task.is_regression();
+    let fits =
+        config.num_labels == task.num_outputs() && config.is_regression() == task.is_regression();
     let mut overrides = Overrides {
         no_dropout: true,
         ..setup.overrides.clone()
@@ -266,11 +268,34 @@ pub fn evaluate(
     })
 }
 
+/// The splits `split` means for `task`; a single file as `--data` is one split (the first, e.g.
+/// MNLI's `dev_matched`), not read twice.
+fn splits_for(
+    setup: &Setup,
+    task: &'static Task,
+    split: &str,
+) -> Result<Vec<&'static data::Split>> {
+    let mut splits = task.resolve_splits(split).map_err(anyhow::Error::msg)?;
+    if splits.len() > 1
+        && setup
+            .data
+            .as_deref()
+            .is_some_and(|d| Path::new(d).is_file())
+    {
+        eprintln!(
+            "{} {split}: --data is one file, read as {}",
+            task.title, splits[0].name
+        );
+        splits.truncate(1);
+    }
+    Ok(splits)
+}
+
 /// Evaluates each task on `split` (`dev` = each task's evaluation splits, MNLI's two).
 pub fn eval_tasks(setup: &Setup, tasks: &[&'static Task], split: &str) -> Result<Vec<EvalResult>> {
     let mut results = Vec::new();
     for &task in tasks {
-        let splits = task.resolve_splits(split).map_err(anyhow::Error::msg)?;
+        let splits = splits_for(setup, task, split)?;
         let tm = load_for_task(setup, task)?;
         if !tm.random_head.is_empty() {
             eprintln!(
@@ -281,7 +306,13 @@ pub fn eval_tasks(setup: &Setup, tasks: &[&'static Task], split: &str) -> Result
         }
         for s in splits {
             let data = data::load(task, setup.data.as_deref(), s, &setup.fields)?;
-            eprintln!("{} {}: {} examples from {}", task.title, s.name, data.len(), data.source);
+            eprintln!(
+                "{} {}: {} examples from {}",
+                task.title,
+                s.name,
+                data.len(),
+                data.source
+            );
             results.push(evaluate(&tm, &data, setup.batch_size, &setup.device)?);
         }
     }
@@ -298,14 +329,26 @@ pub fn predict_tasks(
 ) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for &task in tasks {
-        let splits = task.resolve_splits(split).map_err(anyhow::Error::msg)?;
+        let splits = splits_for(setup, task, split)?;
         let tm = load_for_task(setup, task)?;
         for s in splits {
             let data = data::load(task, setup.data.as_deref(), s, &setup.fields)?;
-            eprintln!("{} {}: {} examples from {}", task.title, s.name, data.len(), data.source);
+            eprintln!(
+                "{} {}: {} examples from {}",
+                task.title,
+                s.name,
+                data.len(),
+                data.source
+            );
             let tokenized = Tokenized::new(&data, &tm.tokenizer).map_err(anyhow::Error::msg)?;
             let title = format!("{} {}", task.title, s.name);
-            let outputs = run_model(&tm.model, &tokenized, setup.batch_size, &setup.device, &title);
+            let outputs = run_model(
+                &tm.model,
+                &tokenized,
+                setup.batch_size,
+                &setup.device,
+                &title,
+            );
             let pred = predictions(&outputs, task, &tm.label_map);
             let name = s
                 .submission

@@ -44,19 +44,13 @@ impl HostTensor {
 
     pub fn from_float<const D: usize>(t: Tensor<D>) -> Self {
         let shape = t.dims().to_vec();
-        let data = t
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .expect("float data");
+        let data = t.into_data().try_into_vec_as::<f32>().expect("float data");
         HostTensor::F32 { shape, data }
     }
 
     pub fn from_int<const D: usize>(t: Tensor<D, Int>) -> Self {
         let shape = t.dims().to_vec();
-        let data = t
-            .into_data()
-            .try_into_vec_as::<i64>()
-            .expect("int data");
+        let data = t.into_data().try_into_vec_as::<i64>().expect("int data");
         HostTensor::I64 { shape, data }
     }
 
@@ -153,7 +147,10 @@ pub fn load_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
                     .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
                     .collect(),
             },
-            other => bail!("{}: tensor `{name}` has unsupported dtype {other:?}", path.display()),
+            other => bail!(
+                "{}: tensor `{name}` has unsupported dtype {other:?}",
+                path.display()
+            ),
         };
         out.insert(name, t);
     }
@@ -162,24 +159,27 @@ pub fn load_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
 
 /// Reads a saved batch (`input_ids`, `attention_mask`, optional `token_type_ids`, as in the
 /// fixtures) into model inputs.
-pub fn batch_from_safetensors(
-    path: &Path,
-    device: &Device,
-) -> Result<crate::model::Inputs> {
+pub fn batch_from_safetensors(path: &Path, device: &Device) -> Result<crate::model::Inputs> {
     let map = load_safetensors(path)?;
     let get = |k: &str| -> Result<Option<Tensor<2, Int>>> {
         let Some(t) = map.get(k) else { return Ok(None) };
         let shape = t.shape().to_vec();
         if shape.len() != 2 {
-            bail!("{}: `{k}` must be [batch, seq], found {shape:?}", path.display());
+            bail!(
+                "{}: `{k}` must be [batch, seq], found {shape:?}",
+                path.display()
+            );
         }
         let data = t
             .to_i64()
             .with_context(|| format!("{}: `{k}`", path.display()))?;
-        Ok(Some(Tensor::from_data(TensorData::new(data, shape), device)))
+        Ok(Some(Tensor::from_data(
+            TensorData::new(data, shape),
+            device,
+        )))
     };
-    let input_ids = get("input_ids")?
-        .with_context(|| format!("{}: no `input_ids` tensor", path.display()))?;
+    let input_ids =
+        get("input_ids")?.with_context(|| format!("{}: no `input_ids` tensor", path.display()))?;
     let attention_mask = match get("attention_mask")? {
         Some(m) => m,
         None => input_ids.ones_like(),

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod data;
 pub mod device;
+pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod hub;
@@ -15,5 +16,6 @@ pub mod loss;
 pub mod metric;
 pub mod model;
 pub mod tokenize;
+pub mod train;
 
 pub use error::LoadError;

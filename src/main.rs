@@ -8,11 +8,13 @@ use clap::{Args, Parser, Subcommand};
 
 use mpcformer::bench;
 use mpcformer::data::{Fields, Task};
-use mpcformer::eval;
 use mpcformer::device::Backend;
+use mpcformer::eval;
 use mpcformer::io::{HostTensor, batch_from_safetensors, save_safetensors};
 use mpcformer::model::{self, Act, Approx, Attn, Capture, Overrides};
 use mpcformer::tokenize::{Encoded, HostBatch, TextTokenizer};
+use mpcformer::train::recipe::Recipe;
+use mpcformer::train::run;
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +57,21 @@ enum Command {
     #[command(after_help = "Examples:
   mpcformer predict --model 'checkpoints/{task}' --task rte --task mnli --data glue_data --output-dir submission")]
     Predict(PredictArgs),
+    /// Run a whole recipe: teacher fine-tuning, distillation stages, evaluation, summary.
+    #[command(after_help = "Examples:
+  mpcformer run recipes/quickstart.toml
+  mpcformer run recipes/minilm.toml --set data.task=mrpc --set seed=1
+  mpcformer run recipes/bert-base.toml --set data.task=rte --set student.attn=2relu
+  mpcformer run recipes/minilm.toml --set data.task=rte --resume")]
+    Run(RunArgs),
+    /// Fine-tune a teacher on a task's labels (a recipe with the single stage `finetune`).
+    #[command(after_help = "Example:
+  mpcformer finetune --model ../shared/models/all-MiniLM-L6-v2 --task rte --data ../shared/data/glue --set finetune.epochs=2")]
+    Finetune(StageArgs),
+    /// Distil an MPC-friendly student from a fine-tuned teacher (stages 1 and 2).
+    #[command(after_help = "Example:
+  mpcformer distill --model checkpoints/rte-teacher/teacher --task rte --data ../shared/data/glue --act quad --attn 2quad")]
+    Distill(StageArgs),
 }
 
 /// Approximation flags, the same wherever a model is loaded.
@@ -135,6 +152,13 @@ fn main() -> Result<()> {
         Command::Inspect(a) => inspect(a),
         Command::Eval(a) => eval(a),
         Command::Predict(a) => predict(a),
+        Command::Run(a) => {
+            let recipe = Recipe::load(&a.recipe, &a.set)?;
+            print_summary(&run::run(&recipe, a.resume)?);
+            Ok(())
+        }
+        Command::Finetune(a) => stage_command(a, "finetune"),
+        Command::Distill(a) => stage_command(a, "distill"),
         Command::Bench(a) => {
             let device = a.device.device()?;
             let r = bench::run(a.case, a.shape, a.batch, a.seq, a.warmup, a.steps, &device)?;
@@ -202,8 +226,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
     let head_is_random = !pre.report.initialised.is_empty();
     let [b, s, d] = out.encoder.last_hidden_state.dims();
     let mask = inputs.attention_mask.clone().float().reshape([b, s, 1]);
-    let mean = (out.encoder.last_hidden_state.clone() * mask.clone()).sum_dim(1)
-        / mask.sum_dim(1);
+    let mean = (out.encoder.last_hidden_state.clone() * mask.clone()).sum_dim(1) / mask.sum_dim(1);
     let mean = HostTensor::from_float(mean.reshape([b, d])).to_f64();
     let k = logits.shape()[1];
     let lv = logits.to_f64();
@@ -219,11 +242,18 @@ fn inspect(a: InspectArgs) -> Result<()> {
                 ""
             }
         );
-        println!("[{i}] mean-pooled embedding[..{}]: {}", d.min(6), fmt_row(emb));
+        println!(
+            "[{i}] mean-pooled embedding[..{}]: {}",
+            d.min(6),
+            fmt_row(emb)
+        );
     }
     if let Some(path) = a.dump {
         let mut map = BTreeMap::new();
-        map.insert("input_ids".into(), HostTensor::from_int(inputs.input_ids.clone()));
+        map.insert(
+            "input_ids".into(),
+            HostTensor::from_int(inputs.input_ids.clone()),
+        );
         map.insert(
             "attention_mask".into(),
             HostTensor::from_int(inputs.attention_mask.clone()),
@@ -240,7 +270,10 @@ fn inspect(a: InspectArgs) -> Result<()> {
         for (i, t) in out.encoder.attentions.into_iter().enumerate() {
             map.insert(format!("attentions.{i}"), HostTensor::from_float(t));
         }
-        map.insert("pooled_output".into(), HostTensor::from_float(out.pooled_output));
+        map.insert(
+            "pooled_output".into(),
+            HostTensor::from_float(out.pooled_output),
+        );
         map.insert("logits".into(), logits);
         save_safetensors(&path, &map, None)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -278,7 +311,7 @@ fn parse_task(s: &str) -> Result<&'static Task, String> {
 
 /// The checkpoint and how to run it (`eval`, `predict`).
 #[derive(Args)]
-struct RunArgs {
+struct CheckpointArgs {
     /// Model directory or Hub id; `{task}` is replaced by the task name (e.g. 'checkpoints/{task}').
     #[arg(long)]
     model: String,
@@ -296,7 +329,7 @@ struct RunArgs {
     device: Backend,
 }
 
-impl RunArgs {
+impl CheckpointArgs {
     fn setup(&self, data: &DataArgs) -> Result<eval::Setup> {
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");
@@ -320,7 +353,7 @@ impl RunArgs {
 #[derive(Args)]
 struct EvalArgs {
     #[command(flatten)]
-    run: RunArgs,
+    run: CheckpointArgs,
     #[command(flatten)]
     data: DataArgs,
     /// Split: dev (MNLI: dev_matched and dev_mismatched; IMDb: test), train, test, ...
@@ -334,7 +367,7 @@ struct EvalArgs {
 #[derive(Args)]
 struct PredictArgs {
     #[command(flatten)]
-    run: RunArgs,
+    run: CheckpointArgs,
     #[command(flatten)]
     data: DataArgs,
     #[arg(long, default_value = "test")]
@@ -360,4 +393,96 @@ fn predict(a: PredictArgs) -> Result<()> {
     let setup = a.run.setup(&a.data)?;
     eval::predict_tasks(&setup, &a.data.tasks, &a.split, &a.output_dir)?;
     Ok(())
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Recipe file (TOML).
+    recipe: PathBuf,
+    /// Override a recipe field, e.g. `--set stage1.epochs=3` (repeatable).
+    #[arg(long)]
+    set: Vec<String>,
+    /// Continue an interrupted run from its last checkpoints.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+struct StageArgs {
+    /// Teacher checkpoint: directory or Hub id.
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    task: String,
+    /// Data spec (path or `hub:org/name[/config]`); default: the task's Hub dataset.
+    #[arg(long)]
+    data: Option<String>,
+    /// Student FFN activation (distill).
+    #[arg(long, default_value = "quad")]
+    act: String,
+    /// Student attention normalisation (distill).
+    #[arg(long, default_value = "2quad")]
+    attn: String,
+    /// Run name (default: `<task>-<stage>`).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value = "checkpoints")]
+    output_dir: PathBuf,
+    /// Override any recipe field, e.g. `--set stage1.epochs=3`.
+    #[arg(long)]
+    set: Vec<String>,
+    #[arg(long)]
+    resume: bool,
+}
+
+/// `finetune` and `distill` are one-recipe shorthands: build the recipe, then run it.
+fn stage_command(a: StageArgs, what: &str) -> Result<()> {
+    let stages = if what == "finetune" {
+        r#"["finetune"]"#
+    } else {
+        r#"["stage1", "stage2"]"#
+    };
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{what}", a.task));
+    let text = format!(
+        "name = {name:?}\nstages = {stages}\noutput_dir = {:?}\n[teacher]\nmodel = {:?}\n[student]\nact = {:?}\nattn = {:?}\n[data]\ntask = {:?}\n{}",
+        a.output_dir.display().to_string(),
+        a.model,
+        a.act,
+        a.attn,
+        a.task,
+        a.data
+            .as_ref()
+            .map(|d| format!("spec = {d:?}\n"))
+            .unwrap_or_default(),
+    );
+    let tmp = tempfile::NamedTempFile::new()?;
+    std::fs::write(tmp.path(), text)?;
+    let recipe = Recipe::load(tmp.path(), &a.set)?;
+    print_summary(&run::run(&recipe, a.resume)?);
+    Ok(())
+}
+
+fn print_summary(s: &run::Summary) {
+    println!("\n{} ({}, seed {})", s.name, s.task, s.seed);
+    let row = |who: &str, m: &run::ModelSummary| {
+        let metrics: Vec<String> = m
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("{k} {:.2}", v * 100.0))
+            .collect();
+        println!("  {who:<8} {:<14} {}", m.approximations, metrics.join("  "));
+    };
+    row("teacher", &s.teacher);
+    if let Some(st) = &s.student {
+        row("student", st);
+    }
+    if let Some(r) = s.retention {
+        println!("  retention {:.1}%", r * 100.0);
+    }
+    for (k, v) in &s.stage_wall_s {
+        println!("  {k}: {v:.0} s");
+    }
 }

@@ -174,7 +174,10 @@ impl Scores {
 
     /// Name → value, as written to JSON.
     pub fn to_map(&self) -> BTreeMap<String, f64> {
-        self.0.iter().map(|(m, v)| (m.name().to_string(), *v)).collect()
+        self.0
+            .iter()
+            .map(|(m, v)| (m.name().to_string(), *v))
+            .collect()
     }
 }
 
@@ -223,14 +226,20 @@ pub fn score(task: &Task, gold: &[Label], pred: &[Label]) -> Result<Scores, Stri
 fn classes_of(labels: &[Label]) -> Result<Vec<usize>, String> {
     labels
         .iter()
-        .map(|l| l.class().ok_or_else(|| format!("expected a class label, found {l:?}")))
+        .map(|l| {
+            l.class()
+                .ok_or_else(|| format!("expected a class label, found {l:?}"))
+        })
         .collect()
 }
 
 fn scores_of(labels: &[Label]) -> Result<Vec<f64>, String> {
     labels
         .iter()
-        .map(|l| l.score().ok_or_else(|| format!("expected a score, found {l:?}")))
+        .map(|l| {
+            l.score()
+                .ok_or_else(|| format!("expected a score, found {l:?}"))
+        })
         .collect()
 }
 

@@ -72,12 +72,7 @@ impl TextTokenizer {
             };
             let (sep, cls) = (id("[SEP]")?, id("[CLS]")?);
             let mut tok = Tokenizer::new(wp);
-            tok.with_normalizer(Some(BertNormalizer::new(
-                true,
-                true,
-                None,
-                lower_case(dir),
-            )));
+            tok.with_normalizer(Some(BertNormalizer::new(true, true, None, lower_case(dir))));
             tok.with_pre_tokenizer(Some(BertPreTokenizer));
             tok.with_post_processor(Some(BertProcessing::new(
                 ("[SEP]".into(), sep),
@@ -86,12 +81,9 @@ impl TextTokenizer {
             tok.with_decoder(Some(WordPieceDecoder::default()));
             tok
         } else if vocab_json.is_file() && merges.is_file() {
-            let bpe = BPE::from_file(
-                &vocab_json.to_string_lossy(),
-                &merges.to_string_lossy(),
-            )
-            .build()
-            .map_err(|e| tok_err(&vocab_json, e))?;
+            let bpe = BPE::from_file(&vocab_json.to_string_lossy(), &merges.to_string_lossy())
+                .build()
+                .map_err(|e| tok_err(&vocab_json, e))?;
             let id = |t: &str| {
                 bpe.get_vocab()
                     .get(t)

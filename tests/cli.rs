@@ -25,7 +25,11 @@ fn inspect_batch_dump_matches_fixture() {
         .arg(&dump)
         .output()
         .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let ours = load(&dump);
     let reference = load(&fx.join("batch1.safetensors"));
     let mut n = 0;
@@ -34,12 +38,20 @@ fn inspect_batch_dump_matches_fixture() {
             if short == "loss" {
                 continue;
             }
-            let tol = if short.starts_with("attentions") { 1e-5 } else { 1e-4 };
+            let tol = if short.starts_with("attentions") {
+                1e-5
+            } else {
+                1e-4
+            };
             assert_close(name, &ours[short], r, tol);
             n += 1;
         }
     }
-    assert_eq!(n, 3 + 2 + 2 + 1 + 1, "hidden states, scores, attentions, pooled, logits");
+    assert_eq!(
+        n,
+        3 + 2 + 2 + 1 + 1,
+        "hidden states, scores, attentions, pooled, logits"
+    );
     assert_eq!(ours["input_ids"], reference["input_ids"]);
     let stdout = String::from_utf8_lossy(&status.stdout);
     assert!(stdout.contains("logits:"), "{stdout}");
@@ -47,16 +59,30 @@ fn inspect_batch_dump_matches_fixture() {
 
 #[test]
 fn inspect_text_prints_tokens() {
-    let Some(dir) = common::shared("models/all-MiniLM-L6-v2") else { return };
+    let Some(dir) = common::shared("models/all-MiniLM-L6-v2") else {
+        return;
+    };
     let out = mpcformer()
         .args(["inspect", "--model"])
         .arg(&dir)
-        .args(["--text", "Hello world", "--text", "a longer second sentence"])
+        .args([
+            "--text",
+            "Hello world",
+            "--text",
+            "a longer second sentence",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("[0] ids:    [101, 7592, 2088, 102]"), "{stdout}");
+    assert!(
+        stdout.contains("[0] ids:    [101, 7592, 2088, 102]"),
+        "{stdout}"
+    );
     assert!(stdout.contains("head randomly initialised"), "{stdout}");
 }
 

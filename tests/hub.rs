@@ -28,11 +28,15 @@ fn hub_ids_resolve_from_the_cache_offline() {
     assert!(hub::offline());
     let dir = hub::model_dir("acme/tiny-bert").unwrap();
     assert_eq!(dir, snap);
-    let pre = model::load_pretrained("acme/tiny-bert", &Overrides::default(), &Device::flex()).unwrap();
+    let pre =
+        model::load_pretrained("acme/tiny-bert", &Overrides::default(), &Device::flex()).unwrap();
     assert_eq!(pre.model.config.num_labels, 3);
 
     let err = hub::model_dir("acme/not-cached").unwrap_err().to_string();
-    assert!(err.contains("acme/not-cached") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(
+        err.contains("acme/not-cached") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
 
     // HF_HUB_CACHE points straight at the hub folder, as in huggingface_hub.
     unsafe {

@@ -25,7 +25,11 @@ fn encode(tok: &TextTokenizer, s: &Value) -> Encoded {
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn check_tokens(tok: &TextTokenizer) -> Vec<Encoded> {
@@ -35,8 +39,12 @@ fn check_tokens(tok: &TextTokenizer) -> Vec<Encoded> {
             let e = encode(tok, s);
             assert_eq!(e.ids, u32s(&s["ids"]), "ids of {s}");
             assert_eq!(e.type_ids, u32s(&s["type_ids"]), "type ids of {s}");
-            let tokens: Vec<String> =
-                s["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+            let tokens: Vec<String> = s["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect();
             assert_eq!(e.tokens, tokens);
             e
         })
@@ -45,7 +53,9 @@ fn check_tokens(tok: &TextTokenizer) -> Vec<Encoded> {
 
 #[test]
 fn minilm_token_ids_match_from_tokenizer_json() {
-    let Some(dir) = shared("models/all-MiniLM-L6-v2") else { return };
+    let Some(dir) = shared("models/all-MiniLM-L6-v2") else {
+        return;
+    };
     let tok = TextTokenizer::from_dir(&dir, 512).unwrap();
     let encs = check_tokens(&tok);
     // Our batch equals the fixture's padded batch (padding to the longest, not to 128).
@@ -53,13 +63,21 @@ fn minilm_token_ids_match_from_tokenizer_json() {
     let b = HostBatch::collate(&encs.iter().collect::<Vec<_>>(), tok.pad_id);
     assert_eq!(b.seq, 36);
     assert_eq!(b.input_ids, reference["input_ids"].to_i64().unwrap());
-    assert_eq!(b.attention_mask, reference["attention_mask"].to_i64().unwrap());
-    assert_eq!(b.token_type_ids, reference["token_type_ids"].to_i64().unwrap());
+    assert_eq!(
+        b.attention_mask,
+        reference["attention_mask"].to_i64().unwrap()
+    );
+    assert_eq!(
+        b.token_type_ids,
+        reference["token_type_ids"].to_i64().unwrap()
+    );
 }
 
 #[test]
 fn minilm_token_ids_match_from_vocab_txt() {
-    let Some(src) = shared("models/all-MiniLM-L6-v2") else { return };
+    let Some(src) = shared("models/all-MiniLM-L6-v2") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     for f in ["vocab.txt", "tokenizer_config.json"] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
@@ -70,10 +88,15 @@ fn minilm_token_ids_match_from_vocab_txt() {
 
 #[test]
 fn truncation_is_longest_first() {
-    let Some(dir) = shared("models/all-MiniLM-L6-v2") else { return };
+    let Some(dir) = shared("models/all-MiniLM-L6-v2") else {
+        return;
+    };
     let tok = TextTokenizer::from_dir(&dir, 12).unwrap();
     let e = tok
-        .encode("one two three four five six seven eight nine ten", Some("alpha beta"))
+        .encode(
+            "one two three four five six seven eight nine ten",
+            Some("alpha beta"),
+        )
         .unwrap();
     // 12 = [CLS] + 7 + [SEP] + 2 + [SEP]: the longer sentence loses tokens first.
     assert_eq!(e.ids.len(), 12);
@@ -83,19 +106,41 @@ fn truncation_is_longest_first() {
 
 #[test]
 fn minilm_hidden_states_match() {
-    let Some(dir) = shared("models/all-MiniLM-L6-v2") else { return };
+    let Some(dir) = shared("models/all-MiniLM-L6-v2") else {
+        return;
+    };
     let device = Device::flex();
-    let pre = model::load_pretrained(dir.to_str().unwrap(), &Overrides::default(), &device).unwrap();
+    let pre =
+        model::load_pretrained(dir.to_str().unwrap(), &Overrides::default(), &device).unwrap();
     // A bare BertModel: no head in the checkpoint, no unexplained tensors.
-    assert_eq!(pre.report.initialised, vec!["classifier.weight", "classifier.bias"]);
+    assert_eq!(
+        pre.report.initialised,
+        vec!["classifier.weight", "classifier.bias"]
+    );
     assert!(pre.report.unexpected.is_empty(), "{}", pre.report);
     let path = fixtures().join("minilm/minilm_outputs.safetensors");
     let reference = load(&path);
     let inputs = batch_from_safetensors(&path, &device).unwrap();
-    let out = pre.model.forward(&inputs, Capture { hidden_states: true, ..Capture::NONE });
+    let out = pre.model.forward(
+        &inputs,
+        Capture {
+            hidden_states: true,
+            ..Capture::NONE
+        },
+    );
     let h = &out.encoder.hidden_states;
-    assert_close("hidden_states.0", &HostTensor::from_float(h[0].clone()), &reference["hidden_states.0"], 2e-4);
-    assert_close("hidden_states.3", &HostTensor::from_float(h[3].clone()), &reference["hidden_states.3"], 2e-4);
+    assert_close(
+        "hidden_states.0",
+        &HostTensor::from_float(h[0].clone()),
+        &reference["hidden_states.0"],
+        2e-4,
+    );
+    assert_close(
+        "hidden_states.3",
+        &HostTensor::from_float(h[3].clone()),
+        &reference["hidden_states.3"],
+        2e-4,
+    );
     assert_close(
         "last_hidden_state",
         &HostTensor::from_float(out.encoder.last_hidden_state.clone()),
@@ -106,17 +151,32 @@ fn minilm_hidden_states_match() {
 
 #[test]
 fn roberta_bpe_tokenizer_both_formats() {
-    let Some(src) = shared("models/roberta-base-tokenizer") else { return };
+    let Some(src) = shared("models/roberta-base-tokenizer") else {
+        return;
+    };
     let from_json = TextTokenizer::from_dir(&src, 512).unwrap();
-    assert_eq!(from_json.encode("Hello world", None).unwrap().ids, vec![0, 31414, 232, 2]);
+    assert_eq!(
+        from_json.encode("Hello world", None).unwrap().ids,
+        vec![0, 31414, 232, 2]
+    );
     let dir = tempfile::tempdir().unwrap();
     for f in ["vocab.json", "merges.txt"] {
         std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
     }
     let from_files = TextTokenizer::from_dir(dir.path(), 512).unwrap();
     assert_eq!(from_files.pad_id, 1);
-    for (a, b) in [("Hello world", None), ("The café's naïve price: €4.50!", Some("Second sentence here."))] {
-        assert_eq!(from_files.encode(a, b).unwrap(), from_json.encode(a, b).unwrap(), "{a}");
+    for (a, b) in [
+        ("Hello world", None),
+        (
+            "The café's naïve price: €4.50!",
+            Some("Second sentence here."),
+        ),
+    ] {
+        assert_eq!(
+            from_files.encode(a, b).unwrap(),
+            from_json.encode(a, b).unwrap(),
+            "{a}"
+        );
     }
     // RoBERTa pairs: <s> A </s></s> B </s>.
     let e = from_json.encode("Hello", Some("world")).unwrap();

@@ -5,7 +5,6 @@ mod common;
 
 use std::collections::BTreeMap;
 
-
 use burn::prelude::*;
 use common::{assert_close, fixtures, load, max_abs_diff};
 use mpcformer::io::{HostTensor, batch_from_safetensors};
@@ -32,7 +31,12 @@ fn load_model(fixture: &str, act: Act, attn: Attn, device: &Device) -> SequenceC
     pre.model
 }
 
-fn task_loss(model: &SequenceClassifier, logits: Tensor<2>, labels: &HostTensor, device: &Device) -> Tensor<1> {
+fn task_loss(
+    model: &SequenceClassifier,
+    logits: Tensor<2>,
+    labels: &HostTensor,
+    device: &Device,
+) -> Tensor<1> {
     let n = labels.shape()[0];
     if model.config.is_regression() {
         let y: Vec<f32> = labels.to_f64().iter().map(|&v| v as f32).collect();
@@ -58,28 +62,54 @@ fn forward_parity(fixture: &str) {
             let l = model.config.num_hidden_layers;
             assert_eq!(out.encoder.hidden_states.len(), l + 1);
             for (i, h) in out.encoder.hidden_states.iter().enumerate() {
-                ours.insert(format!("hidden_states.{i}"), (HostTensor::from_float(h.clone()), 1e-4));
+                ours.insert(
+                    format!("hidden_states.{i}"),
+                    (HostTensor::from_float(h.clone()), 1e-4),
+                );
             }
             for (i, t) in out.encoder.attention_scores.iter().enumerate() {
-                ours.insert(format!("attention_scores.{i}"), (HostTensor::from_float(t.clone()), 1e-4));
+                ours.insert(
+                    format!("attention_scores.{i}"),
+                    (HostTensor::from_float(t.clone()), 1e-4),
+                );
             }
             for (i, t) in out.encoder.attentions.iter().enumerate() {
-                ours.insert(format!("attentions.{i}"), (HostTensor::from_float(t.clone()), 1e-5));
+                ours.insert(
+                    format!("attentions.{i}"),
+                    (HostTensor::from_float(t.clone()), 1e-5),
+                );
             }
-            ours.insert("pooled_output".into(), (HostTensor::from_float(out.pooled_output.clone()), 1e-4));
-            ours.insert("logits".into(), (HostTensor::from_float(out.logits.clone()), 1e-4));
+            ours.insert(
+                "pooled_output".into(),
+                (HostTensor::from_float(out.pooled_output.clone()), 1e-4),
+            );
+            ours.insert(
+                "logits".into(),
+                (HostTensor::from_float(out.logits.clone()), 1e-4),
+            );
             let loss = task_loss(&model, out.logits, &reference["labels"], &device);
-            ours.insert("loss".into(), (HostTensor::from_float(loss.reshape([1])), 1e-4));
+            ours.insert(
+                "loss".into(),
+                (HostTensor::from_float(loss.reshape([1])), 1e-4),
+            );
             // Every reference tensor of this variant is compared; none may be left unchecked.
             let prefix = format!("{variant}.");
-            let names: Vec<&String> = reference.keys().filter(|k| k.starts_with(&prefix)).collect();
+            let names: Vec<&String> = reference
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .collect();
             assert!(!names.is_empty());
             for name in names {
                 let short = &name[prefix.len()..];
                 let (t, tol) = ours
                     .get(short)
                     .unwrap_or_else(|| panic!("{fixture}/{name}: we produce no such tensor"));
-                assert_close(&format!("{fixture} batch{b} {name}"), t, &reference[name], *tol);
+                assert_close(
+                    &format!("{fixture} batch{b} {name}"),
+                    t,
+                    &reference[name],
+                    *tol,
+                );
                 checked += 1;
             }
             // 2Quad gives padded keys exactly zero weight.
@@ -128,19 +158,33 @@ fn grad_parity(fixture: &str) {
             let r = grads_ref
                 .get(&key)
                 .unwrap_or_else(|| panic!("{fixture}: no reference gradient {key}"));
-            let t = HostTensor::F32 { shape: g.shape.clone(), data: g.data.clone() };
+            let t = HostTensor::F32 {
+                shape: g.shape.clone(),
+                data: g.data.clone(),
+            };
             // Key biases get an analytically zero gradient (softmax ignores a per-row shift): their
             // reference values are rounding noise, so relative error is measured against 1e-4.
-            let scale = r.to_f64().iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-4);
+            let scale = r
+                .to_f64()
+                .iter()
+                .fold(0.0f64, |m, x| m.max(x.abs()))
+                .max(1e-4);
             let d = max_abs_diff(&key, &t, r);
-            assert!(d <= 1e-3 * scale, "{fixture} {key}: max abs diff {d:.3e} vs max |grad| {scale:.3e}");
+            assert!(
+                d <= 1e-3 * scale,
+                "{fixture} {key}: max abs diff {d:.3e} vs max |grad| {scale:.3e}"
+            );
             // `padding_idx`: the pad row gets no gradient at all, as in HF.
             if g.name.ends_with("word_embeddings.weight")
-                || (model.config.arch == model::Arch::Roberta && g.name.ends_with("position_embeddings.weight"))
+                || (model.config.arch == model::Arch::Roberta
+                    && g.name.ends_with("position_embeddings.weight"))
             {
                 let pad = model.config.pad_token_id;
                 let d = g.shape[1];
-                assert!(g.data[pad * d..(pad + 1) * d].iter().all(|&x| x == 0.0), "{key}: pad row");
+                assert!(
+                    g.data[pad * d..(pad + 1) * d].iter().all(|&x| x == 0.0),
+                    "{key}: pad row"
+                );
             }
         }
     }
@@ -175,4 +219,3 @@ fn tiny_roberta_gradients() {
 fn tiny_bert_regression_gradients() {
     grad_parity("tiny-bert-regression");
 }
-

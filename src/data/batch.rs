@@ -27,6 +27,26 @@ pub struct Batch {
     pub labels: Option<Vec<Label>>,
 }
 
+impl Batch {
+    /// Class ids for a cross-entropy target; `None` if unlabelled or a regression batch.
+    pub fn class_ids(&self) -> Option<Vec<i64>> {
+        self.labels
+            .as_ref()?
+            .iter()
+            .map(|l| l.class().map(|c| c as i64))
+            .collect()
+    }
+
+    /// Scores for a regression target; `None` if unlabelled or a classification batch.
+    pub fn scores(&self) -> Option<Vec<f32>> {
+        self.labels
+            .as_ref()?
+            .iter()
+            .map(|l| l.score().map(|s| s as f32))
+            .collect()
+    }
+}
+
 /// How examples are grouped into batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Order {

@@ -173,7 +173,9 @@ pub fn parse_csv(
             line,
             Example {
                 text_a: task.clean_text(rec[text_idx[0]].to_string()),
-                text_b: text_idx.get(1).map(|&i| task.clean_text(rec[i].to_string())),
+                text_b: text_idx
+                    .get(1)
+                    .map(|&i| task.clean_text(rec[i].to_string())),
                 label,
                 id,
             },

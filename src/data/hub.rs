@@ -116,8 +116,8 @@ impl HubSpec {
             .info()
             .map_err(|e| self.err(format!("listing the repository: {e}")))?;
         let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-        let found = matching_files(&files, self.config.as_deref(), split)
-            .map_err(|m| self.err(m))?;
+        let found =
+            matching_files(&files, self.config.as_deref(), split).map_err(|m| self.err(m))?;
         found
             .iter()
             .map(|f| {
@@ -222,7 +222,9 @@ pub fn matching_files(
             .collect();
         return Err(format!(
             "no parquet file for split `{split}`{}; parquet files there: {}",
-            config.map(|c| format!(" of config `{c}`")).unwrap_or_default(),
+            config
+                .map(|c| format!(" of config `{c}`"))
+                .unwrap_or_default(),
             if parquet.is_empty() {
                 "none".to_string()
             } else {
@@ -333,7 +335,7 @@ fn field_label(task: &Task, f: &Field) -> Result<Option<Label>, String> {
     };
     match (float, f) {
         // The Hub marks unlabelled (test) rows with -1.
-        (Some(v), _) if v == -1.0 => Ok(None),
+        (Some(-1.0), _) => Ok(None),
         (Some(v), _) if task.is_regression() => Ok(Some(Label::Score(v))),
         (Some(v), _) => Err(format!("label {v} is not an integer id")),
         (None, Field::Str(s)) => task.label_from_text(s).map(Some),

@@ -89,7 +89,9 @@ pub enum DataError {
         task: String,
         split: String,
     },
-    #[error("{task} {split}: no data file found; tried {tried}; {task}'s files are named {expected}")]
+    #[error(
+        "{task} {split}: no data file found; tried {tried}; {task}'s files are named {expected}"
+    )]
     Missing {
         task: String,
         split: String,
@@ -152,7 +154,12 @@ impl Fields {
         Ok(Resolved {
             text,
             label: self.label.clone().unwrap_or_else(|| default.label.into()),
-            index: vec![default.index.to_string(), "idx".into(), "id".into(), "index".into()],
+            index: vec![
+                default.index.to_string(),
+                "idx".into(),
+                "id".into(),
+                "index".into(),
+            ],
         })
     }
 }
@@ -204,7 +211,9 @@ pub fn load(
     split: &Split,
     fields: &Fields,
 ) -> Result<Dataset, DataError> {
-    let spec = spec.map(str::to_string).unwrap_or_else(|| default_spec(task));
+    let spec = spec
+        .map(str::to_string)
+        .unwrap_or_else(|| default_spec(task));
     let (source, examples) = if let Some(hub_spec) = spec.strip_prefix("hub:") {
         let h = hub::HubSpec::parse(hub_spec)?;
         let files = h.split_files(split.hub)?;

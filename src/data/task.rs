@@ -133,7 +133,12 @@ const MNLI_SPLITS: [Split; 5] = [
         "validation_mismatched",
         None,
     ),
-    split("test_matched", "test_matched.tsv", "test_matched", Some("MNLI-m.tsv")),
+    split(
+        "test_matched",
+        "test_matched.tsv",
+        "test_matched",
+        Some("MNLI-m.tsv"),
+    ),
     split(
         "test_mismatched",
         "test_mismatched.tsv",
@@ -256,7 +261,11 @@ pub static TASKS: &[Task] = &[
         title: "STS-B",
         labels: &[],
         hub_labels: &[],
-        metrics: &[Metric::Pearson, Metric::Spearman, Metric::PearsonAndSpearman],
+        metrics: &[
+            Metric::Pearson,
+            Metric::Spearman,
+            Metric::PearsonAndSpearman,
+        ],
         primary: Metric::PearsonAndSpearman,
         max_len: 128,
         splits: &STSB_SPLITS,
@@ -387,7 +396,13 @@ impl Task {
         splits
             .iter()
             .find(|s| s.name == key || s.hub == key)
-            .ok_or_else(|| format!("{} has no split `{name}`; {}", self.title, self.split_list()))
+            .ok_or_else(|| {
+                format!(
+                    "{} has no split `{name}`; {}",
+                    self.title,
+                    self.split_list()
+                )
+            })
     }
 
     /// The concrete splits a `--split` value means: `dev` is the task's evaluation splits
@@ -479,7 +494,10 @@ impl Task {
             self.title,
             self.labels.join(", "),
             if self.labels != self.hub_labels {
-                format!("; integer ids follow the Hub's order: {}", self.hub_labels.join(", "))
+                format!(
+                    "; integer ids follow the Hub's order: {}",
+                    self.hub_labels.join(", ")
+                )
             } else {
                 String::new()
             }
@@ -499,9 +517,9 @@ impl Task {
 }
 
 fn parse_score(t: &str) -> Result<Label, String> {
-    let v: f64 = t
-        .parse()
-        .map_err(|_| format!("unparsable score `{t}` (expected a number; STS-B scores run from 0 to 5)"))?;
+    let v: f64 = t.parse().map_err(|_| {
+        format!("unparsable score `{t}` (expected a number; STS-B scores run from 0 to 5)")
+    })?;
     if !v.is_finite() {
         return Err(format!("score `{t}` is not a finite number"));
     }

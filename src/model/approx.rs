@@ -237,7 +237,10 @@ impl Approx {
             if let Ok(a) = p.parse::<Act>() {
                 o.act = Some(a);
             } else {
-                o.attn = Some(p.parse::<Attn>().map_err(|e| format!("layer override `{spec}`: {e}"))?);
+                o.attn = Some(
+                    p.parse::<Attn>()
+                        .map_err(|e| format!("layer override `{spec}`: {e}"))?,
+                );
             }
         }
         Ok((idx, o))
@@ -276,14 +279,19 @@ mod tests {
             (Act::Relu, &|x| x.max(0.0)),
             (Act::Gelu, &erf_gelu),
             (Act::GeluTanh, &|x| {
-                0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+                0.5 * x
+                    * (1.0
+                        + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
             }),
         ];
         for (act, f) in cases {
             let got = vec1(act.apply(x.clone()));
             for (g, &xi) in got.iter().zip(&xs) {
                 let want = f(xi as f64);
-                assert!((*g as f64 - want).abs() < 1e-5 * want.abs().max(1.0), "{act} at {xi}: {g} vs {want}");
+                assert!(
+                    (*g as f64 - want).abs() < 1e-5 * want.abs().max(1.0),
+                    "{act} at {xi}: {g} vs {want}"
+                );
             }
         }
     }
@@ -293,7 +301,10 @@ mod tests {
         let d = Device::flex();
         let s = Tensor::<1>::from_floats(scores, &d).reshape([1, 1, 1, 3]);
         let m = Tensor::<1>::from_floats([1.0, 1.0, 0.0], &d).reshape([1, 3]);
-        attn.apply(s, m, TWO_QUAD_C).into_data().try_into_vec_as::<f32>().unwrap()
+        attn.apply(s, m, TWO_QUAD_C)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -331,9 +342,27 @@ mod tests {
         a.layers.insert(i, o);
         let (i, o) = Approx::parse_override("2:2relu").unwrap();
         a.layers.insert(i, o);
-        assert_eq!(a.layer(0), LayerApprox { act: Act::Quad, attn: Attn::TwoQuad });
-        assert_eq!(a.layer(1), LayerApprox { act: Act::Gelu, attn: Attn::Softmax });
-        assert_eq!(a.layer(2), LayerApprox { act: Act::Quad, attn: Attn::TwoRelu });
+        assert_eq!(
+            a.layer(0),
+            LayerApprox {
+                act: Act::Quad,
+                attn: Attn::TwoQuad
+            }
+        );
+        assert_eq!(
+            a.layer(1),
+            LayerApprox {
+                act: Act::Gelu,
+                attn: Attn::Softmax
+            }
+        );
+        assert_eq!(
+            a.layer(2),
+            LayerApprox {
+                act: Act::Quad,
+                attn: Attn::TwoRelu
+            }
+        );
         assert!(Approx::parse_override("x:quad").is_err());
         assert!(Approx::parse_override("0:cubic").is_err());
     }

@@ -143,7 +143,7 @@ impl ModelConfig {
                 "position_embedding_type `{p}` is not supported (only absolute)"
             ));
         }
-        if hf.num_attention_heads == 0 || hf.hidden_size % hf.num_attention_heads != 0 {
+        if hf.num_attention_heads == 0 || !hf.hidden_size.is_multiple_of(hf.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 hf.hidden_size, hf.num_attention_heads
@@ -299,7 +299,10 @@ mod tests {
         let c = ModelConfig::from_json_str(TINY).unwrap();
         assert_eq!((c.arch, c.hidden_size, c.num_labels), (Arch::Bert, 32, 3));
         assert_eq!(c.approx, Approx::exact());
-        let quad = TINY.replace("\"hidden_act\": \"gelu\"", "\"hidden_act\": \"quad\", \"softmax_act\": \"2quad\"");
+        let quad = TINY.replace(
+            "\"hidden_act\": \"gelu\"",
+            "\"hidden_act\": \"quad\", \"softmax_act\": \"2quad\"",
+        );
         let c = ModelConfig::from_json_str(&quad).unwrap();
         assert_eq!((c.approx.act, c.approx.attn), (Act::Quad, Attn::TwoQuad));
     }
@@ -308,7 +311,13 @@ mod tests {
     fn hf_json_round_trips() {
         let mut c = ModelConfig::from_json_str(TINY).unwrap();
         c.approx = Approx::new(Act::Quad, Attn::TwoRelu);
-        c.approx.layers.insert(1, LayerOverride { act: Some(Act::Gelu), attn: None });
+        c.approx.layers.insert(
+            1,
+            LayerOverride {
+                act: Some(Act::Gelu),
+                attn: None,
+            },
+        );
         let mut v = c.to_hf_json();
         // Per-layer choices travel in the `mpc` block (export writes it).
         v["mpc"] = serde_json::json!({"two_quad_c": 5.0, "layers": {"1": {"act": "gelu"}}});
@@ -322,6 +331,9 @@ mod tests {
         assert_eq!(ModelConfig::from_json_str(reg).unwrap().num_labels, 1);
         let rob = include_str!("../../tests/fixtures/tiny-roberta/model/config.json");
         let c = ModelConfig::from_json_str(rob).unwrap();
-        assert_eq!((c.arch, c.pad_token_id, c.num_labels, c.type_vocab_size), (Arch::Roberta, 1, 2, 1));
+        assert_eq!(
+            (c.arch, c.pad_token_id, c.num_labels, c.type_vocab_size),
+            (Arch::Roberta, 1, 2, 1)
+        );
     }
 }

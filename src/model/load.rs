@@ -78,11 +78,10 @@ impl Checkpoint {
     /// The shard file names of a `model.safetensors.index.json`, in order.
     pub fn shards(index: &Path) -> Result<Vec<String>, LoadError> {
         let text = std::fs::read_to_string(index).map_err(|e| LoadError::io(index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| LoadError::Config {
-                path: index.to_path_buf(),
-                msg: e.to_string(),
-            })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Config {
+            path: index.to_path_buf(),
+            msg: e.to_string(),
+        })?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())

@@ -5,6 +5,7 @@ pub mod bert;
 pub mod config;
 pub mod load;
 pub mod names;
+pub mod save;
 
 use std::path::PathBuf;
 

@@ -54,7 +54,11 @@ impl PathTracker {
     }
     /// Path without empty components (the root module enters with an empty name).
     pub fn parts(&self) -> Vec<String> {
-        self.path.iter().filter(|p| !p.is_empty()).cloned().collect()
+        self.path
+            .iter()
+            .filter(|p| !p.is_empty())
+            .cloned()
+            .collect()
     }
     pub fn is_linear_weight(&self) -> bool {
         // A field is entered with the type of the struct that declares it.

@@ -1,0 +1,579 @@
+//! Declarative recipes (TOML). A recipe may `extends = "other.toml"` (its tables are merged over
+//! the parent's), may hold per-task tables `[tasks.<name>]` applied when `data.task` is that task,
+//! and every field can be overridden from the command line (`--set stage1.epochs=3`). Unknown keys
+//! are errors. Unset stage fields take MPCFormer's reference values for the task
+//! ([`StageConfig::resolve`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use toml::Value;
+
+use super::optim::{OptimizerConfig, OptimizerKind};
+use super::schedule::Schedule;
+use crate::device::Backend;
+use crate::distill::loss::SoftCeNorm;
+use crate::model::{Act, Attn, LayerOverride};
+
+/// One step of the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    /// Fine-tune the teacher on the task's labels (like `run_glue`).
+    Finetune,
+    /// Distillation stage 1: attention scores + hidden states.
+    Stage1,
+    /// Distillation stage 2: logits (soft cross-entropy; MSE to gold for regression).
+    Stage2,
+    /// Train the student on labels only (the `w/o d` and `w/o p,d` baselines).
+    Supervised,
+}
+
+impl StageKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::Finetune => "finetune",
+            StageKind::Stage1 => "stage1",
+            StageKind::Stage2 => "stage2",
+            StageKind::Supervised => "supervised",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Run name: the run directory is `<output_dir>/<name>`.
+    pub name: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "default_output")]
+    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub device: Backend,
+    /// Stages to run, in order.
+    pub stages: Vec<StageKind>,
+    pub teacher: TeacherSpec,
+    #[serde(default)]
+    pub student: StudentSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub finetune: StageConfig,
+    #[serde(default)]
+    pub stage1: StageConfig,
+    #[serde(default)]
+    pub stage2: StageConfig,
+    #[serde(default)]
+    pub supervised: StageConfig,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_output() -> PathBuf {
+    PathBuf::from("checkpoints")
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSpec {
+    /// Directory or Hub id of the teacher (pretrained, or already fine-tuned when `finetune` is
+    /// not among the stages).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Instead of `model`: a fresh model of this HF config file (the quickstart's from-scratch
+    /// teacher), initialised from `seed`.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// Tokenizer directory when it differs from `model`'s (e.g. with `config`).
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// Reproduce the reference's fault of running the teacher with dropout on.
+    #[serde(default)]
+    pub dropout_during_distill: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StudentInit {
+    /// The (fine-tuned) teacher's weights, as MPCFormer does.
+    #[default]
+    Teacher,
+    /// Random initialisation (the `w/o p,d` baseline).
+    Random,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentSpec {
+    #[serde(default = "default_act")]
+    pub act: Act,
+    #[serde(default = "default_attn")]
+    pub attn: Attn,
+    /// Per-layer overrides, keyed by layer index.
+    #[serde(default)]
+    pub layers: BTreeMap<String, LayerOverride>,
+    #[serde(default)]
+    pub init: StudentInit,
+    /// Fewer layers than the teacher (must divide the teacher's count).
+    #[serde(default)]
+    pub num_hidden_layers: Option<usize>,
+    /// A narrower student; its hidden states are projected by a learned `fit_dense`.
+    #[serde(default)]
+    pub hidden_size: Option<usize>,
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+}
+
+fn default_act() -> Act {
+    Act::Quad
+}
+fn default_attn() -> Attn {
+    Attn::TwoQuad
+}
+
+impl Default for StudentSpec {
+    fn default() -> Self {
+        Self {
+            act: default_act(),
+            attn: default_attn(),
+            layers: BTreeMap::new(),
+            init: StudentInit::Teacher,
+            num_hidden_layers: None,
+            hidden_size: None,
+            intermediate_size: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Task name: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, imdb.
+    pub task: String,
+    /// Data spec (path or `hub:org/name[/config]`); default: the task's Hub dataset.
+    #[serde(default)]
+    pub spec: Option<String>,
+    #[serde(default)]
+    pub max_len: Option<usize>,
+    #[serde(default = "default_train_split")]
+    pub train_split: String,
+    #[serde(default = "default_eval_split")]
+    pub eval_split: String,
+    /// Use only the first N training examples (CPU-scale recipes).
+    #[serde(default)]
+    pub train_limit: Option<usize>,
+    /// Use only the first N evaluation examples.
+    #[serde(default)]
+    pub eval_limit: Option<usize>,
+}
+
+fn default_train_split() -> String {
+    "train".into()
+}
+fn default_eval_split() -> String {
+    "dev".into()
+}
+
+/// One stage's settings; unset fields take the reference's values ([`StageConfig::resolve`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub epochs: Option<f64>,
+    /// Stop after this many optimisation steps (overrides `epochs`).
+    pub max_steps: Option<u64>,
+    pub lr: Option<f64>,
+    pub batch_size: Option<usize>,
+    pub schedule: Option<ScheduleKind>,
+    /// Warm-up fraction for the linear schedule.
+    pub warmup: Option<f64>,
+    pub optimizer: Option<OptimizerKind>,
+    pub weight_decay: Option<f64>,
+    pub max_grad_norm: Option<f64>,
+    /// Evaluate on dev every N steps (and always at the end); 0 = only at epoch ends.
+    pub eval_every: Option<u64>,
+    /// Save a resumable checkpoint every N steps.
+    pub checkpoint_every: Option<u64>,
+    pub log_every: Option<u64>,
+    /// Drop the last partial batch of each epoch (the reference does).
+    pub drop_last: Option<bool>,
+    /// Sort shuffled examples into length buckets of this many batches (less padding).
+    pub bucket: Option<usize>,
+    /// Keep the checkpoint with the best dev score (else the last).
+    pub keep_best: Option<bool>,
+    /// Stage 1 weights.
+    pub hidden_weight: Option<f64>,
+    pub attention_weight: Option<f64>,
+    /// Stage 2.
+    pub temperature: Option<f64>,
+    pub soft_ce_norm: Option<SoftCeNorm>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+}
+
+/// A stage's settings with every default filled in.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StageSettings {
+    pub epochs: f64,
+    pub max_steps: Option<u64>,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub schedule: Schedule,
+    pub optimizer: OptimizerConfig,
+    pub eval_every: u64,
+    pub checkpoint_every: u64,
+    pub log_every: u64,
+    pub drop_last: bool,
+    pub bucket: usize,
+    pub keep_best: bool,
+    pub hidden_weight: f64,
+    pub attention_weight: f64,
+    pub temperature: f64,
+    pub soft_ce_norm: SoftCeNorm,
+}
+
+/// MPCFormer's stage-1 epochs per task (`default_params` in `exp2.py`).
+pub fn reference_stage1_epochs(task: &str) -> f64 {
+    match task {
+        "cola" => 50.0,
+        "mnli" => 5.0,
+        "mrpc" => 20.0,
+        "sst2" => 10.0,
+        "stsb" => 100.0,
+        "qqp" => 5.0,
+        "qnli" => 10.0,
+        "rte" => 50.0,
+        "imdb" => 30.0,
+        _ => 50.0,
+    }
+}
+
+impl StageConfig {
+    /// Fills unset fields with the reference's values for `kind` on `task`.
+    pub fn resolve(&self, kind: StageKind, task: &str) -> StageSettings {
+        use StageKind::*;
+        let (epochs, lr, schedule, warmup, optimizer, eval_every, keep_best) = match kind {
+            // run_glue: 3 epochs, 2e-5, linear warm-up/decay, AdamW; best on dev per epoch.
+            Finetune => (
+                3.0,
+                2e-5,
+                ScheduleKind::Linear,
+                0.1,
+                OptimizerKind::AdamW,
+                0,
+                true,
+            ),
+            Stage1 => (
+                reference_stage1_epochs(task),
+                if task == "stsb" { 3e-5 } else { 5e-5 },
+                ScheduleKind::Constant,
+                0.0,
+                OptimizerKind::BertAdam,
+                0,
+                false,
+            ),
+            Stage2 => (
+                5.0,
+                1e-5,
+                ScheduleKind::Linear,
+                0.1,
+                OptimizerKind::BertAdam,
+                100,
+                true,
+            ),
+            Supervised => (
+                10.0,
+                1e-5,
+                ScheduleKind::Linear,
+                0.2,
+                OptimizerKind::AdamW,
+                0,
+                true,
+            ),
+        };
+        let warmup = self.warmup.unwrap_or(warmup);
+        let opt_kind = self.optimizer.unwrap_or(optimizer);
+        let base = OptimizerConfig {
+            kind: opt_kind,
+            ..OptimizerConfig::default()
+        };
+        StageSettings {
+            epochs: self.epochs.unwrap_or(epochs),
+            max_steps: self.max_steps,
+            lr: self.lr.unwrap_or(lr),
+            batch_size: self
+                .batch_size
+                .unwrap_or(if task == "mrpc" && kind != Finetune {
+                    8
+                } else {
+                    32
+                }),
+            schedule: match self.schedule.unwrap_or(schedule) {
+                ScheduleKind::Constant => Schedule::Constant,
+                ScheduleKind::Linear => Schedule::Linear { warmup },
+            },
+            optimizer: OptimizerConfig {
+                weight_decay: self.weight_decay.unwrap_or(base.weight_decay),
+                max_grad_norm: self.max_grad_norm.unwrap_or(base.max_grad_norm),
+                ..base
+            },
+            eval_every: self.eval_every.unwrap_or(eval_every),
+            checkpoint_every: self.checkpoint_every.unwrap_or(200),
+            log_every: self.log_every.unwrap_or(10),
+            drop_last: self.drop_last.unwrap_or(true),
+            bucket: self.bucket.unwrap_or(0),
+            keep_best: self.keep_best.unwrap_or(keep_best),
+            hidden_weight: self.hidden_weight.unwrap_or(1.0),
+            attention_weight: self.attention_weight.unwrap_or(1.0),
+            temperature: self.temperature.unwrap_or(1.0),
+            soft_ce_norm: self.soft_ce_norm.unwrap_or(SoftCeNorm::ElementMean),
+        }
+    }
+}
+
+impl Recipe {
+    pub fn stage(&self, kind: StageKind) -> StageSettings {
+        let c = match kind {
+            StageKind::Finetune => &self.finetune,
+            StageKind::Stage1 => &self.stage1,
+            StageKind::Stage2 => &self.stage2,
+            StageKind::Supervised => &self.supervised,
+        };
+        c.resolve(kind, &self.data.task)
+    }
+
+    /// Loads a recipe file, following `extends`, applying `[tasks.<task>]` and `--set` overrides.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let mut value = load_value(path, 0)?;
+        for s in sets {
+            apply_set(&mut value, s)?;
+        }
+        if let Some(tasks) = value.as_table_mut().and_then(|t| t.remove("tasks")) {
+            let task = value
+                .get("data")
+                .and_then(|d| d.get("task"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string);
+            if let (Some(task), Some(tables)) = (task, tasks.as_table())
+                && let Some(over) = tables.get(&task)
+            {
+                merge(&mut value, over.clone());
+                // Command-line values win over task tables.
+                for s in sets {
+                    apply_set(&mut value, s)?;
+                }
+            }
+        }
+        let text = toml::to_string(&value)?;
+        let mut recipe: Recipe =
+            toml::from_str(&text).with_context(|| format!("{}: invalid recipe", path.display()))?;
+        recipe.name = recipe
+            .name
+            .replace("{task}", &recipe.data.task)
+            .replace("{act}", &recipe.student.act.to_string())
+            .replace("{attn}", &recipe.student.attn.to_string())
+            .replace("{seed}", &recipe.seed.to_string());
+        if recipe.teacher.model.is_none() && recipe.teacher.config.is_none() {
+            bail!(
+                "{}: set teacher.model (a checkpoint) or teacher.config",
+                path.display()
+            );
+        }
+        if recipe.stages.is_empty() {
+            bail!("{}: `stages` is empty", path.display());
+        }
+        crate::data::Task::find(&recipe.data.task)
+            .map_err(|e| anyhow::anyhow!("{}: data.task: {e}", path.display()))?;
+        Ok(recipe)
+    }
+
+    /// The resolved recipe as TOML, with every stage's defaults written out.
+    pub fn resolved_toml(&self) -> String {
+        let mut v = toml::Value::try_from(self).expect("recipe serialises");
+        let mut stages = toml::map::Map::new();
+        for kind in &self.stages {
+            stages.insert(
+                kind.name().into(),
+                toml::Value::try_from(self.stage(*kind)).expect("settings serialise"),
+            );
+        }
+        v.as_table_mut()
+            .expect("table")
+            .insert("resolved".into(), Value::Table(stages));
+        toml::to_string_pretty(&v).expect("toml")
+    }
+
+    /// sha256 of the resolved recipe: identifies a configuration in summaries and manifests.
+    pub fn hash(&self) -> String {
+        let digest = Sha256::digest(self.resolved_toml().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn load_value(path: &Path, depth: usize) -> Result<Value> {
+    if depth > 8 {
+        bail!("{}: `extends` nests too deeply (a cycle?)", path.display());
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut value: Value =
+        toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+    let parent = value.as_table_mut().and_then(|t| t.remove("extends"));
+    match parent {
+        Some(Value::String(p)) => {
+            let ppath = path.parent().unwrap_or(Path::new(".")).join(p);
+            let mut base = load_value(&ppath, depth + 1)?;
+            merge(&mut base, value);
+            Ok(base)
+        }
+        Some(_) => bail!("{}: `extends` must be a file path", path.display()),
+        None => Ok(value),
+    }
+}
+
+/// Merges `over` into `base`: tables recursively, everything else replaced.
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Table(b), Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(bv) if bv.is_table() && v.is_table() => merge(bv, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// `a.b.c=value`: the value is parsed as TOML (`3`, `1e-5`, `true`, `"x"`, `[1, 2]`), else taken
+/// as a string.
+pub fn apply_set(value: &mut Value, set: &str) -> Result<()> {
+    let (key, raw) = set
+        .split_once('=')
+        .with_context(|| format!("--set `{set}`: expected key=value"))?;
+    let parsed: Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut cur = value;
+    for (i, p) in parts.iter().enumerate() {
+        let table = cur
+            .as_table_mut()
+            .with_context(|| format!("--set `{set}`: `{}` is not a table", parts[..i].join(".")))?;
+        if i + 1 == parts.len() {
+            table.insert(p.to_string(), parsed);
+            return Ok(());
+        }
+        cur = table
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Table(Default::default()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const BASE: &str = r#"
+name = "base-{task}-{attn}"
+stages = ["stage1", "stage2"]
+[teacher]
+model = "some/teacher"
+[data]
+task = "rte"
+[stage1]
+lr = 4e-5
+[tasks.mrpc.stage1]
+epochs = 7
+"#;
+
+    #[test]
+    fn extends_tasks_and_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base.toml", BASE);
+        let child = write(
+            dir.path(),
+            "child.toml",
+            "extends = \"base.toml\"\nname = \"child\"\n[student]\nattn = \"2relu\"\n",
+        );
+        let r = Recipe::load(&dir.path().join("base.toml"), &[]).unwrap();
+        assert_eq!(r.name, "base-rte-2quad");
+        let r = Recipe::load(&child, &[]).unwrap();
+        assert_eq!(r.name, "child");
+        assert_eq!(r.student.attn, Attn::TwoRelu);
+        assert_eq!(r.student.act, Act::Quad);
+        let s1 = r.stage(StageKind::Stage1);
+        assert_eq!((s1.lr, s1.epochs, s1.batch_size), (4e-5, 50.0, 32));
+        assert_eq!(r.stage(StageKind::Stage2).eval_every, 100);
+
+        let r = Recipe::load(&child, &["data.task=mrpc".into()]).unwrap();
+        let s1 = r.stage(StageKind::Stage1);
+        assert_eq!((s1.epochs, s1.batch_size), (7.0, 8));
+        let r = Recipe::load(
+            &child,
+            &[
+                "data.task=mrpc".into(),
+                "stage1.epochs=2".into(),
+                "teacher.model=x/y".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.stage(StageKind::Stage1).epochs, 2.0);
+        assert_eq!(r.teacher.model.as_deref(), Some("x/y"));
+        assert_ne!(r.hash(), Recipe::load(&child, &[]).unwrap().hash());
+    }
+
+    #[test]
+    fn unknown_keys_and_tasks_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "r.toml",
+            &BASE.replace("lr = 4e-5", "lr = 4e-5\nlearning_rate = 1"),
+        );
+        let err = format!("{:#}", Recipe::load(&p, &[]).unwrap_err());
+        assert!(err.contains("learning_rate"), "{err}");
+        let p = write(dir.path(), "r2.toml", BASE);
+        let err = format!(
+            "{:#}",
+            Recipe::load(&p, &["data.task=squad".into()]).unwrap_err()
+        );
+        assert!(err.contains("squad"), "{err}");
+    }
+
+    #[test]
+    fn reference_defaults() {
+        let c = StageConfig::default();
+        let s = c.resolve(StageKind::Stage1, "stsb");
+        assert_eq!(
+            (s.epochs, s.lr, s.schedule),
+            (100.0, 3e-5, Schedule::Constant)
+        );
+        assert_eq!(s.optimizer.kind, OptimizerKind::BertAdam);
+        let s = c.resolve(StageKind::Stage2, "cola");
+        assert_eq!(
+            (s.epochs, s.lr, s.schedule),
+            (5.0, 1e-5, Schedule::Linear { warmup: 0.1 })
+        );
+        assert_eq!(s.soft_ce_norm, SoftCeNorm::ElementMean);
+    }
+}

@@ -1,0 +1,417 @@
+//! `mpcformer run`: a whole recipe — optional teacher fine-tuning, distillation stages or the
+//! label-only baseline, evaluation of teacher and student, and a `summary.json`.
+//!
+//! Run directory `<output_dir>/<name>/`: `recipe.toml` (resolved), `metrics.jsonl`, one folder per
+//! stage with resumable checkpoints, `teacher/` and `student/` as Hugging Face directories, and
+//! `summary.json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::prelude::*;
+use serde::Serialize;
+use serde_json::json;
+
+use super::fit::{LossTerms, MetricsLog, Score, Stage};
+use super::recipe::{Recipe, StageKind};
+use crate::data::{self, Batch, Dataset, Fields, Label, Task, Tokenized};
+use crate::distill::{Student, init_student, intermediate_loss, prediction_loss};
+use crate::eval::{predictions, run_model};
+use crate::io::write_atomic;
+use crate::metric;
+use crate::model::{
+    self, Capture, Inputs, ModelConfig, Overrides, SequenceClassifier, load_pretrained,
+};
+use crate::tokenize::TextTokenizer;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelSummary {
+    pub approximations: String,
+    pub metrics: BTreeMap<String, f64>,
+    pub primary: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub name: String,
+    pub task: String,
+    pub seed: u64,
+    pub recipe_hash: String,
+    pub teacher: ModelSummary,
+    pub student: Option<ModelSummary>,
+    /// student primary / teacher primary.
+    pub retention: Option<f64>,
+    pub stage_wall_s: BTreeMap<String, f64>,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+}
+
+/// Data shared by every stage: tokenised once.
+struct TaskData {
+    task: &'static Task,
+    train: Tokenized,
+    dev: Tokenized,
+    dev_set: Dataset,
+}
+
+fn load_split(
+    task: &'static Task,
+    spec: Option<&str>,
+    split: &str,
+    limit: Option<usize>,
+) -> Result<Dataset> {
+    let s = task.split(split).map_err(anyhow::Error::msg)?;
+    let mut d = data::load(task, spec, s, &Fields::default())?;
+    if let Some(n) = limit {
+        d.examples.truncate(n);
+    }
+    Ok(d)
+}
+
+/// Host labels → class ids or scores on `device`.
+fn label_tensors(labels: &[Label], device: &Device) -> (Option<Tensor<1, Int>>, Option<Tensor<1>>) {
+    let n = labels.len();
+    if let Some(ids) = labels
+        .iter()
+        .map(|l| l.class().map(|c| c as i64))
+        .collect::<Option<Vec<_>>>()
+    {
+        (
+            Some(Tensor::from_data(TensorData::new(ids, [n]), device)),
+            None,
+        )
+    } else {
+        let y: Vec<f32> = labels
+            .iter()
+            .map(|l| l.score().unwrap_or(0.0) as f32)
+            .collect();
+        (
+            None,
+            Some(Tensor::from_data(TensorData::new(y, [n]), device)),
+        )
+    }
+}
+
+/// Supervised loss on gold labels: cross-entropy, or MSE for regression.
+fn label_loss(model: &SequenceClassifier, batch: &Batch, device: &Device) -> Result<LossTerms> {
+    let labels = batch
+        .labels
+        .as_ref()
+        .context("training data has unlabelled examples")?;
+    let logits = model.logits(&batch.inputs.to_inputs(device));
+    let total = match label_tensors(labels, device) {
+        (Some(ids), _) => crate::loss::cross_entropy(logits, ids),
+        (_, Some(y)) => crate::loss::mse(logits, y),
+        _ => unreachable!(),
+    };
+    Ok(LossTerms {
+        total,
+        parts: vec![],
+    })
+}
+
+/// Scores `model` on dev with the task's metrics.
+fn score(model: &SequenceClassifier, d: &TaskData, device: &Device) -> Result<Score> {
+    let out = run_model(model, &d.dev, 64, device, "eval");
+    let map: Vec<usize> = (0..d.task.labels.len()).collect();
+    let pred = predictions(&out, d.task, &map);
+    let gold = d.dev_set.labels().context("dev split is unlabelled")?;
+    let s = metric::score(d.task, &gold, &pred).map_err(anyhow::Error::msg)?;
+    let primary = s.get(d.task.primary).unwrap_or(f64::NAN);
+    Ok((primary, s.to_map()))
+}
+
+fn summary_of(model: &SequenceClassifier, s: &Score) -> ModelSummary {
+    ModelSummary {
+        approximations: model.config.approx.label(),
+        metrics: s.1.clone(),
+        primary: s.0,
+    }
+}
+
+/// Runs `recipe`; with `resume`, continues each stage from its last checkpoint and skips stages
+/// already finished.
+pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
+    let dir = recipe.output_dir.join(&recipe.name);
+    if dir.join("metrics.jsonl").exists() && !resume {
+        bail!(
+            "{} already holds a run: pass --resume to continue it, or choose another name (--set name=...)",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomic(&dir.join("recipe.toml"), recipe.resolved_toml().as_bytes())?;
+    let mut log = MetricsLog::open(&dir.join("metrics.jsonl"))?;
+    let device = recipe.device.device()?;
+    let ad = device.clone().autodiff();
+    device.seed(recipe.seed);
+    ad.seed(recipe.seed);
+
+    let task = Task::find(&recipe.data.task).map_err(anyhow::Error::msg)?;
+    let (teacher, tok_dir) = load_teacher(recipe, task, &ad)?;
+    let max_len = recipe.data.max_len.unwrap_or(task.max_len);
+    let tokenizer = TextTokenizer::from_dir(&tok_dir, max_len)?;
+    let spec = recipe.data.spec.as_deref();
+    let train_set = load_split(
+        task,
+        spec,
+        &recipe.data.train_split,
+        recipe.data.train_limit,
+    )?;
+    let dev_set = load_split(task, spec, &recipe.data.eval_split, recipe.data.eval_limit)?;
+    let d = TaskData {
+        task,
+        train: Tokenized::new(&train_set, &tokenizer).map_err(anyhow::Error::msg)?,
+        dev: Tokenized::new(&dev_set, &tokenizer).map_err(anyhow::Error::msg)?,
+        dev_set,
+    };
+    eprintln!(
+        "{}: {} train / {} dev examples of {}, max length {max_len}",
+        recipe.name,
+        d.train.len(),
+        d.dev.len(),
+        task.title
+    );
+    let stage = |kind: StageKind| Stage {
+        kind,
+        settings: recipe.stage(kind),
+        dir: dir.join(kind.name()),
+        train: &d.train,
+        seed: recipe.seed,
+        device: ad.clone(),
+        resume,
+    };
+    let mut walls = BTreeMap::new();
+    let mut teacher = teacher;
+    let teacher_dir = dir.join("teacher");
+
+    // 1. The teacher.
+    if recipe.stages.contains(&StageKind::Finetune) {
+        let t0 = Instant::now();
+        if resume && teacher_dir.join("model.safetensors").is_file() {
+            teacher =
+                load_pretrained(&teacher_dir.to_string_lossy(), &Overrides::default(), &ad)?.model;
+            eprintln!("finetune: done earlier, loaded {}", teacher_dir.display());
+        } else {
+            let (t, _) = stage(StageKind::Finetune).fit(
+                teacher,
+                &mut log,
+                |m, b| label_loss(m, b, &ad),
+                |m| score(m, &d, &device),
+            )?;
+            t.valid().save_pretrained(&teacher_dir, Some(&tok_dir))?;
+            teacher = t;
+        }
+        walls.insert("finetune".to_string(), t0.elapsed().as_secs_f64());
+    }
+    let teacher_plain = teacher.valid();
+    let teacher_score = score(&teacher_plain, &d, &device)?;
+    log.write(json!({"stage": "teacher", "eval": teacher_score.1}))?;
+    eprintln!(
+        "teacher ({}): {:?}",
+        teacher_plain.config.approx.label(),
+        teacher_score.1
+    );
+
+    // 2. The student.
+    let distilling = recipe.stages.iter().any(|k| {
+        matches!(
+            k,
+            StageKind::Stage1 | StageKind::Stage2 | StageKind::Supervised
+        )
+    });
+    let mut student_summary = None;
+    if distilling {
+        ad.seed(recipe.seed);
+        let (mut student, report) = init_student(&teacher, &recipe.student, &ad)?;
+        if let Some(r) = report {
+            eprintln!("student from teacher: {r}");
+        }
+        // The teacher runs without gradients and (unlike the reference) without dropout.
+        let teacher_cfg = if recipe.teacher.dropout_during_distill {
+            teacher.config.clone()
+        } else {
+            teacher.config.clone().without_dropout()
+        };
+        let frozen = SequenceClassifier {
+            config: teacher_cfg,
+            ..teacher.clone()
+        }
+        .no_grad();
+        let frozen = with_dropout_config(frozen);
+        let mut last = None;
+        for &kind in recipe.stages.iter().filter(|k| **k != StageKind::Finetune) {
+            let st = stage(kind);
+            let settings = st.settings.clone();
+            let t0 = Instant::now();
+            let eval = |m: &Student| score(&m.model, &d, &device);
+            let (s, best) = match kind {
+                StageKind::Stage1 => st.fit(
+                    student,
+                    &mut log,
+                    |m: &Student, b: &Batch| {
+                        let inputs = b.inputs.to_inputs(&ad);
+                        let capture = Capture {
+                            hidden_states: true,
+                            attention_scores: true,
+                            attentions: false,
+                        };
+                        let t = frozen.forward(&inputs, capture);
+                        let s = m.model.forward(&inputs, capture);
+                        let (total, att, hid) = intermediate_loss(
+                            m,
+                            &s,
+                            &t,
+                            inputs.attention_mask.clone().float(),
+                            &settings,
+                        );
+                        Ok(LossTerms {
+                            total,
+                            parts: vec![("attention_loss", att), ("hidden_loss", hid)],
+                        })
+                    },
+                    eval,
+                )?,
+                StageKind::Stage2 => st.fit(
+                    student,
+                    &mut log,
+                    |m: &Student, b: &Batch| {
+                        let inputs: Inputs = b.inputs.to_inputs(&ad);
+                        let s = m.model.logits(&inputs);
+                        let gold = if task.is_regression() {
+                            label_tensors(
+                                b.labels.as_ref().context("unlabelled training data")?,
+                                &ad,
+                            )
+                            .1
+                        } else {
+                            None
+                        };
+                        let t = if gold.is_none() {
+                            frozen.logits(&inputs)
+                        } else {
+                            s.clone().detach()
+                        };
+                        Ok(LossTerms {
+                            total: prediction_loss(s, t, gold, &settings),
+                            parts: vec![],
+                        })
+                    },
+                    eval,
+                )?,
+                StageKind::Supervised => st.fit(
+                    student,
+                    &mut log,
+                    |m: &Student, b: &Batch| label_loss(&m.model, b, &ad),
+                    eval,
+                )?,
+                StageKind::Finetune => unreachable!(),
+            };
+            walls.insert(kind.name().to_string(), t0.elapsed().as_secs_f64());
+            student = s;
+            last = best;
+        }
+        let student_plain = student.model.valid();
+        student_plain.save_pretrained(&dir.join("student"), Some(&tok_dir))?;
+        let s = match last {
+            Some(s) => s,
+            None => score(&student_plain, &d, &device)?,
+        };
+        log.write(json!({"stage": "student", "eval": s.1}))?;
+        eprintln!(
+            "student ({}): {:?}",
+            student_plain.config.approx.label(),
+            s.1
+        );
+        student_summary = Some(summary_of(&student_plain, &s));
+    }
+    let summary = Summary {
+        name: recipe.name.clone(),
+        task: task.name.to_string(),
+        seed: recipe.seed,
+        recipe_hash: recipe.hash(),
+        retention: student_summary
+            .as_ref()
+            .map(|s| s.primary / teacher_score.0),
+        teacher: summary_of(&teacher_plain, &teacher_score),
+        student: student_summary,
+        stage_wall_s: walls,
+        train_examples: d.train.len(),
+        eval_examples: d.dev.len(),
+    };
+    write_atomic(
+        &dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(summary)
+}
+
+/// Dropout modules keep the probabilities they were built with; a config change alone does not
+/// reach them, so rebuild the frozen teacher's dropout from its config.
+fn with_dropout_config(m: SequenceClassifier) -> SequenceClassifier {
+    let c = m.config.clone();
+    let mut m = m;
+    let p = c.hidden_dropout_prob;
+    let a = c.attention_probs_dropout_prob;
+    let drop = |p: f64| burn::nn::DropoutConfig::new(p).init();
+    m.bert.embeddings.dropout = drop(p);
+    for l in &mut m.bert.encoder.layer {
+        l.attention.self_attn.dropout = drop(a);
+        l.attention.output.dropout = drop(p);
+        l.output.dropout = drop(p);
+    }
+    m.classifier.dropout = drop(c.classifier_dropout.unwrap_or(p));
+    m
+}
+
+/// The teacher: a checkpoint (head sized for the task), or a fresh model of a config file.
+fn load_teacher(
+    recipe: &Recipe,
+    task: &'static Task,
+    device: &Device,
+) -> Result<(SequenceClassifier, PathBuf)> {
+    let (labels, regression) = task.head_labels();
+    let t = &recipe.teacher;
+    if let Some(cfg) = &t.config {
+        let config = ModelConfig::from_file(cfg)?.with_labels(labels, regression);
+        device.seed(recipe.seed);
+        let tok = t
+            .tokenizer
+            .clone()
+            .context("teacher.config needs teacher.tokenizer")?;
+        return Ok((config.init(device), resolve_dir(&tok)?));
+    }
+    let overrides = Overrides {
+        labels: Some((labels, regression)),
+        load: model::LoadOptions {
+            reinit_mismatched_head: true,
+        },
+        ..Overrides::default()
+    };
+    device.seed(recipe.seed);
+    let spec = t.model.as_deref().context("teacher.model is not set")?;
+    let pre = load_pretrained(spec, &overrides, device)?;
+    if !pre.report.initialised.is_empty() || !pre.report.reinitialised.is_empty() {
+        eprintln!("teacher: {}", pre.report);
+        if !recipe.stages.contains(&StageKind::Finetune) {
+            bail!(
+                "teacher `{}` has no trained head for {} ({}) and the recipe does not fine-tune it: add \"finetune\" to stages",
+                spec,
+                task.title,
+                pre.report
+            );
+        }
+    }
+    let tok = match &t.tokenizer {
+        Some(s) => resolve_dir(s)?,
+        None => pre.dir.clone(),
+    };
+    Ok((pre.model, tok))
+}
+
+fn resolve_dir(spec: &str) -> Result<PathBuf> {
+    Ok(crate::hub::model_dir(spec)?)
+}

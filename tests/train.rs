@@ -1,0 +1,372 @@
+//! Training: a tiny student distilled from a tiny teacher learns (stage-1 loss falls), the
+//! `fit_dense` path of a narrower student, NaN handling, and exact resume after a kill.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use burn::prelude::*;
+use common::fixtures;
+use mpcformer::data::{Label, Tokenized};
+use mpcformer::distill::{Student, init_student, intermediate_loss};
+use mpcformer::model::{self, Capture, Overrides};
+use mpcformer::tokenize::Encoded;
+use mpcformer::train::fit::{LossTerms, MetricsLog, Stage};
+use mpcformer::train::recipe::{StageConfig, StageKind, StudentSpec};
+
+/// Random token sequences in tiny-bert's vocabulary (120), lengths 5..12.
+fn synthetic(n: usize) -> Tokenized {
+    let mut x: u64 = 7;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) as u32
+    };
+    let encoded = (0..n)
+        .map(|_| {
+            let len = 5 + (next() % 8) as usize;
+            let mut ids = vec![1u32];
+            ids.extend((0..len - 2).map(|_| 3 + next() % 110));
+            ids.push(2);
+            Encoded {
+                type_ids: vec![0; ids.len()],
+                ids,
+                tokens: vec![],
+            }
+        })
+        .collect();
+    Tokenized {
+        encoded,
+        labels: (0..n).map(|i| Some(Label::Class(i % 3))).collect(),
+        pad_id: 0,
+        truncated: 0,
+    }
+}
+
+fn stage1_losses(spec: StudentSpec) -> Vec<f64> {
+    let ad = Device::flex().autodiff();
+    ad.seed(1);
+    let dir = fixtures().join("tiny-bert/model");
+    let teacher = model::load_pretrained(
+        dir.to_str().unwrap(),
+        &Overrides {
+            no_dropout: true,
+            ..Default::default()
+        },
+        &ad,
+    )
+    .unwrap()
+    .model;
+    let (student, _) = init_student(&teacher, &spec, &ad).unwrap();
+    let frozen = teacher.no_grad();
+    let train = synthetic(64);
+    let run_dir = tempfile::tempdir().unwrap();
+    let settings = StageConfig {
+        max_steps: Some(24),
+        lr: Some(1e-3),
+        batch_size: Some(8),
+        log_every: Some(1),
+        checkpoint_every: Some(1000),
+        eval_every: Some(0),
+        ..Default::default()
+    }
+    .resolve(StageKind::Stage1, "rte");
+    let stage = Stage {
+        kind: StageKind::Stage1,
+        settings: settings.clone(),
+        dir: run_dir.path().join("stage1"),
+        train: &train,
+        seed: 3,
+        device: ad.clone(),
+        resume: false,
+    };
+    let mut log = MetricsLog::open(&run_dir.path().join("metrics.jsonl")).unwrap();
+    let capture = Capture {
+        hidden_states: true,
+        attention_scores: true,
+        attentions: false,
+    };
+    stage
+        .fit(
+            student,
+            &mut log,
+            |m: &Student, b| {
+                let inputs = b.inputs.to_inputs(&ad);
+                let t = frozen.forward(&inputs, capture);
+                let s = m.model.forward(&inputs, capture);
+                let (total, _, _) =
+                    intermediate_loss(m, &s, &t, inputs.attention_mask.clone().float(), &settings);
+                Ok(LossTerms {
+                    total,
+                    parts: vec![],
+                })
+            },
+            |_| Ok((0.0, Default::default())),
+        )
+        .unwrap();
+    read_losses(&run_dir.path().join("metrics.jsonl"))
+}
+
+fn read_losses(path: &Path) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("loss")?
+                .as_f64()
+        })
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn stage1_loss_falls_for_a_quad_2quad_student() {
+    let spec = StudentSpec::default();
+    let l = stage1_losses(spec);
+    assert_eq!(l.len(), 24);
+    assert!(
+        l[0] > 0.0,
+        "the approximations make the student differ from its teacher"
+    );
+    assert!(mean(&l[18..]) < 0.5 * mean(&l[..6]), "{l:?}");
+}
+
+#[test]
+fn narrower_shallower_student_uses_fit_dense() {
+    let spec = StudentSpec {
+        num_hidden_layers: Some(1),
+        hidden_size: Some(16),
+        intermediate_size: Some(32),
+        ..Default::default()
+    };
+    let ad = Device::flex().autodiff();
+    let dir = fixtures().join("tiny-bert/model");
+    let teacher = model::load_pretrained(dir.to_str().unwrap(), &Overrides::default(), &ad)
+        .unwrap()
+        .model;
+    let (student, _) = init_student(&teacher, &spec, &ad).unwrap();
+    let fd = student
+        .fit_dense
+        .as_ref()
+        .expect("a narrower student gets fit_dense");
+    assert_eq!(fd.weight.dims(), [16, 32]);
+    assert_eq!(student.model.config.num_hidden_layers, 1);
+    let l = stage1_losses(spec);
+    assert!(mean(&l[18..]) < mean(&l[..6]), "{l:?}");
+}
+
+#[test]
+fn shallower_student_takes_every_kth_teacher_layer() {
+    let ad = Device::flex();
+    let dir = fixtures().join("tiny-bert/model");
+    let teacher = model::load_pretrained(dir.to_str().unwrap(), &Overrides::default(), &ad)
+        .unwrap()
+        .model;
+    let spec = StudentSpec {
+        num_hidden_layers: Some(1),
+        ..Default::default()
+    };
+    let (student, _) = init_student(&teacher, &spec, &ad).unwrap();
+    let get = |m: &model::SequenceClassifier, name: &str| {
+        m.hf_tensors()
+            .into_iter()
+            .find(|t| t.name == name)
+            .unwrap()
+            .data
+    };
+    // k = 2: student layer 0 is teacher layer 1 (i·k + k − 1).
+    assert_eq!(
+        get(
+            &student.model,
+            "bert.encoder.layer.0.attention.self.query.weight"
+        ),
+        get(&teacher, "bert.encoder.layer.1.attention.self.query.weight")
+    );
+}
+
+#[test]
+fn nan_loss_stops_with_the_step() {
+    let ad = Device::flex().autodiff();
+    let dir = fixtures().join("tiny-bert/model");
+    let teacher = model::load_pretrained(dir.to_str().unwrap(), &Overrides::default(), &ad)
+        .unwrap()
+        .model;
+    let train = synthetic(32);
+    let run_dir = tempfile::tempdir().unwrap();
+    let stage = Stage {
+        kind: StageKind::Finetune,
+        settings: StageConfig {
+            max_steps: Some(10),
+            batch_size: Some(4),
+            checkpoint_every: Some(2),
+            ..Default::default()
+        }
+        .resolve(StageKind::Finetune, "rte"),
+        dir: run_dir.path().join("finetune"),
+        train: &train,
+        seed: 0,
+        device: ad.clone(),
+        resume: false,
+    };
+    let mut log = MetricsLog::open(&run_dir.path().join("metrics.jsonl")).unwrap();
+    let mut calls = 0;
+    let err = stage
+        .fit(
+            teacher,
+            &mut log,
+            |m, b| {
+                calls += 1;
+                let logits = m.logits(&b.inputs.to_inputs(&ad));
+                let total = logits.sum().reshape([1]) * if calls == 5 { f64::NAN } else { 1e-3 };
+                Ok(LossTerms {
+                    total,
+                    parts: vec![],
+                })
+            },
+            |_| Ok((0.0, Default::default())),
+        )
+        .expect_err("a NaN loss must stop the run");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("step 5") && msg.contains("ckpt-00000004"),
+        "{msg}"
+    );
+}
+
+/// A recipe small enough to run in seconds: quickstart's data, a 1-layer hidden-32 teacher.
+fn tiny_recipe(dir: &Path) -> std::path::PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = dir.join("config.json");
+    let text = std::fs::read_to_string(repo.join("data/quickstart/config.json"))
+        .unwrap()
+        .replace("\"hidden_size\": 64", "\"hidden_size\": 32")
+        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1")
+        .replace("\"intermediate_size\": 256", "\"intermediate_size\": 64");
+    std::fs::write(&config, text).unwrap();
+    let recipe = dir.join("tiny.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"
+name = "tiny"
+output_dir = {out:?}
+stages = ["finetune", "stage1", "stage2"]
+[teacher]
+config = {config:?}
+tokenizer = {tok:?}
+[data]
+task = "sst2"
+spec = {data:?}
+max_len = 32
+train_limit = 256
+eval_limit = 128
+[finetune]
+max_steps = 20
+lr = 1e-3
+batch_size = 16
+checkpoint_every = 5
+[stage1]
+max_steps = 60
+lr = 5e-4
+batch_size = 16
+checkpoint_every = 3
+[stage2]
+max_steps = 20
+lr = 2e-4
+batch_size = 16
+eval_every = 5
+checkpoint_every = 3
+"#,
+            out = dir.join("runs").display().to_string(),
+            config = config.display().to_string(),
+            tok = repo.join("data/quickstart").display().to_string(),
+            data = repo.join("data/quickstart").display().to_string(),
+        ),
+    )
+    .unwrap();
+    recipe
+}
+
+fn summary(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("runs/tiny/summary.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn resume_after_kill_reaches_the_same_result() {
+    let bin = env!("CARGO_BIN_EXE_mpcformer");
+    let a = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(a.path());
+    let out = Command::new(bin)
+        .args(["run"])
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uninterrupted = summary(a.path());
+
+    let b = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(b.path());
+    let mut child = Command::new(bin)
+        .args(["run"])
+        .arg(&recipe)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let latest = b.path().join("runs/tiny/stage1/latest");
+    let t0 = Instant::now();
+    while !latest.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no stage-1 checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !b.path().join("runs/tiny/summary.json").exists(),
+        "killed too late: the run had finished"
+    );
+    // Without --resume the run refuses to overwrite.
+    let out = Command::new(bin)
+        .args(["run"])
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    let out = Command::new(bin)
+        .args(["run"])
+        .arg(&recipe)
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resumed = summary(b.path());
+    assert_eq!(
+        resumed["teacher"]["metrics"],
+        uninterrupted["teacher"]["metrics"]
+    );
+    assert_eq!(
+        resumed["student"]["metrics"],
+        uninterrupted["student"]["metrics"]
+    );
+    assert!(resumed["recipe_hash"].as_str().is_some());
+}
