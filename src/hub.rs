@@ -8,16 +8,6 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::LoadError;
 
-/// Files a model directory may hold; the weights are required, the rest when present.
-const MODEL_FILES: &[&str] = &[
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-];
 
 pub fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
@@ -25,11 +15,17 @@ pub fn offline() -> bool {
         .unwrap_or(false)
 }
 
-fn cache() -> Cache {
+/// The hub cache directory: `HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub` (as `huggingface_hub`).
+pub fn cache_dir() -> PathBuf {
     match std::env::var_os("HF_HUB_CACHE") {
-        Some(p) => Cache::new(PathBuf::from(p)),
-        None => Cache::from_env(),
+        Some(p) => PathBuf::from(p),
+        None => Cache::from_env().path().clone(),
     }
+}
+
+fn cache() -> Cache {
+    Cache::new(cache_dir())
 }
 
 /// Fetches one file of a repo: from the cache when present (no network call), else from the Hub
@@ -41,10 +37,9 @@ pub fn repo_file(repo: &Repo, file: &str) -> Result<Option<PathBuf>, String> {
     if offline() {
         return Ok(None);
     }
-    let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true);
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
-        builder = builder.with_cache_dir(PathBuf::from(p));
-    }
+    let builder = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .with_cache_dir(cache_dir());
     let api = builder.build().map_err(|e| e.to_string())?;
     match api.repo(repo.clone()).get(file) {
         Ok(p) => Ok(Some(p)),
@@ -92,7 +87,8 @@ pub fn model_dir(spec: &str) -> Result<PathBuf, LoadError> {
                 "the repository has no config.json".into()
             })
         })?;
-    for f in MODEL_FILES {
+    // Tokenizer files are optional: a repo has one of the formats.
+    for f in crate::model::save::TOKENIZER_FILES {
         repo_file(&repo, f).map_err(hub_err)?;
     }
     if repo_file(&repo, "model.safetensors")

@@ -23,14 +23,7 @@ pub struct HubSpec {
     pub revision: String,
 }
 
-/// The HF hub cache directory: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
-/// `~/.cache/huggingface/hub`.
-pub fn cache_dir() -> PathBuf {
-    match std::env::var_os("HF_HUB_CACHE") {
-        Some(p) => PathBuf::from(p),
-        None => hf_hub::Cache::from_env().path().clone(),
-    }
-}
+pub use crate::hub::cache_dir;
 
 impl HubSpec {
     /// Parses `org/name[/config][@revision]` (a leading `hub:` is allowed).
