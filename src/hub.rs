@@ -8,7 +8,6 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::LoadError;
 
-
 pub fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))

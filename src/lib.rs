@@ -10,6 +10,7 @@ pub mod device;
 pub mod distill;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod hub;
 pub mod io;
 pub mod loss;

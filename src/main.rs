@@ -10,6 +10,7 @@ use mpcformer::bench;
 use mpcformer::data::{Fields, Task};
 use mpcformer::device::Backend;
 use mpcformer::eval;
+use mpcformer::export;
 use mpcformer::io::{HostTensor, batch_from_safetensors, save_safetensors};
 use mpcformer::model::{self, Act, Approx, Attn, Capture, Overrides};
 use mpcformer::tokenize::{Encoded, HostBatch, TextTokenizer};
@@ -72,6 +73,22 @@ enum Command {
     #[command(after_help = "Example:
   mpcformer distill --model checkpoints/rte-teacher/teacher --task rte --data ../shared/data/glue --act quad --attn 2quad")]
     Distill(StageArgs),
+    /// Write an MPC-ready export: HF-named weights, config.json with the approximations' exact
+    /// formulas, tokenizer, and mpc_manifest.json (task, provenance, fixed-point encoding, value
+    /// ranges on dev data, sha256 of every file).
+    #[command(after_help = "Examples:
+  mpcformer export --run checkpoints/quickstart --out exports/quickstart
+  mpcformer export --run checkpoints/quickstart --out exports/quickstart-f16 --dtype f16
+  mpcformer export --model checkpoints/rte-distill/student --task rte --data ../shared/data/glue \\
+      --out exports/rte --fixed-point-bits 20
+  mpcformer export --model my-model --act quad --attn 2quad --layer 0:gelu:softmax \\
+      --tokenizer my-vocab --out exports/mine --no-data")]
+    Export(ExportArgs),
+    /// Validate an export: sha256 of every file, tensor names and shapes against config.json,
+    /// config and manifest consistency, tokenizer.
+    #[command(after_help = "Example:
+  mpcformer load-check exports/quickstart")]
+    LoadCheck(LoadCheckArgs),
 }
 
 /// Approximation flags, the same wherever a model is loaded.
@@ -159,6 +176,8 @@ fn main() -> Result<()> {
         }
         Command::Finetune(a) => stage_command(a, "finetune"),
         Command::Distill(a) => stage_command(a, "distill"),
+        Command::Export(a) => export(a),
+        Command::LoadCheck(a) => load_check(a),
         Command::Bench(a) => {
             let device = a.device.device()?;
             let r = bench::run(a.case, a.shape, a.batch, a.seq, a.warmup, a.steps, &device)?;
@@ -485,4 +504,140 @@ fn print_summary(s: &run::Summary) {
     for (k, v) in &s.stage_wall_s {
         println!("  {k}: {v:.0} s");
     }
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["run", "model"]))]
+struct ExportArgs {
+    /// A finished run directory (`checkpoints/<name>`): exports its student with the run's task,
+    /// recipe, teacher and metrics.
+    #[arg(long)]
+    run: Option<PathBuf>,
+    /// A model directory or Hub id.
+    #[arg(long)]
+    model: Option<String>,
+    /// The export directory (replaced if it holds an earlier export).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    approx: ApproxArgs,
+    /// Weight dtype of model.safetensors.
+    #[arg(long, value_enum, default_value_t = export::Dtype::F32)]
+    dtype: export::Dtype,
+    /// Fractional bits of the fixed-point encoding (64-bit ring) the manifest prescribes.
+    #[arg(long, default_value_t = 16)]
+    fixed_point_bits: u32,
+    /// Task: labels, maximum length, and dev data for value ranges (default: the run's).
+    #[arg(long)]
+    task: Option<String>,
+    /// Data spec for the dev pass (default: the run's recipe data; for --model --task, the
+    /// task's Hub dataset).
+    #[arg(long)]
+    data: Option<String>,
+    /// Split of the dev pass (default: the run's eval split, else dev).
+    #[arg(long)]
+    split: Option<String>,
+    /// Use at most this many examples for the dev pass.
+    #[arg(long)]
+    range_limit: Option<usize>,
+    /// Export without a dev pass (no value ranges, no recomputed metrics).
+    #[arg(long)]
+    no_data: bool,
+    /// Tokenizer directory or Hub id when the model directory has none.
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// The teacher a --model came from, recorded in the manifest.
+    #[arg(long)]
+    teacher: Option<String>,
+    /// Maximum tokens per example (default: the recipe's or the task's, capped by the model).
+    #[arg(long)]
+    max_len: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    device: Backend,
+}
+
+#[derive(Args)]
+struct LoadCheckArgs {
+    /// The export directory.
+    dir: PathBuf,
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    let source = match (a.run, a.model) {
+        (Some(r), None) => export::Source::Run(r),
+        (None, Some(m)) => export::Source::Model(m),
+        _ => bail!("give exactly one of --run and --model"),
+    };
+    let opts = export::ExportOptions {
+        overrides: a.approx.overrides(),
+        dtype: a.dtype,
+        fractional_bits: a.fixed_point_bits,
+        task: a.task,
+        data: a.data,
+        split: a.split,
+        range_limit: a.range_limit,
+        no_data: a.no_data,
+        tokenizer: a.tokenizer,
+        teacher: a.teacher,
+        max_len: a.max_len,
+        batch_size: a.batch_size,
+        device: a.device.device()?,
+        ..export::ExportOptions::new(source, a.out)
+    };
+    let r = export::export(&opts)?;
+    for n in &r.notes {
+        eprintln!("note: {n}");
+    }
+    let m = &r.manifest;
+    println!(
+        "exported {} ({}, {}, {:?}) to {}",
+        m.approximations["label"].as_str().unwrap_or_default(),
+        m.architecture,
+        m.task.as_deref().unwrap_or("no task"),
+        m.dtype,
+        r.dir.display()
+    );
+    if let Some(d) = &m.dev_metrics
+        && let Some(metrics) = d["metrics"].as_object()
+    {
+        let parts: Vec<String> = metrics
+            .iter()
+            .map(|(k, v)| format!("{k} {:.2}", v.as_f64().unwrap_or(f64::NAN) * 100.0))
+            .collect();
+        println!(
+            "  dev ({} examples): {}",
+            d["examples"].as_u64().unwrap_or(0),
+            parts.join("  ")
+        );
+    }
+    if let Some(v) = &m.value_ranges {
+        let s = &v["summary"];
+        println!(
+            "  value ranges: max square input {:.3}, min headroom {:.1} bits at {} fractional bits{}",
+            s["max_square_input"].as_f64().unwrap_or(f64::NAN),
+            s["min_headroom_bits"].as_f64().unwrap_or(f64::NAN),
+            m.fixed_point.fractional_bits,
+            if s["fits"].as_bool() == Some(true) {
+                ""
+            } else {
+                " — DOES NOT FIT"
+            }
+        );
+    }
+    println!("  {} files, sha256 in {}", m.files.len(), export::MANIFEST);
+    Ok(())
+}
+
+fn load_check(a: LoadCheckArgs) -> Result<()> {
+    let r = export::load_check(&a.dir)?;
+    for p in &r.passed {
+        println!("ok  {p}");
+    }
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("{}: OK", a.dir.display());
+    Ok(())
 }

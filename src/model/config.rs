@@ -9,7 +9,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::approx::{Act, Approx, Attn, LayerOverride, TWO_QUAD_C};
+use super::approx::{
+    Act, Approx, Attn, LayerApprox, LayerOverride, MASK_NEG, QUAD_A, QUAD_B, QUAD_C, TWO_QUAD_C,
+    TWO_RELU_EPS,
+};
 use crate::error::LoadError;
 
 /// Which family of checkpoint: decides position ids, the head and the weight-name prefix.
@@ -87,14 +90,51 @@ struct HfConfig {
     mpc: Option<MpcBlock>,
 }
 
-/// The `mpc` object our export writes; read back so per-layer choices survive a round trip.
+/// The `mpc` object [`ModelConfig::to_hf_json`] writes (see [`ModelConfig::mpc_json`]); read
+/// back so per-layer choices survive a round trip, and checked so that a file whose constants
+/// differ from the ones this build computes with is refused instead of silently run differently.
 #[derive(Deserialize)]
 struct MpcBlock {
     #[serde(default)]
     two_quad_c: Option<f64>,
     #[serde(default)]
     layers: BTreeMap<String, LayerOverride>,
+    /// Every layer's resolved choice (written when they differ); checked against `layers`.
+    #[serde(default)]
+    per_layer: Option<Vec<PerLayer>>,
+    #[serde(default)]
+    quad: Option<QuadBlock>,
+    #[serde(default, rename = "2quad")]
+    two_quad: Option<TwoQuadBlock>,
+    #[serde(default, rename = "2relu")]
+    two_relu: Option<TwoReluBlock>,
 }
+
+#[derive(Deserialize)]
+struct PerLayer {
+    hidden_act: String,
+    softmax_act: String,
+}
+
+#[derive(Deserialize)]
+struct QuadBlock {
+    a: f64,
+    b: f64,
+    c: f64,
+}
+
+#[derive(Deserialize)]
+struct TwoQuadBlock {
+    c: f64,
+}
+
+#[derive(Deserialize)]
+struct TwoReluBlock {
+    eps: f64,
+}
+
+/// Version of the `mpc` object's layout.
+pub const MPC_BLOCK_VERSION: u32 = 1;
 
 fn default_max_pos() -> usize {
     512
@@ -182,11 +222,69 @@ impl ModelConfig {
         let mut approx = Approx::new(act, attn);
         if let Some(mpc) = hf.mpc {
             approx.c = mpc.two_quad_c.unwrap_or(TWO_QUAD_C);
+            if let Some(q) = &mpc.two_quad {
+                if mpc.two_quad_c.is_some_and(|c| c != q.c) {
+                    return Err(format!(
+                        "mpc.two_quad_c {} and mpc.2quad.c {} differ",
+                        approx.c, q.c
+                    ));
+                }
+                approx.c = q.c;
+            }
+            if let Some(q) = &mpc.quad
+                && (q.a, q.b, q.c) != (QUAD_A, QUAD_B, QUAD_C)
+            {
+                return Err(format!(
+                    "mpc.quad coefficients (a, b, c) = ({}, {}, {}) differ from the ones this \
+                     implementation computes ({QUAD_A}, {QUAD_B}, {QUAD_C})",
+                    q.a, q.b, q.c
+                ));
+            }
+            if let Some(r) = &mpc.two_relu
+                && r.eps != TWO_RELU_EPS
+            {
+                return Err(format!(
+                    "mpc.2relu.eps {} differs from the one this implementation computes \
+                     ({TWO_RELU_EPS})",
+                    r.eps
+                ));
+            }
             for (k, v) in mpc.layers {
                 let i = k
                     .parse::<usize>()
                     .map_err(|_| format!("mpc.layers key `{k}` is not a layer index"))?;
+                if i >= hf.num_hidden_layers {
+                    return Err(format!(
+                        "mpc.layers names layer {i}, but the model has {} layers",
+                        hf.num_hidden_layers
+                    ));
+                }
                 approx.layers.insert(i, v);
+            }
+            if let Some(per_layer) = &mpc.per_layer {
+                if per_layer.len() != hf.num_hidden_layers {
+                    return Err(format!(
+                        "mpc.per_layer lists {} layers, but num_hidden_layers is {}",
+                        per_layer.len(),
+                        hf.num_hidden_layers
+                    ));
+                }
+                for (i, p) in per_layer.iter().enumerate() {
+                    let want = LayerApprox {
+                        act: p.hidden_act.parse()?,
+                        attn: p.softmax_act.parse()?,
+                    };
+                    if approx.layer(i) != want {
+                        return Err(format!(
+                            "mpc.per_layer[{i}] says {}+{}, but hidden_act/softmax_act and \
+                             mpc.layers give {}+{}",
+                            want.act,
+                            want.attn,
+                            approx.layer(i).act,
+                            approx.layer(i).attn
+                        ));
+                    }
+                }
             }
         }
         let default_pad = match arch {
@@ -283,6 +381,133 @@ impl ModelConfig {
             v["bos_token_id"] = 0.into();
             v["eos_token_id"] = 2.into();
         }
+        v["mpc"] = self.mpc_json();
+        v
+    }
+
+    /// The `mpc` object of `config.json`: everything an MPC runtime needs to compute this model
+    /// beyond what a BERT/RoBERTa config says — the exact formula and constants of each
+    /// approximation the model uses (from [`super::approx`], the code that computes them),
+    /// every layer's choice when they differ, how the attention mask is applied, and LayerNorm.
+    /// Readers: [`ModelConfig::from_json_str`] (reads `two_quad_c` and `layers` back, checks the
+    /// constants) and export's `load-check`.
+    pub fn mpc_json(&self) -> Value {
+        let n = self.num_hidden_layers;
+        let per_layer: Vec<LayerApprox> = (0..n).map(|i| self.approx.layer(i)).collect();
+        let uses_act = |a: Act| per_layer.iter().any(|l| l.act == a);
+        let uses_attn = |a: Attn| per_layer.iter().any(|l| l.attn == a);
+        // Only overrides that change something, keyed as `Approx::layers` is.
+        let overrides: BTreeMap<String, LayerOverride> = self
+            .approx
+            .layers
+            .iter()
+            .filter(|(i, _)| **i < n)
+            .filter_map(|(i, o)| {
+                let o = LayerOverride {
+                    act: o.act.filter(|a| *a != self.approx.act),
+                    attn: o.attn.filter(|a| *a != self.approx.attn),
+                };
+                (o != LayerOverride::default()).then(|| (i.to_string(), o))
+            })
+            .collect();
+        let c = self.approx.c;
+        let mut v = serde_json::json!({
+            "version": MPC_BLOCK_VERSION,
+            "hidden_act": self.approx.act.hf_name(),
+            "softmax_act": self.approx.attn.hf_name(),
+            "two_quad_c": c,
+            "layers": overrides,
+            "attention_scores": "s = q·kᵀ/√head_dim per head, q = x·W_qᵀ + b_q, k = x·W_kᵀ + b_k \
+                (weights [out, in] as stored); no additive mask is added to s",
+            "layer_norm": {
+                "formula": "y = (x − mean(x)) / sqrt(var(x) + eps) · weight + bias, over the \
+                    hidden dimension, var biased (mean of squares of x − mean)",
+                "eps": self.layer_norm_eps,
+                "ops": "a square (x − mean)², a mean, an inverse square root of var + eps",
+            },
+            "head": match self.arch {
+                Arch::Bert => "logits = classifier(tanh(pooler.dense(h[:, 0]))): exact tanh",
+                Arch::Roberta => "logits = classifier.out_proj(tanh(classifier.dense(h[:, 0]))): exact tanh",
+            },
+        });
+        if per_layer.iter().any(|l| *l != per_layer[0]) {
+            v["per_layer"] = per_layer
+                .iter()
+                .map(|l| {
+                    serde_json::json!({"hidden_act": l.act.hf_name(), "softmax_act": l.attn.hf_name()})
+                })
+                .collect();
+        }
+        if uses_act(Act::Quad) {
+            v["quad"] = serde_json::json!({
+                "formula": format!("{QUAD_A}·x² + {QUAD_B}·x + {QUAD_C}"),
+                "a": QUAD_A, "b": QUAD_B, "c": QUAD_C,
+                "where": "FFN activation (intermediate.dense output) of the layers that use it; \
+                    the pooler/classifier tanh is not replaced",
+            });
+        }
+        if uses_act(Act::Gelu) {
+            v["gelu"] = serde_json::json!({
+                "formula": "x·Φ(x) = 0.5·x·(1 + erf(x/√2)) (exact erf form)",
+            });
+        }
+        if uses_act(Act::GeluTanh) {
+            v["gelu_new"] = serde_json::json!({
+                "formula": "0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))",
+            });
+        }
+        if uses_act(Act::Relu) {
+            v["relu"] = serde_json::json!({"formula": "max(x, 0)"});
+        }
+        let mut mask = serde_json::Map::new();
+        mask.insert(
+            "m".into(),
+            "m_j = attention_mask[j]: 1 for a real key token, 0 for padding (public); padded \
+             query rows are computed like the others"
+                .into(),
+        );
+        if uses_attn(Attn::TwoQuad) {
+            v["2quad"] = serde_json::json!({
+                "formula": format!("p_ij = (s_ij + {c})²·m_j / Σ_k (s_ik + {c})²·m_k"),
+                "c": c,
+                "eps": 0.0,
+                "ops": "a square per score, a row sum, a reciprocal per row",
+            });
+            mask.insert(
+                "2quad".into(),
+                "multiplicative: (s + c)² is multiplied by the 0/1 key mask m after squaring, so \
+                 masked keys get exactly 0; the additive −10000 mask is NOT applied (MPCFormer's \
+                 code adds it and multiplies by m as well: the same result in exact arithmetic, \
+                 but (s − 10000 + c)² overflows fixed point)"
+                    .into(),
+            );
+        }
+        if uses_attn(Attn::TwoRelu) {
+            v["2relu"] = serde_json::json!({
+                "formula": "p_ij = (relu(s_ij)·m_j + eps/L) / (Σ_k relu(s_ik)·m_k + eps), \
+                    L = key length including padding",
+                "eps": TWO_RELU_EPS,
+                "ops": "a comparison per score, a row sum, a reciprocal per row",
+            });
+            mask.insert(
+                "2relu".into(),
+                "multiplicative: relu(s) is multiplied by the 0/1 key mask m; masked keys keep \
+                 the eps/L share, as in MPCFormer"
+                    .into(),
+            );
+        }
+        if uses_attn(Attn::Softmax) {
+            v["softmax"] = serde_json::json!({
+                "formula": format!("p_ij = exp(s_ij + (1 − m_j)·({MASK_NEG})) / Σ_k exp(s_ik + (1 − m_k)·({MASK_NEG}))"),
+                "mask_value": MASK_NEG,
+            });
+            mask.insert(
+                "softmax".into(),
+                format!("additive: (1 − m_j)·({MASK_NEG}) is added to the scores before softmax, as BERT")
+                    .into(),
+            );
+        }
+        v["mask"] = Value::Object(mask);
         v
     }
 }
@@ -323,6 +548,53 @@ mod tests {
         v["mpc"] = serde_json::json!({"two_quad_c": 5.0, "layers": {"1": {"act": "gelu"}}});
         let back = ModelConfig::from_json_str(&v.to_string()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn mpc_object_carries_the_constants_and_per_layer_choices() {
+        let mut c = ModelConfig::from_json_str(TINY).unwrap();
+        c.approx = Approx::new(Act::Quad, Attn::TwoQuad);
+        c.approx.layers.insert(
+            1,
+            LayerOverride {
+                act: Some(Act::Gelu),
+                attn: Some(Attn::TwoQuad),
+            },
+        );
+        let v = c.to_hf_json();
+        let mpc = &v["mpc"];
+        assert_eq!(mpc["quad"]["a"].as_f64(), Some(QUAD_A));
+        assert_eq!(mpc["quad"]["b"].as_f64(), Some(QUAD_B));
+        assert_eq!(mpc["quad"]["c"].as_f64(), Some(QUAD_C));
+        assert_eq!(mpc["2quad"]["c"].as_f64(), Some(TWO_QUAD_C));
+        assert_eq!(
+            mpc["gelu"]["formula"].as_str().map(|s| s.contains("erf")),
+            Some(true)
+        );
+        assert!(mpc["2relu"].is_null() && mpc["softmax"].is_null());
+        // Only what differs from the model-wide choice is an override.
+        assert_eq!(mpc["layers"], serde_json::json!({"1": {"act": "gelu"}}));
+        assert_eq!(mpc["per_layer"][1]["hidden_act"], "gelu");
+        assert_eq!(mpc["per_layer"][0]["hidden_act"], "quad");
+        let back = ModelConfig::from_json_str(&v.to_string()).unwrap();
+        assert_eq!(back.approx.layer(1), c.approx.layer(1));
+        assert_eq!(back.approx.layer(0), c.approx.layer(0));
+        // One layer's choice everywhere: no per_layer list.
+        c.approx.layers.clear();
+        assert!(c.to_hf_json()["mpc"]["per_layer"].is_null());
+
+        // Constants this build does not compute with, or an inconsistent list, are refused.
+        let mut bad = v.clone();
+        bad["mpc"]["quad"]["b"] = 0.5.into();
+        let e = ModelConfig::from_json_str(&bad.to_string()).unwrap_err();
+        assert!(e.contains("mpc.quad"), "{e}");
+        let mut bad = v.clone();
+        bad["mpc"]["per_layer"][0]["softmax_act"] = "softmax".into();
+        let e = ModelConfig::from_json_str(&bad.to_string()).unwrap_err();
+        assert!(e.contains("per_layer[0]"), "{e}");
+        let mut bad = v;
+        bad["mpc"]["layers"] = serde_json::json!({"7": {"act": "gelu"}});
+        assert!(ModelConfig::from_json_str(&bad.to_string()).is_err());
     }
 
     #[test]
