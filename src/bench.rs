@@ -34,6 +34,7 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// The shape's config, with HF's default dropout (0.1).
     pub fn config(self, approx: Approx) -> ModelConfig {
         let (d, l, ffn) = match self {
             Shape::Minilm => (384, 6, 1536),
@@ -142,8 +143,15 @@ pub fn run(
     seq: usize,
     warmup: usize,
     steps: usize,
+    dropout: f64,
     device: &Device,
 ) -> Result<BenchResult> {
+    let config = |approx: Approx| {
+        let mut c = shape.config(approx);
+        c.hidden_dropout_prob = dropout;
+        c.attention_probs_dropout_prob = dropout;
+        c
+    };
     device.seed(0);
     let mut step_s = Vec::with_capacity(steps);
     let mut time = |i: usize, f: &mut dyn FnMut() -> f32| {
@@ -160,7 +168,7 @@ pub fn run(
     };
     match case {
         Case::Infer => {
-            let model = shape.config(Approx::exact()).init(device);
+            let model = config(Approx::exact()).init(device);
             let (inputs, _) = synthetic_batch(batch, seq, 30522, device);
             for i in 0..warmup + steps {
                 time(i, &mut || {
@@ -171,7 +179,7 @@ pub fn run(
         }
         Case::Train => {
             let ad = device.clone().autodiff();
-            let mut model = shape.config(Approx::exact()).init(&ad);
+            let mut model = config(Approx::exact()).init(&ad);
             let mut optim = AdamWConfig::new().init();
             let (inputs, labels) = synthetic_batch(batch, seq, 30522, &ad);
             for i in 0..warmup + steps {
@@ -186,11 +194,9 @@ pub fn run(
             }
         }
         Case::Distill => {
-            let teacher = shape.config(Approx::exact()).without_dropout().init(device);
+            let teacher = config(Approx::exact()).without_dropout().init(device);
             let ad = device.clone().autodiff();
-            let mut student = shape
-                .config(Approx::new(Act::Quad, Attn::TwoQuad))
-                .init(&ad);
+            let mut student = config(Approx::new(Act::Quad, Attn::TwoQuad)).init(&ad);
             let mut optim = AdamWConfig::new().init();
             let (inputs, _) = synthetic_batch(batch, seq, 30522, device);
             let (inputs_ad, _) = synthetic_batch(batch, seq, 30522, &ad);

@@ -157,6 +157,9 @@ struct BenchArgs {
     steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Dropout probability of the trained model (HF's default 0.1; bench_torch.py trains with it).
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f64,
     /// Write the result as JSON here.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -180,7 +183,9 @@ fn main() -> Result<()> {
         Command::LoadCheck(a) => load_check(a),
         Command::Bench(a) => {
             let device = a.device.device()?;
-            let r = bench::run(a.case, a.shape, a.batch, a.seq, a.warmup, a.steps, &device)?;
+            let r = bench::run(
+                a.case, a.shape, a.batch, a.seq, a.warmup, a.steps, a.dropout, &device,
+            )?;
             let json = serde_json::to_string_pretty(&r)?;
             println!("{json}");
             if let Some(out) = a.output {
