@@ -1,7 +1,9 @@
 //! MPC-ready export: a directory that Hugging Face `transformers`, MPCFormer's patched BERT and an
 //! MPC runtime can load unchanged, and `load-check`, which validates one.
 //!
-//! An export holds `model.safetensors` (HF names, HF layout, f32 or f16), `config.json` (HF keys,
+//! An export holds `model.safetensors` (HF names, HF layout, f32 or f16), the same tensors as
+//! `pytorch_model.bin` (PyTorch's zip serialization of a state dict, [`torch_bin`], which is all
+//! MPCFormer's own loaders read; `--no-pytorch-bin` leaves it out), `config.json` (HF keys,
 //! MPCFormer's `hidden_act`/`softmax_act`, and the `mpc` object of
 //! [`ModelConfig::mpc_json`]), the tokenizer (`tokenizer.json` plus the vocabulary files, and
 //! `tokenizer_config.json`), for a run also its `recipe.toml`, and `mpc_manifest.json`
@@ -11,10 +13,13 @@
 //!
 //! The directory is written to a temporary sibling and renamed into place; before that, the
 //! staged files are loaded back exactly as `mpcformer eval --model <export>` loads them and
-//! checked against the source model (bit-identical logits for f32), and the dev-data pass that
+//! checked against the source model (bit-identical logits for f32), `pytorch_model.bin` is read
+//! back and compared with `model.safetensors` tensor for tensor, and the dev-data pass that
 //! estimates the ranges runs on the loaded copy, so the manifest describes the files on disk.
 
-use std::collections::{BTreeMap, HashMap};
+pub mod torch_bin;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -97,6 +102,8 @@ pub struct ExportOptions {
     /// Approximation flags (`--act`, `--attn`, `--layer`); only with [`Source::Model`].
     pub overrides: Overrides,
     pub dtype: Dtype,
+    /// Also write `pytorch_model.bin` (the same tensors), for loaders that read only that.
+    pub pytorch_bin: bool,
     /// Fractional bits of the fixed-point encoding a runtime should use (CrypTen: 16).
     pub fractional_bits: u32,
     /// Task (labels, maximum length, data); a run's own task when `None`.
@@ -127,6 +134,7 @@ impl ExportOptions {
             out: out.into(),
             overrides: Overrides::default(),
             dtype: Dtype::F32,
+            pytorch_bin: true,
             fractional_bits: 16,
             task: None,
             data: None,
@@ -534,7 +542,14 @@ impl safetensors::View for &RawTensor {
     }
 }
 
-fn write_weights(model: &SequenceClassifier, dtype: Dtype, path: &Path) -> Result<()> {
+/// `model.safetensors` and, with `pytorch_bin`, `pytorch_model.bin` (the same tensors in the same
+/// order and dtype) in `dir`.
+fn write_weights(
+    model: &SequenceClassifier,
+    dtype: Dtype,
+    dir: &Path,
+    pytorch_bin: bool,
+) -> Result<()> {
     let tensors: BTreeMap<String, RawTensor> = model
         .hf_tensors()
         .into_iter()
@@ -559,9 +574,89 @@ fn write_weights(model: &SequenceClassifier, dtype: Dtype, path: &Path) -> Resul
         .collect();
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
+    let path = dir.join("model.safetensors");
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))
         .with_context(|| format!("serialising {}", path.display()))?;
-    write_atomic(path, &bytes)
+    write_atomic(&path, &bytes)?;
+    if pytorch_bin {
+        let storage = match dtype {
+            Dtype::F32 => torch_bin::Storage::Float,
+            Dtype::F16 => torch_bin::Storage::Half,
+        };
+        let state: Vec<torch_bin::Tensor> = tensors
+            .iter()
+            .map(|(name, t)| torch_bin::Tensor {
+                name: name.clone(),
+                storage,
+                shape: t.shape.clone(),
+                data: &t.bytes,
+            })
+            .collect();
+        let path = dir.join(torch_bin::FILE);
+        let bytes =
+            torch_bin::write(&state).with_context(|| format!("serialising {}", path.display()))?;
+        write_atomic(&path, &bytes)?;
+    }
+    Ok(())
+}
+
+/// Reads `dir`'s `pytorch_model.bin` back and compares it with its `model.safetensors`: the same
+/// tensor names, dtypes, shapes and bytes. Returns the number of tensors.
+pub fn check_torch_bin(dir: &Path) -> Result<usize> {
+    let bin_path = dir.join(torch_bin::FILE);
+    let st_path = dir.join("model.safetensors");
+    let bin = std::fs::read(&bin_path).with_context(|| format!("reading {}", bin_path.display()))?;
+    let sd = torch_bin::read(&bin).with_context(|| {
+        format!(
+            "{}: not a PyTorch state dict of f32/f16 tensors",
+            bin_path.display()
+        )
+    })?;
+    let st_bytes =
+        std::fs::read(&st_path).with_context(|| format!("reading {}", st_path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&st_bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", st_path.display()))?;
+    let mut diffs = Vec::new();
+    let mut seen = BTreeSet::new();
+    for t in &sd.tensors {
+        if !seen.insert(t.name.as_str()) {
+            diffs.push(format!("{} twice", t.name));
+            continue;
+        }
+        let Ok(v) = st.tensor(&t.name) else {
+            diffs.push(format!("{} is not in model.safetensors", t.name));
+            continue;
+        };
+        if v.dtype() != t.storage.safetensors() || v.shape() != t.shape.as_slice() {
+            diffs.push(format!(
+                "{}: {} {:?}, model.safetensors {:?} {:?}",
+                t.name,
+                t.storage.class(),
+                t.shape,
+                v.dtype(),
+                v.shape()
+            ));
+        } else if v.data() != t.data {
+            diffs.push(format!("{}: different values", t.name));
+        }
+    }
+    let mut missing: Vec<&str> = st
+        .names()
+        .into_iter()
+        .filter(|n| !seen.contains(n))
+        .collect();
+    missing.sort();
+    if !missing.is_empty() {
+        diffs.push(format!("missing {}", missing.join(", ")));
+    }
+    if !diffs.is_empty() {
+        bail!(
+            "{}: differs from model.safetensors: {}",
+            bin_path.display(),
+            diffs.join("; ")
+        );
+    }
+    Ok(sd.tensors.len())
 }
 
 /// sha256 of a file, lowercase hex.
@@ -997,7 +1092,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         &stage.join("config.json"),
         serde_json::to_string_pretty(&write_cfg.to_hf_json())?.as_bytes(),
     )?;
-    write_weights(&source_model, opts.dtype, &stage.join("model.safetensors"))?;
+    write_weights(&source_model, opts.dtype, stage, opts.pytorch_bin)?;
     write_tokenizer(&tok_dir, &write_cfg, max_len, stage)?;
     if let Some(r) = &run {
         write_atomic(&stage.join("recipe.toml"), r.recipe_text.as_bytes())?;
@@ -1020,6 +1115,9 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         );
     }
     let exported = exported.model;
+    if opts.pytorch_bin {
+        check_torch_bin(stage).context("internal error: the staged pytorch_model.bin")?;
+    }
     let resolved = |c: &ModelConfig| {
         let layers: Vec<LayerApprox> = (0..c.num_hidden_layers)
             .map(|i| c.approx.layer(i))
@@ -1382,9 +1480,10 @@ pub struct CheckReport {
 /// Validates an export directory: the manifest's format and version, every listed file's
 /// sha256, config.json (parses, `mpc` object consistent with `hidden_act`/`softmax_act` and this
 /// build's constants, labels as the manifest's), model.safetensors (every tensor the config
-/// needs, with its shape, in the manifest's dtype, nothing else), the tokenizer (loads, fits the
-/// vocabulary, the same padding id), and the manifest's own fields. Every problem found is
-/// listed in the error, each naming its file.
+/// needs, with its shape, in the manifest's dtype, nothing else), pytorch_model.bin when present
+/// (the same tensors as model.safetensors: names, dtypes, shapes, bytes), the tokenizer (loads,
+/// fits the vocabulary, the same padding id), and the manifest's own fields. Every problem found
+/// is listed in the error, each naming its file.
 pub fn load_check(dir: &Path) -> Result<CheckReport> {
     let d = |f: &str| dir.join(f).display().to_string();
     let mpath = dir.join(MANIFEST);
@@ -1641,6 +1740,17 @@ pub fn load_check(dir: &Path) -> Result<CheckReport> {
                     }
                 }
             }
+        }
+    }
+
+    // pytorch_model.bin against model.safetensors (absent with `--no-pytorch-bin`).
+    if dir.join(torch_bin::FILE).is_file() {
+        match check_torch_bin(dir) {
+            Ok(n) => passed.push(format!(
+                "{}: {n} tensors, names, dtypes, shapes and values as model.safetensors",
+                torch_bin::FILE
+            )),
+            Err(e) => problems.push(format!("{e:#}")),
         }
     }
 

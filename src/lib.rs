@@ -16,6 +16,8 @@ pub mod io;
 pub mod loss;
 pub mod metric;
 pub mod model;
+pub mod mpc;
+pub mod report;
 pub mod tokenize;
 pub mod train;
 

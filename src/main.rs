@@ -73,9 +73,16 @@ enum Command {
     #[command(after_help = "Example:
   mpcformer distill --model checkpoints/rte-teacher/teacher --task rte --data ../shared/data/glue --act quad --attn 2quad")]
     Distill(StageArgs),
-    /// Write an MPC-ready export: HF-named weights, config.json with the approximations' exact
-    /// formulas, tokenizer, and mpc_manifest.json (task, provenance, fixed-point encoding, value
-    /// ranges on dev data, sha256 of every file).
+    /// Markdown tables (per task, mean ± std over seeds, retention) and SVG plots from run
+    /// directories.
+    #[command(after_help = "Examples:
+  mpcformer report checkpoints/minilm-rte-quad+2quad-s42 checkpoints/minilm-rte-quad+2quad-s1
+  mpcformer report results/ --output RESULTS-tables.md --plots results/plots
+  mpcformer report checkpoints/ --save-runs results/    # keep the metrics (no weights) in the repo")]
+    Report(ReportArgs),
+    /// Write an MPC-ready export: HF-named weights (model.safetensors and pytorch_model.bin),
+    /// config.json with the approximations' exact formulas, tokenizer, and mpc_manifest.json
+    /// (task, provenance, fixed-point encoding, value ranges on dev data, sha256 of every file).
     #[command(after_help = "Examples:
   mpcformer export --run checkpoints/quickstart --out exports/quickstart
   mpcformer export --run checkpoints/quickstart --out exports/quickstart-f16 --dtype f16
@@ -179,6 +186,23 @@ fn main() -> Result<()> {
         }
         Command::Finetune(a) => stage_command(a, "finetune"),
         Command::Distill(a) => stage_command(a, "distill"),
+        Command::Report(a) => {
+            let runs = mpcformer::report::find_runs(&a.runs)?;
+            if let Some(dest) = &a.save_runs {
+                mpcformer::report::save_runs(&runs, dest)?;
+                eprintln!("copied the metrics of {} runs to {}", runs.len(), dest.display());
+            }
+            let md = mpcformer::report::markdown(&runs);
+            match &a.output {
+                Some(p) => mpcformer::io::write_atomic(p, md.as_bytes())?,
+                None => print!("{md}"),
+            }
+            if let Some(dir) = &a.plots {
+                let files = mpcformer::report::plots(&runs, dir)?;
+                eprintln!("wrote {} plots to {}", files.len(), dir.display());
+            }
+            Ok(())
+        }
         Command::Export(a) => export(a),
         Command::LoadCheck(a) => load_check(a),
         Command::Bench(a) => {
@@ -529,6 +553,10 @@ struct ExportArgs {
     /// Weight dtype of model.safetensors.
     #[arg(long, value_enum, default_value_t = export::Dtype::F32)]
     dtype: export::Dtype,
+    /// Do not write pytorch_model.bin (the same tensors as model.safetensors, for MPCFormer's
+    /// own loaders, which read only that).
+    #[arg(long)]
+    no_pytorch_bin: bool,
     /// Fractional bits of the fixed-point encoding (64-bit ring) the manifest prescribes.
     #[arg(long, default_value_t = 16)]
     fixed_point_bits: u32,
@@ -578,6 +606,7 @@ fn export(a: ExportArgs) -> Result<()> {
     let opts = export::ExportOptions {
         overrides: a.approx.overrides(),
         dtype: a.dtype,
+        pytorch_bin: !a.no_pytorch_bin,
         fractional_bits: a.fixed_point_bits,
         task: a.task,
         data: a.data,
@@ -645,4 +674,20 @@ fn load_check(a: LoadCheckArgs) -> Result<()> {
     }
     println!("{}: OK", a.dir.display());
     Ok(())
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// Run directories, or folders holding them (e.g. `checkpoints/`, `results/`).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Write the Markdown here instead of stdout.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Write SVG plots (loss curves, dev metric over steps, teacher vs student) to this folder.
+    #[arg(long)]
+    plots: Option<PathBuf>,
+    /// Copy each run's summary.json, recipe.toml and metrics.jsonl (no weights) under this folder.
+    #[arg(long)]
+    save_runs: Option<PathBuf>,
 }

@@ -1,6 +1,7 @@
 //! `mpcformer export` and `load-check`: round trips bit-identical to the source for BERT and
 //! RoBERTa in every approximation variant (through `load_pretrained` and through `eval`), run
-//! exports with their provenance, f16, value ranges against the fixtures, and tampering.
+//! exports with their provenance, f16, value ranges against the fixtures, `pytorch_model.bin`
+//! against `model.safetensors`, and tampering.
 
 mod common;
 mod datagen;
@@ -280,6 +281,7 @@ fn round_trip_is_bit_identical_for_bert_and_roberta_in_every_variant() {
             for f in [
                 "config.json",
                 "model.safetensors",
+                "pytorch_model.bin",
                 "tokenizer.json",
                 "tokenizer_config.json",
                 MANIFEST,
@@ -606,6 +608,144 @@ fn f16_exports_load_and_are_close() {
         );
         assert!(diff > 0.0, "f16 really rounds the weights");
     }
+}
+
+/// The records of a stored ZIP archive, walked through its local headers (independently of
+/// `export::torch_bin`'s reader, which goes through the central directory): name, data offset
+/// and data.
+fn zip_records(bytes: &[u8]) -> Vec<(String, usize, Vec<u8>)> {
+    let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]) as usize;
+    let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap()) as usize;
+    let mut out = Vec::new();
+    let mut at = 0;
+    while u32_at(at) == 0x0403_4b50 {
+        assert_eq!(u16_at(at + 8), 0, "stored, not compressed");
+        let size = u32_at(at + 22);
+        assert_eq!(u32_at(at + 18), size);
+        let (name_len, extra_len) = (u16_at(at + 26), u16_at(at + 28));
+        let name = String::from_utf8(bytes[at + 30..at + 30 + name_len].to_vec()).unwrap();
+        let extra = &bytes[at + 30 + name_len..at + 30 + name_len + extra_len];
+        assert_eq!(&extra[..2], b"FB", "{name}: PyTorch's padding field");
+        assert!(extra[4..].iter().all(|&b| b == b'Z'), "{name}");
+        let offset = at + 30 + name_len + extra_len;
+        out.push((name, offset, bytes[offset..offset + size].to_vec()));
+        at = offset + size;
+    }
+    assert_eq!(u32_at(at), 0x0201_4b50, "the central directory follows");
+    out
+}
+
+#[test]
+fn pytorch_bin_holds_the_safetensors_tensors() {
+    use mpcformer::export::torch_bin;
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, dtype) in [("bert", Dtype::F32), ("roberta", Dtype::F16)] {
+        let c = case(tmp.path(), name);
+        let out = tmp.path().join(format!("{name}-bin"));
+        let mut o = options(&c, approx(Act::Quad, Attn::TwoQuad), &out);
+        o.dtype = dtype;
+        o.no_data = true;
+        export::export(&o).unwrap();
+        let st_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+        let mut names = st.names();
+        names.sort();
+        let bin = std::fs::read(out.join("pytorch_model.bin")).unwrap();
+
+        // The archive as written: PyTorch's records, each one's data 64-byte aligned, storage
+        // `data/i` holding the i-th tensor (by name) byte for byte.
+        let records = zip_records(&bin);
+        let mut want = vec![
+            "pytorch_model/data.pkl".to_string(),
+            "pytorch_model/byteorder".into(),
+        ];
+        want.extend((0..names.len()).map(|i| format!("pytorch_model/data/{i}")));
+        want.push("pytorch_model/version".into());
+        assert_eq!(
+            records.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
+            want
+        );
+        for (rname, offset, _) in &records {
+            assert_eq!(offset % 64, 0, "{name}: {rname} at {offset}");
+        }
+        assert_eq!(records[1].2, b"little");
+        assert_eq!(records.last().unwrap().2, b"3\n");
+        for (i, n) in names.iter().enumerate() {
+            assert_eq!(records[2 + i].2, st.tensor(n).unwrap().data(), "{name}: {n}");
+        }
+        let pkl = &records[0].2;
+        assert_eq!(&pkl[..2], b"\x80\x02", "pickle protocol 2");
+        assert_eq!(pkl.last(), Some(&b'.'));
+        let storage = match dtype {
+            Dtype::F32 => "torch\nFloatStorage\n",
+            Dtype::F16 => "torch\nHalfStorage\n",
+        };
+        let text = String::from_utf8_lossy(pkl);
+        for g in [
+            "collections\nOrderedDict\n",
+            "torch._utils\n_rebuild_tensor_v2\n",
+            storage,
+        ] {
+            assert!(text.contains(g), "{name}: no GLOBAL {g:?}");
+        }
+
+        // Read back (names in order, shapes, dtype, values) and checked by load-check.
+        let sd = torch_bin::read(&bin).unwrap();
+        assert_eq!(sd.archive, "pytorch_model");
+        assert_eq!(
+            sd.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            names
+        );
+        for t in &sd.tensors {
+            let v = st.tensor(&t.name).unwrap();
+            assert_eq!(t.shape, v.shape(), "{}", t.name);
+            assert_eq!(t.storage.safetensors(), v.dtype(), "{}", t.name);
+            assert_eq!(t.data, v.data(), "{}", t.name);
+        }
+        let m = manifest(&out);
+        assert_eq!(
+            m.files["pytorch_model.bin"],
+            export::sha256_file(&out.join("pytorch_model.bin")).unwrap()
+        );
+        let check = load_check(&out).unwrap();
+        assert!(
+            check.passed.iter().any(|p| p.starts_with("pytorch_model.bin")),
+            "{:?}",
+            check.passed
+        );
+
+        // A changed storage byte: the hash names the file; with the hash updated, the CRC.
+        let mut bad = bin.clone();
+        bad[records[2].1] ^= 0x40;
+        std::fs::write(out.join("pytorch_model.bin"), &bad).unwrap();
+        let e = format!("{:#}", load_check(&out).unwrap_err());
+        assert!(e.contains("pytorch_model.bin: sha256"), "{e}");
+        let mut mv: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(MANIFEST)).unwrap()).unwrap();
+        mv["files"]["pytorch_model.bin"] =
+            serde_json::to_value(export::sha256_file(&out.join("pytorch_model.bin")).unwrap())
+                .unwrap();
+        std::fs::write(out.join(MANIFEST), mv.to_string()).unwrap();
+        let e = format!("{:#}", load_check(&out).unwrap_err());
+        assert!(
+            e.contains("pytorch_model.bin") && e.contains("CRC-32"),
+            "{e}"
+        );
+    }
+
+    // `--no-pytorch-bin` leaves it out (and out of the manifest).
+    let c = case(tmp.path(), "bert");
+    let out = tmp.path().join("no-bin");
+    let o = run(mpcformer()
+        .args(["export", "--no-data", "--no-pytorch-bin", "--model"])
+        .arg(&c.model)
+        .args(["--task", "mnli", "--out"])
+        .arg(&out));
+    assert!(o.status.success());
+    assert!(out.join("model.safetensors").is_file());
+    assert!(!out.join("pytorch_model.bin").exists());
+    assert!(!manifest(&out).files.contains_key("pytorch_model.bin"));
+    load_check(&out).unwrap();
 }
 
 /// The captured ranges against the fixtures' PyTorch tensors (quad+2quad, BERT).
