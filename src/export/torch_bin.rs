@@ -503,7 +503,8 @@ struct Rebuilt {
 enum Val {
     Mark,
     None,
-    Bool(bool),
+    /// `requires_grad` and other flags: read, never needed.
+    Bool,
     Int(i64),
     Str(String),
     Tuple(Vec<Val>),
@@ -596,8 +597,8 @@ fn unpickle(p: &[u8]) -> Result<Vec<(String, Rebuilt)>> {
                 stack.push(Val::Tuple(items));
             }
             b'N' => stack.push(Val::None),
-            0x88 => stack.push(Val::Bool(true)),
-            0x89 => stack.push(Val::Bool(false)),
+            0x88 => stack.push(Val::Bool),
+            0x89 => stack.push(Val::Bool),
             b'K' => stack.push(Val::Int(take(&mut i, 1)?[0] as i64)),
             b'M' => stack.push(Val::Int(le16(take(&mut i, 2)?, 0)? as i64)),
             b'J' => {

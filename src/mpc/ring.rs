@@ -611,7 +611,7 @@ mod tests {
         z.add_assign(&y).unwrap();
         z.sub_assign(&y).unwrap();
         assert_eq!(z, x);
-        let w = RingTensor::new(vec![u64::MAX], vec![u64::MAX; 1]);
+        let w = RingTensor::new(vec![usize::MAX], vec![u64::MAX; 1]);
         assert!(w.is_err(), "shape [MAX] with one element");
         let big = RingTensor::new(vec![1], vec![u64::MAX]).unwrap();
         let one = RingTensor::new(vec![1], vec![1]).unwrap();
