@@ -135,17 +135,32 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Runs `warmup + steps` steps of `case` and reports the median step time.
-pub fn run(
-    case: Case,
-    shape: Shape,
-    batch: usize,
-    seq: usize,
-    warmup: usize,
-    steps: usize,
-    dropout: f64,
-    device: &Device,
-) -> Result<BenchResult> {
+/// What to time: a case on random data of a shape.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchSpec {
+    pub case: Case,
+    pub shape: Shape,
+    pub batch: usize,
+    pub seq: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Hidden and attention dropout of the trained model (HF: 0.1).
+    pub dropout: f64,
+}
+
+/// Runs `warmup + steps` steps of `spec.case` and reports the median step time.
+pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
+    let BenchSpec {
+        case,
+        shape,
+        batch,
+        seq,
+        warmup,
+        steps,
+        dropout,
+    } = *spec;
     let config = |approx: Approx| {
         let mut c = shape.config(approx);
         c.hidden_dropout_prob = dropout;

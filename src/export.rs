@@ -605,7 +605,8 @@ fn write_weights(
 pub fn check_torch_bin(dir: &Path) -> Result<usize> {
     let bin_path = dir.join(torch_bin::FILE);
     let st_path = dir.join("model.safetensors");
-    let bin = std::fs::read(&bin_path).with_context(|| format!("reading {}", bin_path.display()))?;
+    let bin =
+        std::fs::read(&bin_path).with_context(|| format!("reading {}", bin_path.display()))?;
     let sd = torch_bin::read(&bin).with_context(|| {
         format!(
             "{}: not a PyTorch state dict of f32/f16 tensors",

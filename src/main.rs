@@ -190,7 +190,11 @@ fn main() -> Result<()> {
             let runs = mpcformer::report::find_runs(&a.runs)?;
             if let Some(dest) = &a.save_runs {
                 mpcformer::report::save_runs(&runs, dest)?;
-                eprintln!("copied the metrics of {} runs to {}", runs.len(), dest.display());
+                eprintln!(
+                    "copied the metrics of {} runs to {}",
+                    runs.len(),
+                    dest.display()
+                );
             }
             let md = mpcformer::report::markdown(&runs);
             match &a.output {
@@ -207,9 +211,16 @@ fn main() -> Result<()> {
         Command::LoadCheck(a) => load_check(a),
         Command::Bench(a) => {
             let device = a.device.device()?;
-            let r = bench::run(
-                a.case, a.shape, a.batch, a.seq, a.warmup, a.steps, a.dropout, &device,
-            )?;
+            let spec = bench::BenchSpec {
+                case: a.case,
+                shape: a.shape,
+                batch: a.batch,
+                seq: a.seq,
+                warmup: a.warmup,
+                steps: a.steps,
+                dropout: a.dropout,
+            };
+            let r = bench::run(&spec, &device)?;
             let json = serde_json::to_string_pretty(&r)?;
             println!("{json}");
             if let Some(out) = a.output {

@@ -36,6 +36,9 @@ impl Kind {
     }
 }
 
+/// Metrics of one model over seeds, and the seeds already counted.
+type SeedGroup = (Vec<BTreeMap<String, f64>>, Vec<u64>);
+
 /// One point of a curve from `metrics.jsonl`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Point {
@@ -86,7 +89,11 @@ pub fn load_run(dir: &Path) -> Result<Run> {
     let stages: Vec<String> = recipe
         .get("stages")
         .and_then(|s| s.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     let random_init = recipe
         .get("student")
@@ -96,7 +103,11 @@ pub fn load_run(dir: &Path) -> Result<Run> {
     let kind = if stages.iter().any(|s| s == "stage1" || s == "stage2") {
         Some(Kind::Distilled)
     } else if stages.iter().any(|s| s == "supervised") {
-        Some(if random_init { Kind::WithoutPD } else { Kind::WithoutD })
+        Some(if random_init {
+            Kind::WithoutPD
+        } else {
+            Kind::WithoutD
+        })
     } else {
         None
     };
@@ -115,15 +126,25 @@ pub fn load_run(dir: &Path) -> Result<Run> {
     let (mut losses, mut dev) = (Vec::new(), Vec::new());
     if let Ok(text) = read("metrics.jsonl") {
         for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
             let (Some(stage), Some(step)) = (v["stage"].as_str(), v["step"].as_f64()) else {
                 continue;
             };
             if let Some(l) = v["loss"].as_f64() {
-                losses.push(Point { stage: stage.into(), step, value: l });
+                losses.push(Point {
+                    stage: stage.into(),
+                    step,
+                    value: l,
+                });
             }
             if let Some(m) = v["eval"][&primary_name].as_f64() {
-                dev.push(Point { stage: stage.into(), step, value: m });
+                dev.push(Point {
+                    stage: stage.into(),
+                    step,
+                    value: m,
+                });
             }
         }
     }
@@ -215,9 +236,13 @@ fn rows(runs: &[Run]) -> Vec<Row> {
         });
         // Runs of one seed fine-tune the same teacher: it counts once per seed.
         if seen.insert((r.teacher_model.clone(), r.task.clone(), r.seed)) {
-            row.per_task.entry(r.task.clone()).or_default().push(r.teacher_primary);
+            row.per_task
+                .entry(r.task.clone())
+                .or_default()
+                .push(r.teacher_primary);
         }
-        if let (Some(kind), Some(approx), Some(s)) = (r.kind, &r.student_approx, r.student_primary) {
+        if let (Some(kind), Some(approx), Some(s)) = (r.kind, &r.student_approx, r.student_primary)
+        {
             let key = (r.teacher_model.clone(), 1 + kind as u8, approx.clone());
             let row = out.entry(key).or_insert_with(|| Row {
                 label: format!("{} {} ({})", kind.label(), approx, short(&r.teacher_model)),
@@ -260,16 +285,28 @@ pub fn markdown(runs: &[Run]) -> String {
     let _ = writeln!(
         md,
         "| model | {} | average | retention (student / teacher) |",
-        tasks.iter().map(|t| title(t)).collect::<Vec<_>>().join(" | ")
+        tasks
+            .iter()
+            .map(|t| title(t))
+            .collect::<Vec<_>>()
+            .join(" | ")
     );
     let _ = writeln!(md, "|---|{}---|---|", "---|".repeat(tasks.len()));
     for row in &rows {
         let means: Vec<f64> = tasks
             .iter()
-            .filter_map(|t| row.per_task.get(t).filter(|v| !v.is_empty()).map(|v| mean_std(v).0))
+            .filter_map(|t| {
+                row.per_task
+                    .get(t)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| mean_std(v).0)
+            })
             .collect();
         let avg = if means.len() == tasks.len() && !means.is_empty() {
-            format!("{:.1}", 100.0 * means.iter().sum::<f64>() / means.len() as f64)
+            format!(
+                "{:.1}",
+                100.0 * means.iter().sum::<f64>() / means.len() as f64
+            )
         } else {
             "–".into()
         };
@@ -292,13 +329,18 @@ pub fn markdown(runs: &[Run]) -> String {
             .iter()
             .map(|t| cell(row.per_task.get(t).map(Vec::as_slice).unwrap_or(&[]), 100.0))
             .collect();
-        let _ = writeln!(md, "| {} | {} | {avg} | {retention} |", row.label, cells.join(" | "));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {avg} | {retention} |",
+            row.label,
+            cells.join(" | ")
+        );
     }
     let _ = writeln!(md, "\nEvery metric (dev, ×100; mean ± std over seeds):\n");
     let _ = writeln!(md, "| task | model | metrics | seeds |");
     let _ = writeln!(md, "|---|---|---|---|");
     for t in &tasks {
-        let mut groups: BTreeMap<String, (Vec<BTreeMap<String, f64>>, Vec<u64>)> = BTreeMap::new();
+        let mut groups: BTreeMap<String, SeedGroup> = BTreeMap::new();
         for r in runs.iter().filter(|r| &r.task == t) {
             let g = groups
                 .entry(format!("teacher ({})", short(&r.teacher_model)))
@@ -334,18 +376,34 @@ pub fn markdown(runs: &[Run]) -> String {
             .iter()
             .map(|(k, v)| format!("{k} {v:.0}"))
             .collect();
-        let _ = writeln!(md, "| {} | {} | {} | {} |", r.name, r.task, r.seed, stages.join(", "));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            r.name,
+            r.task,
+            r.seed,
+            stages.join(", ")
+        );
     }
     md
 }
 
-fn line_chart(path: &Path, title: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+fn line_chart(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
     let pts: Vec<(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter().copied()).collect();
     if pts.is_empty() {
         return Ok(());
     }
-    let (x0, x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (y0, y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (x0, x1) = pts
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (y0, y1) = pts
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let pad = ((y1 - y0) * 0.05).max(1e-6);
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -355,7 +413,11 @@ fn line_chart(path: &Path, title: &str, y_label: &str, series: &[(String, Vec<(f
         .x_label_area_size(36)
         .y_label_area_size(56)
         .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))?;
-    chart.configure_mesh().x_desc("step").y_desc(y_label).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(y_label)
+        .draw()?;
     for (i, (name, s)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
@@ -375,7 +437,9 @@ fn line_chart(path: &Path, title: &str, y_label: &str, series: &[(String, Vec<(f
 fn by_stage(points: &[Point]) -> Vec<(String, Vec<(f64, f64)>)> {
     let mut m: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for p in points {
-        m.entry(p.stage.clone()).or_default().push((p.step, p.value));
+        m.entry(p.stage.clone())
+            .or_default()
+            .push((p.step, p.value));
     }
     m.into_iter().collect()
 }
@@ -387,10 +451,20 @@ pub fn plots(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for r in runs {
         let p = dir.join(format!("{}-loss.svg", r.name));
-        line_chart(&p, &format!("{}: training loss", r.name), "loss", &by_stage(&r.losses))?;
+        line_chart(
+            &p,
+            &format!("{}: training loss", r.name),
+            "loss",
+            &by_stage(&r.losses),
+        )?;
         out.push(p);
         let p = dir.join(format!("{}-dev.svg", r.name));
-        line_chart(&p, &format!("{}: dev metric", r.name), "primary metric", &by_stage(&r.dev))?;
+        line_chart(
+            &p,
+            &format!("{}: dev metric", r.name),
+            "primary metric",
+            &by_stage(&r.dev),
+        )?;
         out.push(p);
     }
     let rows = rows(runs);
@@ -414,12 +488,7 @@ pub fn plots(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(tasks.len().max(1))
-        .x_label_formatter(&|x| {
-            tasks
-                .get(x.floor() as usize)
-                .cloned()
-                .unwrap_or_default()
-        })
+        .x_label_formatter(&|x| tasks.get(x.floor() as usize).cloned().unwrap_or_default())
         .draw()?;
     for (i, row) in rows.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
@@ -430,7 +499,10 @@ pub fn plots(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
                 let v = row.per_task.get(task).filter(|v| !v.is_empty())?;
                 let x = t as f64 + 0.1 + 0.8 * i as f64 / n as f64;
                 let w = 0.8 / n as f64;
-                Some(Rectangle::new([(x, 0.0), (x + w, 100.0 * mean_std(v).0)], color.filled()))
+                Some(Rectangle::new(
+                    [(x, 0.0), (x + w, 100.0 * mean_std(v).0)],
+                    color.filled(),
+                ))
             })
             .collect();
         chart
@@ -458,7 +530,8 @@ pub fn save_runs(runs: &[Run], dest: &Path) -> Result<()> {
         for f in RUN_FILES {
             let from = r.dir.join(f);
             if from.is_file() {
-                let bytes = std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+                let bytes =
+                    std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
                 crate::io::write_atomic(&d.join(f), &bytes)?;
             }
         }

@@ -671,7 +671,11 @@ fn pytorch_bin_holds_the_safetensors_tensors() {
         assert_eq!(records[1].2, b"little");
         assert_eq!(records.last().unwrap().2, b"3\n");
         for (i, n) in names.iter().enumerate() {
-            assert_eq!(records[2 + i].2, st.tensor(n).unwrap().data(), "{name}: {n}");
+            assert_eq!(
+                records[2 + i].2,
+                st.tensor(n).unwrap().data(),
+                "{name}: {n}"
+            );
         }
         let pkl = &records[0].2;
         assert_eq!(&pkl[..2], b"\x80\x02", "pickle protocol 2");
@@ -693,7 +697,10 @@ fn pytorch_bin_holds_the_safetensors_tensors() {
         let sd = torch_bin::read(&bin).unwrap();
         assert_eq!(sd.archive, "pytorch_model");
         assert_eq!(
-            sd.tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            sd.tensors
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>(),
             names
         );
         for t in &sd.tensors {
@@ -709,7 +716,10 @@ fn pytorch_bin_holds_the_safetensors_tensors() {
         );
         let check = load_check(&out).unwrap();
         assert!(
-            check.passed.iter().any(|p| p.starts_with("pytorch_model.bin")),
+            check
+                .passed
+                .iter()
+                .any(|p| p.starts_with("pytorch_model.bin")),
             "{:?}",
             check.passed
         );

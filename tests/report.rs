@@ -7,7 +7,15 @@ use std::process::Command;
 use mpcformer::report::{find_runs, markdown, mean_std, plots, save_runs};
 
 /// Writes a finished run as `mpcformer run` would (only the files a report reads).
-fn fake_run(root: &Path, name: &str, task: &str, seed: u64, teacher: f64, student: f64, stages: &str, init: &str) {
+fn fake_run(
+    root: &Path,
+    name: &str,
+    task: &str,
+    seed: u64,
+    (teacher, student): (f64, f64),
+    stages: &str,
+    init: &str,
+) {
     let d = root.join(name);
     std::fs::create_dir_all(&d).unwrap();
     let summary = serde_json::json!({
@@ -26,8 +34,14 @@ fn fake_run(root: &Path, name: &str, task: &str, seed: u64, teacher: f64, studen
     .unwrap();
     let mut lines = String::new();
     for step in 1..=5 {
-        lines += &format!("{{\"stage\":\"stage1\",\"step\":{step},\"loss\":{}}}\n", 1.0 / step as f64);
-        lines += &format!("{{\"stage\":\"stage2\",\"step\":{step},\"eval\":{{\"accuracy\":{}}}}}\n", 0.5 + 0.01 * step as f64);
+        lines += &format!(
+            "{{\"stage\":\"stage1\",\"step\":{step},\"loss\":{}}}\n",
+            1.0 / step as f64
+        );
+        lines += &format!(
+            "{{\"stage\":\"stage2\",\"step\":{step},\"eval\":{{\"accuracy\":{}}}}}\n",
+            0.5 + 0.01 * step as f64
+        );
     }
     std::fs::write(d.join("metrics.jsonl"), lines).unwrap();
 }
@@ -36,11 +50,51 @@ fn fake_run(root: &Path, name: &str, task: &str, seed: u64, teacher: f64, studen
 fn tables_group_seeds_and_compute_retention() {
     let root = tempfile::tempdir().unwrap();
     let distill = r#"["finetune", "stage1", "stage2"]"#;
-    fake_run(root.path(), "rte-s1", "rte", 1, 0.60, 0.57, distill, "teacher");
-    fake_run(root.path(), "rte-s2", "rte", 2, 0.70, 0.70, distill, "teacher");
-    fake_run(root.path(), "mrpc-s1", "mrpc", 1, 0.80, 0.76, distill, "teacher");
-    fake_run(root.path(), "rte-wod-s1", "rte", 1, 0.60, 0.50, r#"["finetune", "supervised"]"#, "teacher");
-    fake_run(root.path(), "rte-wopd-s1", "rte", 1, 0.60, 0.45, r#"["finetune", "supervised"]"#, "random");
+    fake_run(
+        root.path(),
+        "rte-s1",
+        "rte",
+        1,
+        (0.60, 0.57),
+        distill,
+        "teacher",
+    );
+    fake_run(
+        root.path(),
+        "rte-s2",
+        "rte",
+        2,
+        (0.70, 0.70),
+        distill,
+        "teacher",
+    );
+    fake_run(
+        root.path(),
+        "mrpc-s1",
+        "mrpc",
+        1,
+        (0.80, 0.76),
+        distill,
+        "teacher",
+    );
+    fake_run(
+        root.path(),
+        "rte-wod-s1",
+        "rte",
+        1,
+        (0.60, 0.50),
+        r#"["finetune", "supervised"]"#,
+        "teacher",
+    );
+    fake_run(
+        root.path(),
+        "rte-wopd-s1",
+        "rte",
+        1,
+        (0.60, 0.45),
+        r#"["finetune", "supervised"]"#,
+        "random",
+    );
 
     let runs = find_runs(&[root.path().to_path_buf()]).unwrap();
     assert_eq!(runs.len(), 5);
@@ -48,19 +102,41 @@ fn tables_group_seeds_and_compute_retention() {
     // Teacher RTE over seeds 1 and 2 (the w/o-d runs' seed-1 teacher counts once): 65.0 ± 7.1.
     let (m, s) = mean_std(&[0.60, 0.70]);
     assert!((m - 0.65).abs() < 1e-12 && (s - 0.0707107).abs() < 1e-6);
-    assert!(md.contains("| teacher (minilm) | 80.0 | 65.0 ± 7.1 (n=2) | 72.5 |"), "{md}");
+    assert!(
+        md.contains("| teacher (minilm) | 80.0 | 65.0 ± 7.1 (n=2) | 72.5 |"),
+        "{md}"
+    );
     // Student: RTE mean 63.5 ± 9.2, MRPC 76.0, average 69.8; retention per run: 0.95, 1.0, 0.95.
-    assert!(md.contains("| MPCFormer quad+2quad (minilm) | 76.0 | 63.5 ± 9.2 (n=2) | 69.8 |"), "{md}");
-    assert!(md.contains("96.2% (mrpc 95.0, rte 97.5 ± 3.5 (n=2))"), "{md}");
-    assert!(md.contains("| w/o d quad+2quad (minilm) | – | 50.0 | – |"), "{md}");
-    assert!(md.contains("| w/o p,d quad+2quad (minilm) | – | 45.0 | – |"), "{md}");
-    assert!(md.contains("| rte | teacher (minilm) | accuracy 65.0 ± 7.1 (n=2) | [1, 2] |"), "{md}");
+    assert!(
+        md.contains("| MPCFormer quad+2quad (minilm) | 76.0 | 63.5 ± 9.2 (n=2) | 69.8 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("96.2% (mrpc 95.0, rte 97.5 ± 3.5 (n=2))"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| w/o d quad+2quad (minilm) | – | 50.0 | – |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| w/o p,d quad+2quad (minilm) | – | 45.0 | – |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| rte | teacher (minilm) | accuracy 65.0 ± 7.1 (n=2) | [1, 2] |"),
+        "{md}"
+    );
 
     let dir = root.path().join("plots");
     let files = plots(&runs, &dir).unwrap();
     assert_eq!(files.len(), 2 * 5 + 1);
     let svg = std::fs::read_to_string(dir.join("teacher-vs-student.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("rect"), "{}", &svg[..200.min(svg.len())]);
+    assert!(
+        svg.starts_with("<svg") && svg.contains("rect"),
+        "{}",
+        &svg[..200.min(svg.len())]
+    );
     let loss = std::fs::read_to_string(dir.join("rte-s1-loss.svg")).unwrap();
     assert!(loss.contains("polyline") || loss.contains("path"));
 
@@ -73,7 +149,15 @@ fn tables_group_seeds_and_compute_retention() {
 #[test]
 fn report_cli_writes_markdown() {
     let root = tempfile::tempdir().unwrap();
-    fake_run(root.path(), "sst2-s1", "sst2", 1, 0.9, 0.88, r#"["stage1", "stage2"]"#, "teacher");
+    fake_run(
+        root.path(),
+        "sst2-s1",
+        "sst2",
+        1,
+        (0.9, 0.88),
+        r#"["stage1", "stage2"]"#,
+        "teacher",
+    );
     let out = root.path().join("tables.md");
     let st = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
         .arg("report")
@@ -82,9 +166,16 @@ fn report_cli_writes_markdown() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let md = std::fs::read_to_string(out).unwrap();
-    assert!(md.contains("SST-2 (accuracy)") && md.contains("97.8%"), "{md}");
+    assert!(
+        md.contains("SST-2 (accuracy)") && md.contains("97.8%"),
+        "{md}"
+    );
     let st = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
         .args(["report", "/nonexistent-runs"])
         .output()

@@ -170,7 +170,8 @@ impl Pickle {
 
     fn global(&mut self, module: &str, name: &str) {
         self.0.push(b'c');
-        self.0.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        self.0
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
     }
 
     /// `collections.OrderedDict()`.
@@ -557,8 +558,7 @@ fn unpickle(p: &[u8]) -> Result<Vec<(String, Rebuilt)>> {
             }
             b'c' => {
                 let mut lines = p[i..].splitn(3, |&b| b == b'\n');
-                let (Some(m), Some(n), Some(_)) = (lines.next(), lines.next(), lines.next())
-                else {
+                let (Some(m), Some(n), Some(_)) = (lines.next(), lines.next(), lines.next()) else {
                     bail!("truncated GLOBAL")
                 };
                 i += m.len() + n.len() + 2;
@@ -763,7 +763,7 @@ mod tests {
         };
         assert_eq!(enc(7), [b'K', 7]);
         assert_eq!(enc(30522), [b'M', 0x3a, 0x77]);
-        assert_eq!(enc(23_440_896), [b'J', 0x00, 0xad, 0x65, 0x01]);
+        assert_eq!(enc(23_440_896), [b'J', 0x00, 0xae, 0x65, 0x01]);
         assert_eq!(enc(1 << 31), [0x8a, 5, 0, 0, 0, 0x80, 0]);
         assert_eq!(enc(1 << 32), [0x8a, 5, 0, 0, 0, 0, 1]);
     }

@@ -102,7 +102,11 @@ pub struct RingTensor {
 
 impl fmt::Debug for RingTensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RingTensor {{ shape: {:?}, data: <redacted> }}", self.shape)
+        write!(
+            f,
+            "RingTensor {{ shape: {:?}, data: <redacted> }}",
+            self.shape
+        )
     }
 }
 
@@ -425,8 +429,7 @@ fn pack_b(b: &[u64], k: usize, n: usize) -> Vec<u64> {
     out
 }
 
-type TileKernel =
-    fn(&[u64], &[u64], usize, Range<usize>, Range<usize>, &mut [u64]);
+type TileKernel = fn(&[u64], &[u64], usize, Range<usize>, Range<usize>, &mut [u64]);
 
 fn select_kernel() -> TileKernel {
     #[cfg(target_arch = "x86_64")]
@@ -585,7 +588,10 @@ mod tests {
         assert_eq!(fp.frac_bits(), 16);
         for &v in &[0.0, 1.0, -1.0, 0.5, -0.5, 3.25, -1234.0625, 1e-6, -7e4] {
             let d = fp.decode(fp.encode(v));
-            assert!((d - v).abs() <= 0.5 / fp.scale(), "round trip of a test constant");
+            assert!(
+                (d - v).abs() <= 0.5 / fp.scale(),
+                "round trip of a test constant"
+            );
         }
         assert_eq!(fp.encode(-1.0), (-(1i64 << 16)) as u64, "two's complement");
         assert_eq!(fp.encode(1.5 / 65536.0), 2, "ties away from zero");
@@ -606,7 +612,10 @@ mod tests {
         assert_eq!(x.add(&y).unwrap().to_f64(fp), vec![-3.0, -1.5, 4.5, 1.75]);
         assert_eq!(x.sub(&y).unwrap().to_f64(fp), vec![5.0, -2.5, 2.5, -2.25]);
         assert_eq!(x.neg().to_f64(fp), vec![-1.0, 2.0, -3.5, 0.25]);
-        assert_eq!(x.mul_public_int(-3).to_f64(fp), vec![-3.0, 6.0, -10.5, 0.75]);
+        assert_eq!(
+            x.mul_public_int(-3).to_f64(fp),
+            vec![-3.0, 6.0, -10.5, 0.75]
+        );
         let mut z = x.clone();
         z.add_assign(&y).unwrap();
         z.sub_assign(&y).unwrap();
