@@ -369,4 +369,46 @@ fn resume_after_kill_reaches_the_same_result() {
         uninterrupted["student"]["metrics"]
     );
     assert!(resumed["recipe_hash"].as_str().is_some());
+
+    // A second variant may take the first run's fine-tuned teacher instead of fine-tuning again:
+    // the same teacher and, with the same seed and student, the same student.
+    let first = a.path().join("runs/tiny");
+    let reuse = |name: &str, extra: &[&str]| {
+        let mut c = Command::new(bin);
+        c.args(["run"]).arg(&recipe).args([
+            "--set",
+            &format!("name={name}"),
+            "--set",
+            &format!("teacher.finetuned_run={:?}", first.display().to_string()),
+        ]);
+        for e in extra {
+            c.args(["--set", e]);
+        }
+        c.output().unwrap()
+    };
+    let out = reuse("tiny-s7", &["seed=7"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("seed"), "{err}");
+    let out = reuse("tiny-reused", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(b.path().join("runs/tiny-reused/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        again["teacher"]["metrics"],
+        uninterrupted["teacher"]["metrics"]
+    );
+    assert_eq!(
+        again["student"]["metrics"],
+        uninterrupted["student"]["metrics"]
+    );
+    assert_eq!(
+        std::fs::read(b.path().join("runs/tiny-reused/teacher/model.safetensors")).unwrap(),
+        std::fs::read(first.join("teacher/model.safetensors")).unwrap()
+    );
 }

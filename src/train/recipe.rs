@@ -94,6 +94,11 @@ pub struct TeacherSpec {
     /// Reproduce the reference's fault of running the teacher with dropout on.
     #[serde(default)]
     pub dropout_during_distill: bool,
+    /// A finished run whose fine-tuned `teacher/` this run takes instead of fine-tuning again
+    /// (students of several variants share one teacher). Its seed, teacher, data and `finetune`
+    /// settings must be this recipe's, so the result is the one fine-tuning would give.
+    #[serde(default)]
+    pub finetuned_run: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -351,9 +356,21 @@ impl Recipe {
     }
 
     /// Loads a recipe file, following `extends`, applying `[tasks.<task>]` and `--set` overrides.
+    ///
+    /// `--set extends=<file>` (a path from the working directory) replaces the file's own
+    /// `extends`: the baselines in `recipes/baselines/` run over any base recipe that way.
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let mut value = load_value(path, 0)?;
-        for s in sets {
+        let (base, sets): (Vec<&String>, Vec<&String>) = sets.iter().partition(|s| {
+            s.split_once('=')
+                .is_some_and(|(k, _)| k.trim() == "extends")
+        });
+        let base = base.last().map(|s| {
+            let raw = s.split_once('=').map(|(_, v)| v.trim()).unwrap_or_default();
+            PathBuf::from(raw.trim_matches('"'))
+        });
+        let sets: Vec<String> = sets.into_iter().cloned().collect();
+        let mut value = load_value(path, 0, base.as_deref())?;
+        for s in &sets {
             apply_set(&mut value, s)?;
         }
         if let Some(tasks) = value.as_table_mut().and_then(|t| t.remove("tasks")) {
@@ -367,7 +384,7 @@ impl Recipe {
             {
                 merge(&mut value, over.clone());
                 // Command-line values win over task tables.
-                for s in sets {
+                for s in &sets {
                     apply_set(&mut value, s)?;
                 }
             }
@@ -418,7 +435,8 @@ impl Recipe {
     }
 }
 
-fn load_value(path: &Path, depth: usize) -> Result<Value> {
+/// `base`, when given, replaces `path`'s own `extends` (it is already a full path).
+fn load_value(path: &Path, depth: usize, base: Option<&Path>) -> Result<Value> {
     if depth > 8 {
         bail!("{}: `extends` nests too deeply (a cycle?)", path.display());
     }
@@ -427,10 +445,15 @@ fn load_value(path: &Path, depth: usize) -> Result<Value> {
     let mut value: Value =
         toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
     let parent = value.as_table_mut().and_then(|t| t.remove("extends"));
+    if let Some(b) = base {
+        let mut base = load_value(b, depth + 1, None)?;
+        merge(&mut base, value);
+        return Ok(base);
+    }
     match parent {
         Some(Value::String(p)) => {
             let ppath = path.parent().unwrap_or(Path::new(".")).join(p);
-            let mut base = load_value(&ppath, depth + 1)?;
+            let mut base = load_value(&ppath, depth + 1, None)?;
             merge(&mut base, value);
             Ok(base)
         }
@@ -540,6 +563,37 @@ epochs = 7
         assert_eq!(r.stage(StageKind::Stage1).epochs, 2.0);
         assert_eq!(r.teacher.model.as_deref(), Some("x/y"));
         assert_ne!(r.hash(), Recipe::load(&child, &[]).unwrap().hash());
+    }
+
+    #[test]
+    fn extends_can_be_replaced_from_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "base.toml", BASE);
+        let other = write(
+            dir.path(),
+            "other.toml",
+            &BASE.replace("some/teacher", "other/teacher"),
+        );
+        let child = write(
+            dir.path(),
+            "child.toml",
+            "extends = \"base.toml\"\nname = \"child-{task}\"\n[stage1]\nepochs = 3\n",
+        );
+        let set = format!("extends={}", other.display());
+        let r = Recipe::load(&child, &[set, "data.task=mrpc".into()]).unwrap();
+        assert_eq!(r.teacher.model.as_deref(), Some("other/teacher"));
+        assert_eq!(r.name, "child-mrpc");
+        // The replaced base's task tables apply (over the child's values, as with a file's own
+        // `extends`).
+        let s1 = r.stage(StageKind::Stage1);
+        assert_eq!((s1.epochs, s1.batch_size), (7.0, 8));
+        let r = Recipe::load(&child, &[format!("extends={}", other.display())]).unwrap();
+        assert_eq!(r.stage(StageKind::Stage1).epochs, 3.0);
+        let err = format!(
+            "{:#}",
+            Recipe::load(&child, &["extends=nowhere.toml".into()]).unwrap_err()
+        );
+        assert!(err.contains("nowhere.toml"), "{err}");
     }
 
     #[test]

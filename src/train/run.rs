@@ -6,7 +6,7 @@
 //! `summary.json`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -132,6 +132,65 @@ fn summary_of(model: &SequenceClassifier, s: &Score) -> ModelSummary {
     }
 }
 
+/// Copies the fine-tuned teacher of the finished run `src` into `teacher_dir`, after checking
+/// that `src` fine-tuned it exactly as `recipe` would: the same seed, teacher, data and resolved
+/// `finetune` settings.
+fn reuse_teacher(recipe: &Recipe, src: &Path, teacher_dir: &Path) -> Result<()> {
+    let path = src.join("recipe.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let theirs: toml::Value =
+        toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+    let ours: toml::Value = toml::from_str(&recipe.resolved_toml())?;
+    let pick = |v: &toml::Value, key: &str| {
+        key.split('.')
+            .try_fold(v.clone(), |v, k| v.get(k).cloned())
+            .map(|v| v.to_string())
+    };
+    let mut teacher_keys = vec![
+        "seed",
+        "teacher.model",
+        "teacher.config",
+        "resolved.finetune",
+    ];
+    teacher_keys.extend(["data.task", "data.spec", "data.max_len", "data.train_split"]);
+    teacher_keys.extend([
+        "data.train_limit",
+        "data.eval_split",
+        "data.eval_limit",
+        "device",
+    ]);
+    let differ: Vec<&str> = teacher_keys
+        .into_iter()
+        .filter(|k| pick(&theirs, k) != pick(&ours, k))
+        .collect();
+    if !differ.is_empty() {
+        bail!(
+            "teacher.finetuned_run {}: its teacher was made with other settings ({}); fine-tune here instead",
+            src.display(),
+            differ.join(", ")
+        );
+    }
+    let from = src.join("teacher");
+    if !from.join("model.safetensors").is_file() {
+        bail!(
+            "{}: no fine-tuned teacher (model.safetensors) there",
+            from.display()
+        );
+    }
+    std::fs::create_dir_all(teacher_dir)
+        .with_context(|| format!("creating {}", teacher_dir.display()))?;
+    for entry in std::fs::read_dir(&from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let bytes = std::fs::read(entry.path())
+                .with_context(|| format!("reading {}", entry.path().display()))?;
+            write_atomic(&teacher_dir.join(entry.file_name()), &bytes)?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs `recipe`; with `resume`, continues each stage from its last checkpoint and skips stages
 /// already finished.
 pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
@@ -195,6 +254,12 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             teacher =
                 load_pretrained(&teacher_dir.to_string_lossy(), &Overrides::default(), &ad)?.model;
             eprintln!("finetune: done earlier, loaded {}", teacher_dir.display());
+        } else if let Some(src) = &recipe.teacher.finetuned_run {
+            reuse_teacher(recipe, src, &teacher_dir)?;
+            teacher =
+                load_pretrained(&teacher_dir.to_string_lossy(), &Overrides::default(), &ad)?.model;
+            log.write(json!({"stage": "finetune", "reused_from": src}))?;
+            eprintln!("finetune: the teacher of {} (same settings)", src.display());
         } else {
             let (t, _) = stage(StageKind::Finetune).fit(
                 teacher,
