@@ -763,7 +763,7 @@ mod tests {
         };
         assert_eq!(enc(7), [b'K', 7]);
         assert_eq!(enc(30522), [b'M', 0x3a, 0x77]);
-        assert_eq!(enc(23_440_896), [b'J', 0x00, 0xad, 0x65, 0x01]);
+        assert_eq!(enc(23_440_896), [b'J', 0x00, 0xae, 0x65, 0x01]);
         assert_eq!(enc(1 << 31), [0x8a, 5, 0, 0, 0, 0x80, 0]);
         assert_eq!(enc(1 << 32), [0x8a, 5, 0, 0, 0, 0, 1]);
     }
