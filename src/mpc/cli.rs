@@ -281,9 +281,10 @@ fn party(a: PartyArgs) -> Result<()> {
 /// Accepts both parties, hands out seeds, serves P1.
 fn dealer_serve(l: TcpListener, timeout: Duration) -> Result<DealerStats> {
     let mut dealer = Dealer::new();
+    // Each party gets its seed as soon as it connects (P0 waits for it before listening).
     let mut a = TcpChannel::accept(&l, timeout)?;
-    let mut b = TcpChannel::accept(&l, timeout)?;
     let pa = dealer.hello(&mut a)?;
+    let mut b = TcpChannel::accept(&l, timeout)?;
     let pb = dealer.hello(&mut b)?;
     if pa == pb {
         bail!("dealer: both connections claim to be the same party");

@@ -47,8 +47,10 @@ use crate::export::{MANIFEST, Manifest, OpRange};
 use crate::model::approx::{QUAD_A, QUAD_B, QUAD_C};
 use crate::model::{Act, Arch, Attn, ModelConfig};
 
-/// Factor by which manifest ranges are widened (inputs outside them may diverge).
-pub const RANGE_MARGIN: f64 = 2.0;
+/// Factor by which manifest ranges are widened (inputs outside them converge slowly or
+/// diverge): the ranges come from the export's dev pass, other inputs go a little beyond (the
+/// tiny RoBERTa fixture's random-id batches need more than 2×).
+pub const RANGE_MARGIN: f64 = 4.0;
 /// Relative error the Newton plans aim for (relaxed step by step if a range is too wide).
 pub const NEWTON_TARGETS: [f64; 4] = [1e-4, 1e-3, 1e-2, 5e-2];
 /// Absolute error the tanh series aims for.
@@ -116,8 +118,10 @@ impl MpcConfig {
                 None => default,
             }
         };
-        let var_default = (1e-3, 1e3);
-        let sum_default = (1.0, 1e5);
+        // Without a manifest (benchmarks on random weights): LayerNorm variances in
+        // [0.01, 100], 2Quad row sums in [1, 10⁴].
+        let var_default = (1e-2, 1e2);
+        let sum_default = (1.0, 1e4);
         let (lo, hi) = interval("embeddings.LayerNorm.inv_sqrt", var_default);
         let emb_ln = newton(NewtonKind::InvSqrt, lo, hi)?;
         let mut layers = Vec::new();

@@ -461,11 +461,16 @@ impl Ctx {
     /// in one frame). `1 + plan.iters` rounds. See [`NewtonPlan`] for the range and error.
     pub fn reciprocal(&mut self, z: &AShare, plan: &NewtonPlan) -> Result<AShare> {
         let f = self.f();
-        let u = z.truncate(plan.shift);
-        let bu = AShare::new(self.party, u.t.mul_public_int(self.enc(plan.beta) as i64)).truncate(f);
+        // u carries RECIP_EXTRA_BITS more fractional bits (u·2^g at f bits): the products with
+        // u are truncated by f + g, keeping their value (and failure probability) small.
+        let g = RECIP_EXTRA_BITS.min(plan.shift);
+        let ug = z.truncate(plan.shift - g);
+        let bu = AShare::new(self.party, ug.t.mul_public_int(self.enc(plan.beta) as i64))
+            .truncate(f + g);
         let mut w = bu.rsub_const(self.enc(plan.alpha));
         let one = self.fp.one();
-        let mut eps = self.mul(&u, &w)?.rsub_const(one);
+        let uw = self.run(&[Op::Mul(&ug, &w)])?.remove(0).truncate(f + g);
+        let mut eps = uw.rsub_const(one);
         for i in 0..plan.iters {
             if i + 1 == plan.iters {
                 let we = self.mul(&w, &eps)?;
@@ -643,6 +648,11 @@ impl Ctx {
             .add_const(self.enc(plan.coeffs[0])))
     }
 }
+
+/// Extra fractional bits of the scaled reciprocal input `u = z / 2^shift`: `u` is kept as
+/// `u·2^4` so that small row sums keep 16× more significant units (products with it are
+/// truncated by `f + 4`; their ring magnitude stays below 2^(2f + 4 + log2 α)).
+pub const RECIP_EXTRA_BITS: u32 = 4;
 
 /// `t[.., n] += b[n]` for every row.
 pub fn add_row_vector(t: &mut RingTensor, b: &RingTensor) -> Result<()> {
@@ -946,6 +956,13 @@ mod tests {
         let s = NewtonPlan::new(NewtonKind::InvSqrt, 0.05, 20.0, 1e-4).unwrap();
         assert!(s.max_err <= 1e-4, "{s:?}");
         assert!(NewtonPlan::new(NewtonKind::InvSqrt, 0.0, 1.0, 1e-4).is_err());
+    }
+
+    #[test]
+    fn default_ranges_plan() {
+        let r = NewtonPlan::new(NewtonKind::Reciprocal, 1.0, 1e4, 1e-3).unwrap();
+        let s = NewtonPlan::new(NewtonKind::InvSqrt, 1e-2, 1e2, 1e-3).unwrap();
+        assert!(r.iters <= 16 && s.iters <= 16, "{r:?} {s:?}");
     }
 
     #[test]
