@@ -729,7 +729,7 @@ fn killing_a_party_ends_the_other_with_a_clear_error() {
         let p1 = if pa == Party::P1 { &mut a } else { &mut b };
         let _ = d.serve(p1);
     });
-    let timeout_s = 5;
+    let timeout_s = 10;
     let mut p0 = mpcformer()
         .args(["mpc", "party", "--party", "0", "--model", "minilm", "--listen", "127.0.0.1:0"])
         .args(["--dealer", &daddr, "--timeout-s", &timeout_s.to_string()])
@@ -762,7 +762,7 @@ fn killing_a_party_ends_the_other_with_a_clear_error() {
         .spawn()
         .unwrap();
     // Setup sends MiniLM's masked weights (~180 MB): kill P1 in the middle of it.
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(Duration::from_millis(2500));
     p1.kill().unwrap();
     p1.wait().unwrap();
     let killed = Instant::now();
