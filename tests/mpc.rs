@@ -125,7 +125,11 @@ fn beaver_products_match_plaintext() {
         let mm = ctx.matmul(pick(&sa, p), pick(&sb, p)).unwrap();
         let mb = ctx.matmul(pick(&sa, p), pick(&sb2, p)).unwrap();
         let xr = pick(&sx, p).clone().reshape(&[50, 10]).unwrap();
-        let mr = ctx.run(&[Op::MulRow(&xr, pick(&srow, p))]).unwrap().remove(0).truncate(16);
+        let mr = ctx
+            .run(&[Op::MulRow(&xr, pick(&srow, p))])
+            .unwrap()
+            .remove(0)
+            .truncate(16);
         let rev = ctx.reveal(pick(&sx, p)).unwrap();
         let to1 = ctx.reveal_to(pick(&sy, p), Party::P1).unwrap();
         let rounds = ctx.net.stats.total().rounds;
@@ -190,8 +194,14 @@ fn weight_products_send_one_way_and_match_plaintext() {
             assert_ne!(pw.data, wt, "P1 holds the masked weight, not the weight");
         }
         ctx.op("linear");
-        let y = ctx.linear(pick(&sx, p), &pw, p0.then_some(&bt), 16).unwrap();
-        let e = ctx.run(&[Op::WeightElem(pick(&sx, p), &pg)]).unwrap().remove(0).truncate(16);
+        let y = ctx
+            .linear(pick(&sx, p), &pw, p0.then_some(&bt), 16)
+            .unwrap();
+        let e = ctx
+            .run(&[Op::WeightElem(pick(&sx, p), &pg)])
+            .unwrap()
+            .remove(0)
+            .truncate(16);
         let snap = ctx.net.stats.snapshot();
         (y, e, snap)
     });
@@ -320,7 +330,16 @@ fn reciprocal_plan_beats_crypten_guess() {
             .collect();
         let ours = pts
             .iter()
-            .map(|&x| NewtonPlan::rel_err_at(NewtonKind::Reciprocal, plan.alpha, plan.beta, plan.shift, plan.iters, x))
+            .map(|&x| {
+                NewtonPlan::rel_err_at(
+                    NewtonKind::Reciprocal,
+                    plan.alpha,
+                    plan.beta,
+                    plan.shift,
+                    plan.iters,
+                    x,
+                )
+            })
             .fold(0.0, f64::max);
         let theirs = pts.iter().map(|&x| crypten(x)).fold(0.0, f64::max);
         eprintln!(
@@ -330,7 +349,10 @@ fn reciprocal_plan_beats_crypten_guess() {
         assert!(ours <= 1e-4);
         assert!(plan.rounds() < 28);
         if hi > 1000.0 {
-            assert!(!(theirs < 1e-2), "CrypTen's guess fails above ~700");
+            assert!(
+                theirs.is_nan() || theirs >= 1e-2,
+                "CrypTen's guess fails above ~700"
+            );
         }
     }
 }
@@ -467,9 +489,16 @@ fn shares_are_uniform_and_independent_of_the_secret() {
         for shift in [0, 56] {
             let (ha, hb) = (hist(&za.0.t.data, shift), hist(&zb.0.t.data, shift));
             let c = chi_uniform(&ha);
-            assert!(c < chi_limit, "P{} product share, bit {shift}: chi² {c:.1}", za.0.party.index());
+            assert!(
+                c < chi_limit,
+                "P{} product share, bit {shift}: chi² {c:.1}",
+                za.0.party.index()
+            );
             let c = chi_two(&ha, &hb);
-            assert!(c < chi_limit, "product share vs secret, bit {shift}: chi² {c:.1}");
+            assert!(
+                c < chi_limit,
+                "product share vs secret, bit {shift}: chi² {c:.1}"
+            );
         }
         let (ha, hb) = (hist(&za.1.t.data, 0), hist(&zb.1.t.data, 0));
         let c = chi_two(&ha, &hb);
@@ -551,7 +580,11 @@ fn export_tiny(root: &Path, arch: &str, act: Act, attn: Attn) -> (PathBuf, &'sta
         }
         _ => {
             sst2_dev(&dir.join("dev.tsv"), 10);
-            (tiny_roberta(&dir.join("model")), "sst2", dir.join("dev.tsv"))
+            (
+                tiny_roberta(&dir.join("model")),
+                "sst2",
+                dir.join("dev.tsv"),
+            )
         }
     };
     let out = dir.join(format!("export-{act}-{attn}"));
@@ -731,7 +764,16 @@ fn killing_a_party_ends_the_other_with_a_clear_error() {
     });
     let timeout_s = 10;
     let mut p0 = mpcformer()
-        .args(["mpc", "party", "--party", "0", "--model", "minilm", "--listen", "127.0.0.1:0"])
+        .args([
+            "mpc",
+            "party",
+            "--party",
+            "0",
+            "--model",
+            "minilm",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .args(["--dealer", &daddr, "--timeout-s", &timeout_s.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -742,7 +784,11 @@ fn killing_a_party_ends_the_other_with_a_clear_error() {
     std::io::BufReader::new(p0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let addr = line.trim().strip_prefix("MPC_LISTENING ").unwrap().to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("MPC_LISTENING ")
+        .unwrap()
+        .to_string();
     let inputs = tmp.path().join("in.safetensors");
     let mut map = std::collections::BTreeMap::new();
     map.insert(
@@ -754,8 +800,16 @@ fn killing_a_party_ends_the_other_with_a_clear_error() {
     );
     mpcformer::io::save_safetensors(&inputs, &map, None).unwrap();
     let mut p1 = mpcformer()
-        .args(["mpc", "party", "--party", "1", "--model", "minilm", "--peer", &addr])
-        .args(["--dealer", &daddr, "--timeout-s", &timeout_s.to_string(), "--inputs"])
+        .args([
+            "mpc", "party", "--party", "1", "--model", "minilm", "--peer", &addr,
+        ])
+        .args([
+            "--dealer",
+            &daddr,
+            "--timeout-s",
+            &timeout_s.to_string(),
+            "--inputs",
+        ])
         .arg(&inputs)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -800,4 +854,3 @@ fn errors_and_debug_output_carry_no_values() {
     };
     assert!(e.to_string().contains("linear"));
 }
-

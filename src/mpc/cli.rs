@@ -20,11 +20,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
+use super::Party;
 use super::dealer::{Dealer, DealerClient, DealerStats};
 use super::model::{Input, MpcConfig, PartyReport, PlainWeights, ops_json, run_party};
 use super::net::{LAN, NetModel, OpStats, TcpChannel, WAN};
 use super::ring::matmul_kernel_name;
-use super::Party;
 use crate::bench::Shape;
 use crate::data::{self, Fields, Label, Order, Task, Tokenized};
 use crate::io::{HostTensor, load_safetensors, save_safetensors};
@@ -214,13 +214,19 @@ pub fn read_inputs(path: &Path) -> Result<Vec<HostBatch>> {
         };
         let shape = ids.shape().to_vec();
         if shape.len() != 2 {
-            bail!("{}: `{prefix}input_ids` must be [batch, seq]", path.display());
+            bail!(
+                "{}: `{prefix}input_ids` must be [batch, seq]",
+                path.display()
+            );
         }
         let input_ids = ids.to_i64()?;
         let get = |k: &str, default: i64| -> Result<Vec<i64>> {
             match map.get(&format!("{prefix}{k}")) {
                 Some(t) if t.shape() == shape.as_slice() => t.to_i64(),
-                Some(_) => bail!("{}: `{prefix}{k}` has another shape than the ids", path.display()),
+                Some(_) => bail!(
+                    "{}: `{prefix}{k}` has another shape than the ids",
+                    path.display()
+                ),
                 None => Ok(vec![default; input_ids.len()]),
             }
         };
@@ -343,7 +349,11 @@ fn launch(model: &str, inputs: &[HostBatch], timeout: Duration) -> Result<Launch
         .context("starting P0")?;
     let mut line = String::new();
     BufReader::new(c0.stdout.take().expect("piped")).read_line(&mut line)?;
-    let Some(addr) = line.trim().strip_prefix("MPC_LISTENING ").map(str::to_string) else {
+    let Some(addr) = line
+        .trim()
+        .strip_prefix("MPC_LISTENING ")
+        .map(str::to_string)
+    else {
         kill(&mut c0);
         bail!("P0 did not start (see its error above)");
     };
@@ -366,9 +376,7 @@ fn launch(model: &str, inputs: &[HostBatch], timeout: Duration) -> Result<Launch
         .join()
         .map_err(|_| anyhow::anyhow!("dealer thread panicked"))?;
     if !s0.success() || !s1.success() {
-        bail!(
-            "MPC session failed (P0: {s0}, P1: {s1}); the parties' errors are above"
-        );
+        bail!("MPC session failed (P0: {s0}, P1: {s1}); the parties' errors are above");
     }
     let read = |p: usize| -> Result<PartyReport> {
         let path = tmp.path().join(format!("p{p}.json"));
@@ -407,13 +415,12 @@ fn op_table(l: &Launched) -> String {
         "op", "wall s", "rounds", "P0 sent MiB", "P1 sent MiB", "dealer MiB"
     );
     for (label, s0) in &l.p0.ops {
-        let s1 = l
-            .p1
-            .ops
-            .iter()
-            .find(|(x, _)| x == label)
-            .map(|x| x.1.clone())
-            .unwrap_or_default();
+        let s1 =
+            l.p1.ops
+                .iter()
+                .find(|(x, _)| x == label)
+                .map(|x| x.1.clone())
+                .unwrap_or_default();
         s += &format!(
             "{:<18} {:>9.3} {:>7} {:>12.2} {:>12.2} {:>11.2}\n",
             label,
@@ -441,8 +448,16 @@ fn summary_json(l: &Launched) -> Value {
         })
     };
     let (s0, s1) = (
-        l.p0.ops.iter().find(|x| x.0 == "setup").map(|x| x.1.clone()).unwrap_or_default(),
-        l.p1.ops.iter().find(|x| x.0 == "setup").map(|x| x.1.clone()).unwrap_or_default(),
+        l.p0.ops
+            .iter()
+            .find(|x| x.0 == "setup")
+            .map(|x| x.1.clone())
+            .unwrap_or_default(),
+        l.p1.ops
+            .iter()
+            .find(|x| x.0 == "setup")
+            .map(|x| x.1.clone())
+            .unwrap_or_default(),
     );
     json!({
         "wall_s": forward_s,
@@ -618,11 +633,7 @@ fn run(a: RunArgs) -> Result<()> {
     let l = launch(&model_s, &batches, Duration::from_secs(a.timeout_s))?;
     let mpc = &l.p1.logits;
     if mpc.len() != plain.len() {
-        bail!(
-            "P1 returned {} logits, expected {}",
-            mpc.len(),
-            plain.len()
-        );
+        bail!("P1 returned {} logits, expected {}", mpc.len(), plain.len());
     }
     let max_diff = mpc
         .iter()
@@ -644,8 +655,16 @@ fn run(a: RunArgs) -> Result<()> {
     let mut v = summary_json(&l);
     let frac = |x: usize, n: usize| (n > 0).then(|| x as f64 / n as f64);
     v["n"] = json!(n);
-    v["accuracy"] = json!(if regression { None } else { frac(correct_mpc, labelled) });
-    v["plaintext_accuracy"] = json!(if regression { None } else { frac(correct_plain, labelled) });
+    v["accuracy"] = json!(if regression {
+        None
+    } else {
+        frac(correct_mpc, labelled)
+    });
+    v["plaintext_accuracy"] = json!(if regression {
+        None
+    } else {
+        frac(correct_plain, labelled)
+    });
     v["agreement"] = json!(if regression { None } else { frac(agree, n) });
     v["max_logit_diff"] = json!(max_diff);
     v["model"] = json!(model_s);

@@ -52,7 +52,12 @@ pub enum Req {
         n: usize,
     },
     /// P1's `a[m, k]` times P0's weight mask `B0(id)[k, n]`.
-    WeightMatMul { id: u64, m: usize, k: usize, n: usize },
+    WeightMatMul {
+        id: u64,
+        m: usize,
+        k: usize,
+        n: usize,
+    },
     /// P1's `a[rows, cols]` times P0's weight mask `B0(id)[cols]` broadcast over rows.
     WeightElem { id: u64, rows: usize, cols: usize },
 }
@@ -175,7 +180,11 @@ fn draw(rng: &mut ChaCha20Rng, party: Party, req: &Req) -> Material {
         (Party::P1, false) => {
             let a = random_vec(rng, la);
             let b = random_vec(rng, lb);
-            Material { a, b, c: Vec::new() }
+            Material {
+                a,
+                b,
+                c: Vec::new(),
+            }
         }
         (Party::P0, true) => Material {
             c: random_vec(rng, lc),
@@ -540,7 +549,9 @@ mod tests {
                 }
                 Req::MulRow { cols, .. } => {
                     let (a, b) = (add(&m0[i].a, &m1[i].a), add(&m0[i].b, &m1[i].b));
-                    (0..a.len()).map(|j| a[j].wrapping_mul(b[j / cols])).collect()
+                    (0..a.len())
+                        .map(|j| a[j].wrapping_mul(b[j / cols]))
+                        .collect()
                 }
                 Req::Square { .. } => {
                     let a = add(&m0[i].a, &m1[i].a);

@@ -129,7 +129,10 @@ impl MpcConfig {
             let p = format!("layer.{i}");
             let (lo, hi) = interval(&format!("{p}.2quad.row_sum"), sum_default);
             let recip = newton(NewtonKind::Reciprocal, lo, hi)?;
-            let (lo, hi) = interval(&format!("{p}.attention.output.LayerNorm.inv_sqrt"), var_default);
+            let (lo, hi) = interval(
+                &format!("{p}.attention.output.LayerNorm.inv_sqrt"),
+                var_default,
+            );
             let attn_ln = newton(NewtonKind::InvSqrt, lo, hi)?;
             let (lo, hi) = interval(&format!("{p}.output.LayerNorm.inv_sqrt"), var_default);
             let out_ln = newton(NewtonKind::InvSqrt, lo, hi)?;
@@ -266,7 +269,10 @@ pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let p = cfg.arch.prefix();
     let d = cfg.hidden_size;
     let mut v = vec![
-        (format!("{p}.embeddings.word_embeddings.weight"), vec![cfg.vocab_size, d]),
+        (
+            format!("{p}.embeddings.word_embeddings.weight"),
+            vec![cfg.vocab_size, d],
+        ),
         (
             format!("{p}.embeddings.position_embeddings.weight"),
             vec![cfg.max_position_embeddings, d],
@@ -341,7 +347,11 @@ impl Input {
         Self {
             batch: b.batch,
             seq: b.seq,
-            mask: b.attention_mask.iter().map(|&m| u64::from(m != 0)).collect(),
+            mask: b
+                .attention_mask
+                .iter()
+                .map(|&m| u64::from(m != 0))
+                .collect(),
             ids: Some(b.input_ids.clone()),
             type_ids: Some(b.token_type_ids.clone()),
         }
@@ -418,7 +428,12 @@ impl Loader<'_> {
         Ok(Some(w.get(name, &[n])?.iter().map(|x| x * scale).collect()))
     }
 
-    fn private(&mut self, ctx: &mut Ctx, data: Option<Vec<f64>>, shape: &[usize]) -> Result<PrivWeight> {
+    fn private(
+        &mut self,
+        ctx: &mut Ctx,
+        data: Option<Vec<f64>>,
+        shape: &[usize],
+    ) -> Result<PrivWeight> {
         let id = self.next_id;
         self.next_id += 1;
         let t = data.map(|d| self.enc(&d, shape));
@@ -444,9 +459,7 @@ impl MpcModel {
     /// masked and sent to P1 (op `setup`).
     pub fn setup(ctx: &mut Ctx, cfg: MpcConfig, weights: Option<&PlainWeights>) -> Result<Self> {
         if (ctx.party == Party::P0) != weights.is_some() {
-            return Err(MpcError::Config(
-                "P0 and only P0 holds the weights".into(),
-            ));
+            return Err(MpcError::Config("P0 and only P0 holds the weights".into()));
         }
         ctx.op("setup");
         let m = &cfg.model;
@@ -463,9 +476,10 @@ impl MpcModel {
                 let mut x = w
                     .get(&format!("{p}.embeddings.word_embeddings.weight"), &[v, d])?
                     .to_vec();
-                x.extend_from_slice(
-                    w.get(&format!("{p}.embeddings.token_type_embeddings.weight"), &[t, d])?,
-                );
+                x.extend_from_slice(w.get(
+                    &format!("{p}.embeddings.token_type_embeddings.weight"),
+                    &[t, d],
+                )?);
                 Some(x)
             }
             None => None,
@@ -475,7 +489,10 @@ impl MpcModel {
             Some(w) => {
                 let np = m.max_position_embeddings;
                 Some(ld.enc(
-                    w.get(&format!("{p}.embeddings.position_embeddings.weight"), &[np, d])?,
+                    w.get(
+                        &format!("{p}.embeddings.position_embeddings.weight"),
+                        &[np, d],
+                    )?,
                     &[np, d],
                 ))
             }
@@ -490,7 +507,8 @@ impl MpcModel {
             let l = format!("{p}.encoder.layer.{i}");
             let qkv = match weights {
                 Some(_) => {
-                    let q = ld.linear_t(&format!("{l}.attention.self.query.weight"), d, d, qscale)?;
+                    let q =
+                        ld.linear_t(&format!("{l}.attention.self.query.weight"), d, d, qscale)?;
                     let k = ld.linear_t(&format!("{l}.attention.self.key.weight"), d, d, 1.0)?;
                     let vv = ld.linear_t(&format!("{l}.attention.self.value.weight"), d, d, 1.0)?;
                     let (q, k, vv) = (q.unwrap(), k.unwrap(), vv.unwrap());
@@ -511,8 +529,14 @@ impl MpcModel {
                     let mut b = ld
                         .vec(&format!("{l}.attention.self.query.bias"), d, qscale)?
                         .unwrap();
-                    b.extend(ld.vec(&format!("{l}.attention.self.key.bias"), d, 1.0)?.unwrap());
-                    b.extend(ld.vec(&format!("{l}.attention.self.value.bias"), d, 1.0)?.unwrap());
+                    b.extend(
+                        ld.vec(&format!("{l}.attention.self.key.bias"), d, 1.0)?
+                            .unwrap(),
+                    );
+                    b.extend(
+                        ld.vec(&format!("{l}.attention.self.value.bias"), d, 1.0)?
+                            .unwrap(),
+                    );
                     Some(b)
                 }
                 None => None,
@@ -549,7 +573,10 @@ impl MpcModel {
         let nl = m.num_labels;
         let (pool_name, cls_name) = match m.arch {
             Arch::Bert => (format!("{p}.pooler.dense"), "classifier".to_string()),
-            Arch::Roberta => ("classifier.dense".to_string(), "classifier.out_proj".to_string()),
+            Arch::Roberta => (
+                "classifier.dense".to_string(),
+                "classifier.out_proj".to_string(),
+            ),
         };
         let pool = ld.linear_t(&format!("{pool_name}.weight"), d, d, 1.0)?;
         let pool = ld.private(ctx, pool, &[d, d])?;
@@ -610,7 +637,10 @@ impl MpcModel {
                 let mut oh = vec![0u64; rows * width];
                 for r in 0..rows {
                     let (id, t) = (ids[r], tt[r]);
-                    if id < 0 || id as usize >= m.vocab_size || t < 0 || t as usize >= m.type_vocab_size
+                    if id < 0
+                        || id as usize >= m.vocab_size
+                        || t < 0
+                        || t as usize >= m.type_vocab_size
                     {
                         return Err(MpcError::Config(format!(
                             "a token id or token-type id is outside the vocabulary ({} words, {} types)",
@@ -626,8 +656,7 @@ impl MpcModel {
         let onehot = AShare::new(ctx.party, onehot);
         let mut x = ctx.linear(&onehot, &self.emb, None, 0)?;
         if let Some(pos) = &self.pos {
-            for r in 0..rows {
-                let p = positions[r];
+            for (r, &p) in positions.iter().enumerate() {
                 for c in 0..d {
                     x.t.data[r * d + c] = x.t.data[r * d + c].wrapping_add(pos.data[p * d + c]);
                 }
@@ -669,7 +698,9 @@ impl MpcModel {
             ctx.op("quad");
             let act = ctx.quad(&up, QUAD_A, QUAD_B, QUAD_C)?;
             ctx.op("linear");
-            let down = ctx.linear(&act, &lw.down, lw.down_b.as_ref(), f)?.add(&x1)?;
+            let down = ctx
+                .linear(&act, &lw.down, lw.down_b.as_ref(), f)?
+                .add(&x1)?;
             ctx.op("layernorm");
             x = ctx.layer_norm(&down, &lw.ln2.gamma, lw.ln2.beta.as_ref(), eps, &lp.out_ln)?;
         }

@@ -130,7 +130,8 @@ fn io_err(op: &str, e: std::io::Error, timeout: Duration) -> MpcError {
 
 fn write_frame(w: &mut impl Write, op: &str, words: &[u64], timeout: Duration) -> Result<()> {
     let map = |e| io_err(op, e, timeout);
-    w.write_all(&(words.len() as u64).to_le_bytes()).map_err(map)?;
+    w.write_all(&(words.len() as u64).to_le_bytes())
+        .map_err(map)?;
     let mut buf = Vec::with_capacity(8 * words.len().min(1 << 16));
     for chunk in words.chunks(1 << 16) {
         buf.clear();
@@ -549,7 +550,9 @@ mod tests {
         // A header announcing too much.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        let mut c = TcpChannel::connect(&addr, t).unwrap().with_max_frame_words(4);
+        let mut c = TcpChannel::connect(&addr, t)
+            .unwrap()
+            .with_max_frame_words(4);
         let mut s = TcpChannel::accept(&l, t).unwrap();
         s.send("big", &[0; 5]).unwrap();
         assert!(matches!(

@@ -272,10 +272,7 @@ impl Ctx {
                     .iter()
                     .enumerate()
                     .map(|(i, &ei)| {
-                        let base = ei
-                            .wrapping_mul(2)
-                            .wrapping_mul(m.a[i])
-                            .wrapping_add(m.c[i]);
+                        let base = ei.wrapping_mul(2).wrapping_mul(m.a[i]).wrapping_add(m.c[i]);
                         match party {
                             Party::P0 => base.wrapping_add(ei.wrapping_mul(ei)),
                             Party::P1 => base,
@@ -357,7 +354,10 @@ impl Ctx {
         bias: Option<&RingTensor>,
         trunc: u32,
     ) -> Result<AShare> {
-        let mut z = self.run(&[Op::WeightMatMul(x, w)])?.remove(0).truncate(trunc);
+        let mut z = self
+            .run(&[Op::WeightMatMul(x, w)])?
+            .remove(0)
+            .truncate(trunc);
         if let (Party::P0, Some(b)) = (self.party, bias) {
             add_row_vector(&mut z.t, b)?;
         }
@@ -440,7 +440,9 @@ impl Ctx {
         let f = self.f();
         if a == 0.0 {
             let y = x.mul_public_int(1).t.mul_public_int(self.enc(b) as i64);
-            return Ok(AShare::new(self.party, y).truncate(f).add_const(self.enc(c)));
+            return Ok(AShare::new(self.party, y)
+                .truncate(f)
+                .add_const(self.enc(c)));
         }
         let (h, k) = (b / (2.0 * a), c - b * b / (4.0 * a));
         let t = x.add_const(self.enc(h));
@@ -491,7 +493,8 @@ impl Ctx {
     /// `2·iters + 1` rounds. See [`NewtonPlan`].
     pub fn inv_sqrt(&mut self, v: &AShare, plan: &NewtonPlan) -> Result<AShare> {
         let f = self.f();
-        let bv = AShare::new(self.party, v.t.mul_public_int(self.enc(plan.beta) as i64)).truncate(f);
+        let bv =
+            AShare::new(self.party, v.t.mul_public_int(self.enc(plan.beta) as i64)).truncate(f);
         let mut w = bv.rsub_const(self.enc(plan.alpha));
         if plan.iters == 0 {
             return Ok(w);
@@ -537,14 +540,16 @@ impl Ctx {
             .collect();
         let mask_full = RingTensor::new(s.clone(), mask_full)?;
         let t = scores.add_const(self.enc(c));
-        let sq = self.run(&[Op::Square(&t)])?.remove(0).mul_public(&mask_full)?;
+        let sq = self
+            .run(&[Op::Square(&t)])?
+            .remove(0)
+            .mul_public(&mask_full)?;
         let rows = b * h * lq;
-        let z: Vec<u64> = sq
-            .t
-            .data
-            .chunks(lk)
-            .map(|r| r.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
-            .collect();
+        let z: Vec<u64> =
+            sq.t.data
+                .chunks(lk)
+                .map(|r| r.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
+                .collect();
         let z = AShare::new(self.party, RingTensor::new(vec![rows], z)?).truncate(f);
         let w = self.reciprocal(&z, plan)?;
         let a_bits = plan.shift / 2;
@@ -580,13 +585,12 @@ impl Ctx {
         };
         let sums = RingTensor::new(vec![rows], row_sum(&x.t))?;
         let mu = AShare::new(self.party, sums.mul_public_int(inv_d as i64)).truncate(f);
-        let centered: Vec<u64> = x
-            .t
-            .data
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v.wrapping_sub(mu.t.data[i / d]))
-            .collect();
+        let centered: Vec<u64> =
+            x.t.data
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.wrapping_sub(mu.t.data[i / d]))
+                .collect();
         let dx = AShare::new(self.party, RingTensor::new(shape.clone(), centered)?);
         let r = self.run(&[Op::Square(&dx), Op::WeightElem(&dx, gamma)])?;
         let s = AShare::new(self.party, RingTensor::new(vec![rows], row_sum(&r[0].t))?).truncate(f);
@@ -609,15 +613,15 @@ impl Ctx {
     pub fn tanh(&mut self, x: &AShare, plan: &ChebPlan) -> Result<AShare> {
         let f = self.f();
         let n = plan.coeffs.len().saturating_sub(1);
-        let t = AShare::new(self.party, x.t.mul_public_int(self.enc(1.0 / plan.range) as i64))
-            .truncate(f);
+        let t = AShare::new(
+            self.party,
+            x.t.mul_public_int(self.enc(1.0 / plan.range) as i64),
+        )
+        .truncate(f);
         let mut tk: Vec<AShare> = Vec::with_capacity(n + 1);
         tk.push(AShare::from_public(
             self.party,
-            &RingTensor::new(
-                x.shape().to_vec(),
-                vec![self.fp.one(); x.numel()],
-            )?,
+            &RingTensor::new(x.shape().to_vec(), vec![self.fp.one(); x.numel()])?,
         ));
         tk.push(t);
         let mut have = 1;
@@ -712,7 +716,14 @@ impl NewtonPlan {
     pub const MAX_ITERS: u32 = 16;
 
     /// Relative error after `iters` steps at input `x` (exact arithmetic).
-    pub fn rel_err_at(kind: NewtonKind, alpha: f64, beta: f64, shift: u32, iters: u32, x: f64) -> f64 {
+    pub fn rel_err_at(
+        kind: NewtonKind,
+        alpha: f64,
+        beta: f64,
+        shift: u32,
+        iters: u32,
+        x: f64,
+    ) -> f64 {
         let s = 2f64.powi(shift as i32);
         match kind {
             NewtonKind::Reciprocal => {
@@ -755,7 +766,11 @@ impl NewtonPlan {
                             w *= 2.0 - u * w;
                         }
                         let e = (u * w - 1.0).abs();
-                        *o = if e.is_finite() { o.max(e) } else { f64::INFINITY };
+                        *o = if e.is_finite() {
+                            o.max(e)
+                        } else {
+                            f64::INFINITY
+                        };
                     }
                 }
                 NewtonKind::InvSqrt => {
@@ -766,7 +781,11 @@ impl NewtonPlan {
                             w *= (3.0 - x * w * w) / 2.0;
                         }
                         let e = (w * r - 1.0).abs();
-                        *o = if e.is_finite() { o.max(e) } else { f64::INFINITY };
+                        *o = if e.is_finite() {
+                            o.max(e)
+                        } else {
+                            f64::INFINITY
+                        };
                     }
                 }
             }
@@ -873,7 +892,9 @@ pub struct ChebPlan {
 impl ChebPlan {
     pub fn tanh(range: f64, target: f64) -> Result<Self> {
         if !(range > 0.0 && range.is_finite()) {
-            return Err(MpcError::Config(format!("tanh: range {range} must be positive")));
+            return Err(MpcError::Config(format!(
+                "tanh: range {range} must be positive"
+            )));
         }
         let f = |t: f64| (range * t).tanh();
         let mut last = None;

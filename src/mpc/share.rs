@@ -291,7 +291,10 @@ mod tests {
         for (i, &u) in t.data.iter().enumerate() {
             let want = ((x.data[i] as i64) >> 16) as i128;
             let got = (u as i64) as i128;
-            assert!(got == want || got == want + 1, "element {i}: off by more than 1 ulp");
+            assert!(
+                got == want || got == want + 1,
+                "element {i}: off by more than 1 ulp"
+            );
         }
         assert_eq!(x0.truncate(0), x0);
     }
