@@ -96,6 +96,8 @@ enum Command {
     #[command(after_help = "Example:
   mpcformer load-check exports/quickstart")]
     LoadCheck(LoadCheckArgs),
+    /// Secure 2-party inference of an exported student (run, bench, party, dealer).
+    Mpc(mpcformer::mpc::cli::MpcArgs),
 }
 
 /// Approximation flags, the same wherever a model is loaded.
@@ -209,6 +211,7 @@ fn main() -> Result<()> {
         }
         Command::Export(a) => export(a),
         Command::LoadCheck(a) => load_check(a),
+        Command::Mpc(a) => mpcformer::mpc::cli::main(a),
         Command::Bench(a) => {
             let device = a.device.device()?;
             let spec = bench::BenchSpec {

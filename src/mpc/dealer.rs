@@ -1,1 +1,589 @@
-//! placeholder
+//! The dealer (trusted third party): correlated randomness from PRG seeds.
+//!
+//! The dealer draws two seeds from the OS and gives seed `s_i` to party `i` (32 bytes each). A
+//! party expands its seed with ChaCha20 ([`ChaCha20Rng`], stream 0) and draws its share of every
+//! mask from it, in program order: P0 draws `a0, b0, c0`, P1 draws `a1, b1`. The dealer holds
+//! both seeds, draws the same values, and sends P1 the only thing neither seed gives:
+//! `c1 = (a0 + a1)(b0 + b1) − c0`. **What crosses, per item** (counted as `dealer_bytes`,
+//! apart from the parties' traffic):
+//!
+//! | item ([`Req`]) | P1 → dealer | dealer → P1 |
+//! |---|---|---|
+//! | elementwise triple, `n` elements | request words | `n` words |
+//! | row-broadcast triple `a[r, c]`, `b[r]` | request | `r·c` words |
+//! | square pair `(a, a²)` | request | `n` words |
+//! | matrix triple `[m, k]·[k, n]` (batched) | request | `m·n` words (per batch) |
+//! | weight product `a·B0(id)`, `a[m, k]` | request | `m·n` words |
+//! | weight elementwise `a ∘ B0(id)` | request | `r·c` words |
+//!
+//! Requests of one round travel in one frame (a few words per item) and their answers in one
+//! frame back, while the parties exchange their own round.
+//!
+//! **Weights** are P0's and fixed across inferences. Each private weight `W` (id `j`) gets a
+//! per-model mask `B0 = PRG(s0, stream 1 + j)`; P0 sends `F = W − B0` to P1 **once per model**
+//! (setup). A product `x·W` then needs, per inference, only P1's `e = x1 − a` (P1 → P0) for a
+//! fresh `a` from P1's seed, and the dealer's share of `a·B0`:
+//! `z0 = (x0 + e)·W + c0`, `z1 = a·F + c1` (with `c1 = a·B0 − c0`), so `z0 + z1 = x·W`.
+
+use std::collections::HashMap;
+
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+
+use super::net::{Channel, FRAME_HEADER_BYTES};
+use super::ring::matmul_u64;
+use super::share::os_seed;
+use super::{MpcError, Party, Result};
+
+/// One item of correlated randomness.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Req {
+    /// Elementwise triple over `n` elements.
+    Mul { n: usize },
+    /// `a[rows, cols]`, `b[rows]`, `c = a ∘ b` with `b` broadcast along each row.
+    MulRow { rows: usize, cols: usize },
+    /// `(a, a²)` over `n` elements.
+    Square { n: usize },
+    /// Matrix triple: `a[m, k]`, `b[k, n]`, `c = a·b`, `batch` times (`batch = 0`: one, 2-D).
+    MatMul {
+        batch: usize,
+        m: usize,
+        k: usize,
+        n: usize,
+    },
+    /// P1's `a[m, k]` times P0's weight mask `B0(id)[k, n]`.
+    WeightMatMul {
+        id: u64,
+        m: usize,
+        k: usize,
+        n: usize,
+    },
+    /// P1's `a[rows, cols]` times P0's weight mask `B0(id)[cols]` broadcast over rows.
+    WeightElem { id: u64, rows: usize, cols: usize },
+}
+
+const K_MUL: u64 = 1;
+const K_MULROW: u64 = 2;
+const K_SQUARE: u64 = 3;
+const K_MATMUL: u64 = 4;
+const K_WMATMUL: u64 = 5;
+const K_WELEM: u64 = 6;
+
+impl Req {
+    fn encode(&self, out: &mut Vec<u64>) {
+        let u = |x: usize| x as u64;
+        match *self {
+            Req::Mul { n } => out.extend([K_MUL, u(n)]),
+            Req::MulRow { rows, cols } => out.extend([K_MULROW, u(rows), u(cols)]),
+            Req::Square { n } => out.extend([K_SQUARE, u(n)]),
+            Req::MatMul { batch, m, k, n } => out.extend([K_MATMUL, u(batch), u(m), u(k), u(n)]),
+            Req::WeightMatMul { id, m, k, n } => out.extend([K_WMATMUL, id, u(m), u(k), u(n)]),
+            Req::WeightElem { id, rows, cols } => out.extend([K_WELEM, id, u(rows), u(cols)]),
+        }
+    }
+
+    fn decode(words: &[u64], pos: &mut usize) -> Result<Req> {
+        let bad = || MpcError::Dealer("malformed request".into());
+        let mut take = |n: usize| -> Result<Vec<u64>> {
+            let s = words.get(*pos..*pos + n).ok_or_else(bad)?.to_vec();
+            *pos += n;
+            Ok(s)
+        };
+        let kind = take(1)?[0];
+        let z = |x: u64| x as usize;
+        Ok(match kind {
+            K_MUL => Req::Mul { n: z(take(1)?[0]) },
+            K_MULROW => {
+                let v = take(2)?;
+                Req::MulRow {
+                    rows: z(v[0]),
+                    cols: z(v[1]),
+                }
+            }
+            K_SQUARE => Req::Square { n: z(take(1)?[0]) },
+            K_MATMUL => {
+                let v = take(4)?;
+                Req::MatMul {
+                    batch: z(v[0]),
+                    m: z(v[1]),
+                    k: z(v[2]),
+                    n: z(v[3]),
+                }
+            }
+            K_WMATMUL => {
+                let v = take(4)?;
+                Req::WeightMatMul {
+                    id: v[0],
+                    m: z(v[1]),
+                    k: z(v[2]),
+                    n: z(v[3]),
+                }
+            }
+            K_WELEM => {
+                let v = take(3)?;
+                Req::WeightElem {
+                    id: v[0],
+                    rows: z(v[1]),
+                    cols: z(v[2]),
+                }
+            }
+            _ => return Err(bad()),
+        })
+    }
+
+    /// (len a, len b, len c) of the material.
+    fn lens(&self) -> (usize, usize, usize) {
+        match *self {
+            Req::Mul { n } => (n, n, n),
+            Req::MulRow { rows, cols } => (rows * cols, rows, rows * cols),
+            Req::Square { n } => (n, 0, n),
+            Req::MatMul { batch, m, k, n } => {
+                let b = batch.max(1);
+                (b * m * k, b * k * n, b * m * n)
+            }
+            Req::WeightMatMul { m, k, n, .. } => (m * k, 0, m * n),
+            Req::WeightElem { rows, cols, .. } => (rows * cols, 0, rows * cols),
+        }
+    }
+
+    /// Words of `c1` the dealer sends for this item.
+    pub fn answer_len(&self) -> usize {
+        self.lens().2
+    }
+}
+
+/// One party's share of one item. For weight items P0 holds only `c` and P1 only `a` (and `c`
+/// once received).
+#[derive(Clone, Default)]
+pub struct Material {
+    pub a: Vec<u64>,
+    pub b: Vec<u64>,
+    pub c: Vec<u64>,
+}
+
+fn random_vec(rng: &mut ChaCha20Rng, n: usize) -> Vec<u64> {
+    (0..n).map(|_| rng.next_u64()).collect()
+}
+
+/// The values `party` draws from its PRG for `req` — the same function for the party and for
+/// the dealer, which keeps them in step.
+fn draw(rng: &mut ChaCha20Rng, party: Party, req: &Req) -> Material {
+    let (la, lb, lc) = req.lens();
+    let weight = matches!(req, Req::WeightMatMul { .. } | Req::WeightElem { .. });
+    match (party, weight) {
+        (Party::P0, false) => {
+            let a = random_vec(rng, la);
+            let b = random_vec(rng, lb);
+            let c = random_vec(rng, lc);
+            Material { a, b, c }
+        }
+        (Party::P1, false) => {
+            let a = random_vec(rng, la);
+            let b = random_vec(rng, lb);
+            Material {
+                a,
+                b,
+                c: Vec::new(),
+            }
+        }
+        (Party::P0, true) => Material {
+            c: random_vec(rng, lc),
+            ..Material::default()
+        },
+        (Party::P1, true) => Material {
+            a: random_vec(rng, la),
+            ..Material::default()
+        },
+    }
+}
+
+/// P0's per-model mask of weight `id`: `len` words of ChaCha20 stream `1 + id` of seed `s0`.
+pub fn weight_mask(seed0: &[u8; 32], id: u64, len: usize) -> Vec<u64> {
+    let mut rng = ChaCha20Rng::from_seed(*seed0);
+    rng.set_stream(1 + id);
+    random_vec(&mut rng, len)
+}
+
+fn seed_to_words(seed: &[u8; 32]) -> Vec<u64> {
+    seed.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+fn words_to_seed(w: &[u64]) -> Result<[u8; 32]> {
+    if w.len() != 4 {
+        return Err(MpcError::Dealer("malformed seed".into()));
+    }
+    let mut s = [0u8; 32];
+    for (i, x) in w.iter().enumerate() {
+        s[8 * i..8 * i + 8].copy_from_slice(&x.to_le_bytes());
+    }
+    Ok(s)
+}
+
+/// A party's side of the dealer: its PRG, and for P1 the channel to the dealer.
+pub struct DealerClient {
+    party: Party,
+    seed: [u8; 32],
+    rng: ChaCha20Rng,
+    chan: Option<Box<dyn Channel>>,
+}
+
+impl DealerClient {
+    /// `chan` is required for P1 (the dealer's answers come over it) and unused by P0.
+    pub fn new(party: Party, seed: [u8; 32], chan: Option<Box<dyn Channel>>) -> Result<Self> {
+        if party == Party::P1 && chan.is_none() {
+            return Err(MpcError::Dealer("P1 needs a channel to the dealer".into()));
+        }
+        Ok(Self {
+            party,
+            seed,
+            rng: ChaCha20Rng::from_seed(seed),
+            chan,
+        })
+    }
+
+    /// Connects to a dealer over `chan`: announces the party and receives its seed.
+    pub fn connect(party: Party, mut chan: Box<dyn Channel>) -> Result<Self> {
+        chan.send("dealer", &[party.index() as u64])?;
+        let seed = words_to_seed(&chan.recv("dealer")?)?;
+        let chan = match party {
+            Party::P0 => None,
+            Party::P1 => Some(chan),
+        };
+        Self::new(party, seed, chan)
+    }
+
+    pub fn party(&self) -> Party {
+        self.party
+    }
+
+    /// This party's material for `reqs`, in order (P1's `c` still empty).
+    pub fn draw(&mut self, reqs: &[Req]) -> Vec<Material> {
+        reqs.iter()
+            .map(|r| draw(&mut self.rng, self.party, r))
+            .collect()
+    }
+
+    /// P1: sends the requests of one round to the dealer. Returns the bytes sent (0 for P0).
+    pub fn request(&mut self, op: &str, reqs: &[Req]) -> Result<u64> {
+        let Some(chan) = self.chan.as_mut() else {
+            return Ok(0);
+        };
+        let mut words = vec![reqs.len() as u64];
+        for r in reqs {
+            r.encode(&mut words);
+        }
+        chan.send(op, &words)?;
+        Ok(FRAME_HEADER_BYTES + 8 * words.len() as u64)
+    }
+
+    /// P1: receives the dealer's `c1` for the requests of one round into `mats`. Returns the
+    /// bytes received (0 for P0).
+    pub fn receive(&mut self, op: &str, reqs: &[Req], mats: &mut [Material]) -> Result<u64> {
+        let Some(chan) = self.chan.as_mut() else {
+            return Ok(0);
+        };
+        let words = chan.recv(op)?;
+        let want: usize = reqs.iter().map(Req::answer_len).sum();
+        if words.len() != want {
+            return Err(MpcError::FrameLength {
+                op: op.into(),
+                expected: want,
+                got: words.len(),
+            });
+        }
+        let mut pos = 0;
+        for (r, m) in reqs.iter().zip(mats.iter_mut()) {
+            let n = r.answer_len();
+            m.c = words[pos..pos + n].to_vec();
+            pos += n;
+        }
+        Ok(FRAME_HEADER_BYTES + 8 * words.len() as u64)
+    }
+
+    /// P0's per-model mask of weight `id` (`None` for P1, which must not know it).
+    pub fn weight_mask(&self, id: u64, len: usize) -> Option<Vec<u64>> {
+        (self.party == Party::P0).then(|| weight_mask(&self.seed, id, len))
+    }
+
+    /// P1: tells the dealer the session is over.
+    pub fn finish(&mut self) -> Result<()> {
+        if let Some(chan) = self.chan.as_mut() {
+            chan.send("dealer", &[0])?;
+        }
+        Ok(())
+    }
+}
+
+/// What the dealer sent and received.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DealerStats {
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    pub rounds: u64,
+    pub items: u64,
+}
+
+/// The trusted dealer.
+pub struct Dealer {
+    seeds: [[u8; 32]; 2],
+    rng: [ChaCha20Rng; 2],
+    masks: HashMap<u64, Vec<u64>>,
+    pub stats: DealerStats,
+}
+
+impl Default for Dealer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Dealer {
+    /// Seeds from the OS.
+    pub fn new() -> Self {
+        Self::from_seeds([os_seed(), os_seed()])
+    }
+
+    pub fn from_seeds(seeds: [[u8; 32]; 2]) -> Self {
+        Self {
+            seeds,
+            rng: [
+                ChaCha20Rng::from_seed(seeds[0]),
+                ChaCha20Rng::from_seed(seeds[1]),
+            ],
+            masks: HashMap::new(),
+            stats: DealerStats::default(),
+        }
+    }
+
+    /// The seed of `party` (hand it over privately).
+    pub fn seed(&self, party: Party) -> [u8; 32] {
+        self.seeds[party.index()]
+    }
+
+    /// Serves a party that connected with [`DealerClient::connect`]: sends its seed; for P1,
+    /// then answers requests until P1 says it is done (or goes away).
+    pub fn serve_connection(&mut self, chan: &mut dyn Channel) -> Result<Party> {
+        let party = self.hello(chan)?;
+        if party == Party::P1 {
+            self.serve(chan)?;
+        }
+        Ok(party)
+    }
+
+    /// Reads a party's hello and sends it its seed.
+    pub fn hello(&mut self, chan: &mut dyn Channel) -> Result<Party> {
+        let hello = chan.recv("dealer")?;
+        let party = hello
+            .first()
+            .and_then(|&i| Party::from_index(i as usize))
+            .ok_or_else(|| MpcError::Dealer("malformed hello".into()))?;
+        chan.send("dealer", &seed_to_words(&self.seeds[party.index()]))?;
+        self.stats.bytes_sent += FRAME_HEADER_BYTES + 32;
+        self.stats.bytes_recv += FRAME_HEADER_BYTES + 8;
+        Ok(party)
+    }
+
+    /// Answers P1's requests until an empty request list or the channel closes.
+    pub fn serve(&mut self, chan: &mut dyn Channel) -> Result<()> {
+        loop {
+            let words = match chan.recv("dealer") {
+                Ok(w) => w,
+                Err(MpcError::PeerClosed { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            self.stats.bytes_recv += FRAME_HEADER_BYTES + 8 * words.len() as u64;
+            let n = *words
+                .first()
+                .ok_or_else(|| MpcError::Dealer("empty request".into()))?
+                as usize;
+            if n == 0 {
+                return Ok(());
+            }
+            let mut pos = 1;
+            let mut reqs = Vec::with_capacity(n);
+            for _ in 0..n {
+                reqs.push(Req::decode(&words, &mut pos)?);
+            }
+            let out = self.answer(&reqs);
+            chan.send("dealer", &out)?;
+            self.stats.bytes_sent += FRAME_HEADER_BYTES + 8 * out.len() as u64;
+            self.stats.rounds += 1;
+            self.stats.items += n as u64;
+        }
+    }
+
+    fn mask(&mut self, id: u64, len: usize) -> &[u64] {
+        let seed = self.seeds[0];
+        let m = self
+            .masks
+            .entry(id)
+            .or_insert_with(|| weight_mask(&seed, id, len));
+        if m.len() != len {
+            *m = weight_mask(&seed, id, len);
+        }
+        m
+    }
+
+    /// `c1` for each request, concatenated.
+    pub fn answer(&mut self, reqs: &[Req]) -> Vec<u64> {
+        let mut out = Vec::with_capacity(reqs.iter().map(Req::answer_len).sum());
+        for r in reqs {
+            let m0 = draw(&mut self.rng[0], Party::P0, r);
+            let m1 = draw(&mut self.rng[1], Party::P1, r);
+            let sum = |x: &[u64], y: &[u64]| -> Vec<u64> {
+                x.iter().zip(y).map(|(p, q)| p.wrapping_add(*q)).collect()
+            };
+            let c: Vec<u64> = match *r {
+                Req::Mul { .. } => {
+                    let (a, b) = (sum(&m0.a, &m1.a), sum(&m0.b, &m1.b));
+                    a.iter().zip(&b).map(|(p, q)| p.wrapping_mul(*q)).collect()
+                }
+                Req::MulRow { cols, .. } => {
+                    let (a, b) = (sum(&m0.a, &m1.a), sum(&m0.b, &m1.b));
+                    a.iter()
+                        .enumerate()
+                        .map(|(i, p)| p.wrapping_mul(b[i / cols]))
+                        .collect()
+                }
+                Req::Square { .. } => {
+                    let a = sum(&m0.a, &m1.a);
+                    a.iter().map(|p| p.wrapping_mul(*p)).collect()
+                }
+                Req::MatMul { batch, m, k, n } => {
+                    let (a, b) = (sum(&m0.a, &m1.a), sum(&m0.b, &m1.b));
+                    let mut c = Vec::with_capacity(batch.max(1) * m * n);
+                    for i in 0..batch.max(1) {
+                        c.extend(matmul_u64(
+                            &a[i * m * k..(i + 1) * m * k],
+                            &b[i * k * n..(i + 1) * k * n],
+                            m,
+                            k,
+                            n,
+                        ));
+                    }
+                    c
+                }
+                Req::WeightMatMul { id, m, k, n } => {
+                    let a = m1.a;
+                    let b0 = self.mask(id, k * n);
+                    matmul_u64(&a, b0, m, k, n)
+                }
+                Req::WeightElem { id, cols, .. } => {
+                    let a = m1.a;
+                    let b0 = self.mask(id, cols);
+                    a.iter()
+                        .enumerate()
+                        .map(|(i, p)| p.wrapping_mul(b0[i % cols]))
+                        .collect()
+                }
+            };
+            out.extend(c.iter().zip(&m0.c).map(|(x, y)| x.wrapping_sub(*y)));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mpc::net::mem_pair;
+    use std::time::Duration;
+
+    #[test]
+    fn triples_open_to_products() {
+        let mut dealer = Dealer::new();
+        let (a, mut b) = mem_pair(Duration::from_secs(5));
+        let seeds = [dealer.seed(Party::P0), dealer.seed(Party::P1)];
+        let h = std::thread::spawn(move || {
+            dealer.serve(&mut b).unwrap();
+            dealer
+        });
+        let mut p0 = DealerClient::new(Party::P0, seeds[0], None).unwrap();
+        let mut p1 = DealerClient::new(Party::P1, seeds[1], Some(Box::new(a))).unwrap();
+        let reqs = vec![
+            Req::Mul { n: 5 },
+            Req::MulRow { rows: 2, cols: 3 },
+            Req::Square { n: 4 },
+            Req::MatMul {
+                batch: 2,
+                m: 3,
+                k: 4,
+                n: 2,
+            },
+            Req::MatMul {
+                batch: 0,
+                m: 2,
+                k: 3,
+                n: 2,
+            },
+            Req::WeightMatMul {
+                id: 7,
+                m: 2,
+                k: 3,
+                n: 4,
+            },
+            Req::WeightElem {
+                id: 8,
+                rows: 2,
+                cols: 3,
+            },
+        ];
+        let m0 = p0.draw(&reqs);
+        let mut m1 = p1.draw(&reqs);
+        assert!(p1.request("t", &reqs).unwrap() > 0);
+        assert!(p1.receive("t", &reqs, &mut m1).unwrap() > 0);
+        p1.finish().unwrap();
+        let dealer = h.join().unwrap();
+        assert_eq!(dealer.stats.items, reqs.len() as u64);
+        let add = |x: &[u64], y: &[u64]| -> Vec<u64> {
+            x.iter().zip(y).map(|(p, q)| p.wrapping_add(*q)).collect()
+        };
+        for (i, r) in reqs.iter().enumerate() {
+            let c = add(&m0[i].c, &m1[i].c);
+            let want: Vec<u64> = match *r {
+                Req::Mul { .. } => {
+                    let (a, b) = (add(&m0[i].a, &m1[i].a), add(&m0[i].b, &m1[i].b));
+                    a.iter().zip(&b).map(|(p, q)| p.wrapping_mul(*q)).collect()
+                }
+                Req::MulRow { cols, .. } => {
+                    let (a, b) = (add(&m0[i].a, &m1[i].a), add(&m0[i].b, &m1[i].b));
+                    (0..a.len())
+                        .map(|j| a[j].wrapping_mul(b[j / cols]))
+                        .collect()
+                }
+                Req::Square { .. } => {
+                    let a = add(&m0[i].a, &m1[i].a);
+                    a.iter().map(|p| p.wrapping_mul(*p)).collect()
+                }
+                Req::MatMul { batch, m, k, n } => {
+                    let (a, b) = (add(&m0[i].a, &m1[i].a), add(&m0[i].b, &m1[i].b));
+                    (0..batch.max(1))
+                        .flat_map(|t| {
+                            crate::mpc::ring::matmul_u64_naive(
+                                &a[t * m * k..(t + 1) * m * k],
+                                &b[t * k * n..(t + 1) * k * n],
+                                m,
+                                k,
+                                n,
+                            )
+                        })
+                        .collect()
+                }
+                Req::WeightMatMul { id, m, k, n } => {
+                    let b0 = p0.weight_mask(id, k * n).unwrap();
+                    assert!(p1.weight_mask(id, k * n).is_none());
+                    crate::mpc::ring::matmul_u64_naive(&m1[i].a, &b0, m, k, n)
+                }
+                Req::WeightElem { id, cols, .. } => {
+                    let b0 = p0.weight_mask(id, cols).unwrap();
+                    (0..m1[i].a.len())
+                        .map(|j| m1[i].a[j].wrapping_mul(b0[j % cols]))
+                        .collect()
+                }
+            };
+            assert_eq!(c, want, "item {i}");
+        }
+    }
+}

@@ -29,10 +29,11 @@
 //! 3. [`dealer`]: correlated randomness from PRG seeds.
 //! 4. [`net`]: the [`net::Channel`] trait, an in-process pair and TCP with length-prefixed frames and
 //!    timeouts; rounds and bytes counted per op; LAN/WAN time model.
-//! 5. [`protocols`]: Beaver multiply, square and matmul (one round each), reveal.
-//!
-//! The model under MPC (Quad, 2Quad, LayerNorm, reciprocal, embedding) and the `mpc run` /
-//! `mpc bench` CLI build on these.
+//! 5. [`protocols`]: Beaver multiply, square and matmul (one round each), reveal; weight
+//!    products with per-model masks; Quad, 2Quad, reciprocal, inverse square root, LayerNorm,
+//!    tanh.
+//! 6. [`model`]: the exported student (BERT / RoBERTa, Quad + 2Quad) under MPC, sessions
+//!    in-process or over TCP; [`cli`]: `mpcformer mpc run` / `mpc bench`.
 //!
 //! # What may be printed
 //!
@@ -40,7 +41,9 @@
 //! shapes, op labels and byte counts only, and the `Debug` impls of [`ring::RingTensor`] and
 //! [`share::AShare`] print the shape, never the data.
 
+pub mod cli;
 pub mod dealer;
+pub mod model;
 pub mod net;
 pub mod protocols;
 pub mod ring;
@@ -136,6 +139,10 @@ pub enum MpcError {
     Dealer(String),
     #[error("configuration: {0}")]
     Config(String),
+    #[error(
+        "{0}: unsupported under MPC (this engine runs Quad GeLU and 2Quad attention; 2ReLU, softmax and GeLU need comparisons or exp — see issue 9)"
+    )]
+    Unsupported(String),
 }
 
 /// Result with [`MpcError`].

@@ -1,1 +1,998 @@
-//! placeholder
+//! Two-party protocols on additive shares, with the dealer's correlated randomness.
+//!
+//! [`Ctx`] holds one party's view: its channel to the peer (with counters), its side of the
+//! dealer, and the fixed-point encoding. [`Ctx::run`] performs **one round**: any number of
+//! independent products ([`Op`]) whose openings travel in a single frame each way, and whose
+//! dealer requests travel in a single frame to the dealer while the parties exchange.
+//!
+//! Products (Beaver, one round each; outputs carry `2f` fractional bits until truncated):
+//! - [`Op::Mul`]: `x ∘ y`; open `e = x − a`, `f = y − b`; `z_i = e∘y_i + a_i∘f + c_i`.
+//! - [`Op::MulRow`]: `x[r, c] · y[r]` (a per-row factor), opening `y − b` once per row.
+//! - [`Op::Square`]: `x²` from a square pair; `z_i = [i = 0]·e² + 2e∘a_i + c_i`.
+//! - [`Op::MatMul`]: `x · y` with a matrix triple; `z_i = e·y_i + a_i·f + c_i`.
+//! - [`Op::WeightMatMul`] / [`Op::WeightElem`]: `x · W` / `x ∘ W` for a weight `W` private to P0,
+//!   masked once per model (see [`super::dealer`]); only P1 sends (`e = x1 − a`).
+//!
+//! Non-linear ops for the student, all built from those rounds and local truncation:
+//! [`Ctx::quad`] (1 round), [`Ctx::reciprocal`] / [`Ctx::inv_sqrt`] (Newton–Raphson, range-aware
+//! linear initial guess from [`NewtonPlan`]), [`Ctx::two_quad`], [`Ctx::layer_norm`],
+//! [`Ctx::tanh`] (Chebyshev series, [`ChebPlan`]).
+
+use super::dealer::{DealerClient, Material, Req};
+use super::net::Net;
+use super::ring::{FixedPoint, RingTensor, matmul_shape};
+use super::share::AShare;
+use super::{MpcError, Party, Result};
+
+/// A weight private to P0 with its per-model mask opened to P1: P0 holds `W`, P1 holds
+/// `F = W − B0`. Row-major; `[k, n]` for a matrix, `[n]` for a vector.
+#[derive(Clone)]
+pub struct PrivWeight {
+    pub id: u64,
+    pub data: RingTensor,
+}
+
+impl std::fmt::Debug for PrivWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PrivWeight {{ id: {}, shape: {:?} }}",
+            self.id, self.data.shape
+        )
+    }
+}
+
+/// One product of a round.
+pub enum Op<'a> {
+    Mul(&'a AShare, &'a AShare),
+    /// `x` of shape `[.., c]` (rows = numel / c), `y` with one element per row.
+    MulRow(&'a AShare, &'a AShare),
+    Square(&'a AShare),
+    /// `[.., m, k] × [k, n]` or `[b, m, k] × [b, k, n]`.
+    MatMul(&'a AShare, &'a AShare),
+    /// `x · W`, `x` `[.., k]`, `W` `[k, n]`.
+    WeightMatMul(&'a AShare, &'a PrivWeight),
+    /// `x ∘ W`, `x` `[.., c]`, `W` `[c]` broadcast over rows.
+    WeightElem(&'a AShare, &'a PrivWeight),
+}
+
+fn shape_err(op: &str, lhs: &[usize], rhs: &[usize]) -> MpcError {
+    MpcError::Shape {
+        op: op.into(),
+        lhs: lhs.to_vec(),
+        rhs: rhs.to_vec(),
+    }
+}
+
+impl Op<'_> {
+    fn req(&self) -> Result<Req> {
+        Ok(match self {
+            Op::Mul(x, y) => {
+                if x.shape() != y.shape() {
+                    return Err(shape_err("mul", x.shape(), y.shape()));
+                }
+                Req::Mul { n: x.numel() }
+            }
+            Op::MulRow(x, y) => {
+                let cols = *x.shape().last().unwrap_or(&1);
+                let rows = x.numel() / cols.max(1);
+                if y.numel() != rows {
+                    return Err(shape_err("mul_row", x.shape(), y.shape()));
+                }
+                Req::MulRow { rows, cols }
+            }
+            Op::Square(x) => Req::Square { n: x.numel() },
+            Op::MatMul(x, y) => {
+                matmul_shape(x.shape(), y.shape())?;
+                let (xs, ys) = (x.shape(), y.shape());
+                if ys.len() == 3 {
+                    Req::MatMul {
+                        batch: xs[0],
+                        m: xs[1],
+                        k: xs[2],
+                        n: ys[2],
+                    }
+                } else {
+                    let k = ys[0];
+                    Req::MatMul {
+                        batch: 0,
+                        m: x.numel() / k.max(1),
+                        k,
+                        n: ys[1],
+                    }
+                }
+            }
+            Op::WeightMatMul(x, w) => {
+                let ws = &w.data.shape;
+                if ws.len() != 2 || x.shape().last() != Some(&ws[0]) {
+                    return Err(shape_err("weight_matmul", x.shape(), ws));
+                }
+                Req::WeightMatMul {
+                    id: w.id,
+                    m: x.numel() / ws[0].max(1),
+                    k: ws[0],
+                    n: ws[1],
+                }
+            }
+            Op::WeightElem(x, w) => {
+                let ws = &w.data.shape;
+                if ws.len() != 1 || x.shape().last() != Some(&ws[0]) {
+                    return Err(shape_err("weight_elem", x.shape(), ws));
+                }
+                Req::WeightElem {
+                    id: w.id,
+                    rows: x.numel() / ws[0].max(1),
+                    cols: ws[0],
+                }
+            }
+        })
+    }
+
+    /// Words `party` sends for this op.
+    fn send_len(&self, party: Party) -> usize {
+        match self {
+            Op::Mul(x, y) => x.numel() + y.numel(),
+            Op::MulRow(x, y) => x.numel() + y.numel(),
+            Op::Square(x) => x.numel(),
+            Op::MatMul(x, y) => x.numel() + y.numel(),
+            Op::WeightMatMul(x, _) | Op::WeightElem(x, _) => match party {
+                Party::P0 => 0,
+                Party::P1 => x.numel(),
+            },
+        }
+    }
+}
+
+fn sub_into(out: &mut Vec<u64>, x: &[u64], a: &[u64]) {
+    out.extend(x.iter().zip(a).map(|(p, q)| p.wrapping_sub(*q)));
+}
+
+fn add_vec(x: &[u64], y: &[u64]) -> Vec<u64> {
+    x.iter().zip(y).map(|(p, q)| p.wrapping_add(*q)).collect()
+}
+
+/// One party's protocol context.
+pub struct Ctx {
+    pub party: Party,
+    pub fp: FixedPoint,
+    pub net: Net,
+    pub dealer: DealerClient,
+}
+
+impl Ctx {
+    pub fn new(fp: FixedPoint, net: Net, dealer: DealerClient) -> Self {
+        Self {
+            party: dealer.party(),
+            fp,
+            net,
+            dealer,
+        }
+    }
+
+    /// Fractional bits.
+    pub fn f(&self) -> u32 {
+        self.fp.frac_bits()
+    }
+
+    /// Charges what follows to op `label` (rounds, bytes, dealer bytes, wall time).
+    pub fn op(&mut self, label: &str) {
+        self.net.stats.begin(label);
+    }
+
+    /// Encodes a public real.
+    pub fn enc(&self, v: f64) -> u64 {
+        self.fp.encode(v)
+    }
+
+    /// One round: every op's opening in one frame each way. Outputs are **not** truncated.
+    pub fn run(&mut self, ops: &[Op]) -> Result<Vec<AShare>> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let party = self.party;
+        let label = self.net.stats.label().to_string();
+        let reqs: Vec<Req> = ops.iter().map(Op::req).collect::<Result<_>>()?;
+        let mut mats = self.dealer.draw(&reqs);
+        let sent_to_dealer = self.dealer.request(&label, &reqs)?;
+        // My part of every opening.
+        let mut out = Vec::with_capacity(ops.iter().map(|o| o.send_len(party)).sum());
+        for (op, m) in ops.iter().zip(&mats) {
+            match op {
+                Op::Mul(x, y) | Op::MulRow(x, y) | Op::MatMul(x, y) => {
+                    sub_into(&mut out, &x.t.data, &m.a);
+                    sub_into(&mut out, &y.t.data, &m.b);
+                }
+                Op::Square(x) => sub_into(&mut out, &x.t.data, &m.a),
+                Op::WeightMatMul(x, _) | Op::WeightElem(x, _) => {
+                    if party == Party::P1 {
+                        sub_into(&mut out, &x.t.data, &m.a);
+                    }
+                }
+            }
+        }
+        let peer = self.net.exchange(&out)?;
+        let want: usize = ops.iter().map(|o| o.send_len(party.peer())).sum();
+        if peer.len() != want {
+            return Err(MpcError::FrameLength {
+                op: label,
+                expected: want,
+                got: peer.len(),
+            });
+        }
+        let got_from_dealer = self.dealer.receive(&label, &reqs, &mut mats)?;
+        self.net.stats.cur().dealer_bytes += sent_to_dealer + got_from_dealer;
+
+        let (mut pm, mut pp) = (0usize, 0usize);
+        let mut res = Vec::with_capacity(ops.len());
+        for (op, m) in ops.iter().zip(&mats) {
+            let (nm, np) = (op.send_len(party), op.send_len(party.peer()));
+            let mine = &out[pm..pm + nm];
+            let theirs = &peer[pp..pp + np];
+            pm += nm;
+            pp += np;
+            res.push(self.finish(op, m, mine, theirs)?);
+        }
+        Ok(res)
+    }
+
+    fn finish(&self, op: &Op, m: &Material, mine: &[u64], theirs: &[u64]) -> Result<AShare> {
+        let party = self.party;
+        Ok(match op {
+            Op::Mul(x, y) => {
+                let n = x.numel();
+                let e = add_vec(&mine[..n], &theirs[..n]);
+                let f = add_vec(&mine[n..], &theirs[n..]);
+                let data = (0..n)
+                    .map(|i| {
+                        e[i].wrapping_mul(y.t.data[i])
+                            .wrapping_add(m.a[i].wrapping_mul(f[i]))
+                            .wrapping_add(m.c[i])
+                    })
+                    .collect();
+                AShare::new(party, RingTensor::new(x.shape().to_vec(), data)?)
+            }
+            Op::MulRow(x, y) => {
+                let n = x.numel();
+                let cols = *x.shape().last().unwrap_or(&1);
+                let e = add_vec(&mine[..n], &theirs[..n]);
+                let f = add_vec(&mine[n..], &theirs[n..]);
+                let data = (0..n)
+                    .map(|i| {
+                        let r = i / cols;
+                        e[i].wrapping_mul(y.t.data[r])
+                            .wrapping_add(m.a[i].wrapping_mul(f[r]))
+                            .wrapping_add(m.c[i])
+                    })
+                    .collect();
+                AShare::new(party, RingTensor::new(x.shape().to_vec(), data)?)
+            }
+            Op::Square(x) => {
+                let e = add_vec(mine, theirs);
+                let data = e
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &ei)| {
+                        let base = ei.wrapping_mul(2).wrapping_mul(m.a[i]).wrapping_add(m.c[i]);
+                        match party {
+                            Party::P0 => base.wrapping_add(ei.wrapping_mul(ei)),
+                            Party::P1 => base,
+                        }
+                    })
+                    .collect();
+                AShare::new(party, RingTensor::new(x.shape().to_vec(), data)?)
+            }
+            Op::MatMul(x, y) => {
+                let n = x.numel();
+                let e = RingTensor::new(x.shape().to_vec(), add_vec(&mine[..n], &theirs[..n]))?;
+                let f = RingTensor::new(y.shape().to_vec(), add_vec(&mine[n..], &theirs[n..]))?;
+                let a = RingTensor::new(x.shape().to_vec(), m.a.clone())?;
+                let mut z = e.matmul(&y.t)?;
+                z.add_assign(&a.matmul(&f)?)?;
+                let c = RingTensor::new(z.shape.clone(), m.c.clone())?;
+                z.add_assign(&c)?;
+                AShare::new(party, z)
+            }
+            Op::WeightMatMul(x, w) => {
+                let out_shape = matmul_shape(x.shape(), &w.data.shape)?;
+                let mut z = match party {
+                    Party::P0 => {
+                        let xe = RingTensor::new(x.shape().to_vec(), add_vec(&x.t.data, theirs))?;
+                        xe.matmul(&w.data)?
+                    }
+                    Party::P1 => {
+                        let a = RingTensor::new(x.shape().to_vec(), m.a.clone())?;
+                        a.matmul(&w.data)?
+                    }
+                };
+                z.add_assign(&RingTensor::new(out_shape, m.c.clone())?)?;
+                AShare::new(party, z)
+            }
+            Op::WeightElem(x, w) => {
+                let cols = w.data.numel();
+                let src: Vec<u64> = match party {
+                    Party::P0 => add_vec(&x.t.data, theirs),
+                    Party::P1 => m.a.clone(),
+                };
+                let data = src
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| v.wrapping_mul(w.data.data[i % cols]).wrapping_add(m.c[i]))
+                    .collect();
+                AShare::new(party, RingTensor::new(x.shape().to_vec(), data)?)
+            }
+        })
+    }
+
+    /// Runs one op of a round and truncates by `f`.
+    fn one(&mut self, op: Op) -> Result<AShare> {
+        let f = self.f();
+        Ok(self.run(&[op])?.remove(0).truncate(f))
+    }
+
+    /// `x ∘ y`, truncated (1 round).
+    pub fn mul(&mut self, x: &AShare, y: &AShare) -> Result<AShare> {
+        self.one(Op::Mul(x, y))
+    }
+
+    /// `x²`, truncated (1 round).
+    pub fn square(&mut self, x: &AShare) -> Result<AShare> {
+        self.one(Op::Square(x))
+    }
+
+    /// `x · y`, truncated (1 round).
+    pub fn matmul(&mut self, x: &AShare, y: &AShare) -> Result<AShare> {
+        self.one(Op::MatMul(x, y))
+    }
+
+    /// `x · W + bias` for P0's weight `W` `[k, n]` and bias `[n]` (`bias` is P0's; P1 passes
+    /// `None`). `trunc` is the truncation of the product: `f` for fixed-point inputs, 0 for
+    /// integer inputs (one-hot rows).
+    pub fn linear(
+        &mut self,
+        x: &AShare,
+        w: &PrivWeight,
+        bias: Option<&RingTensor>,
+        trunc: u32,
+    ) -> Result<AShare> {
+        let mut z = self
+            .run(&[Op::WeightMatMul(x, w)])?
+            .remove(0)
+            .truncate(trunc);
+        if let (Party::P0, Some(b)) = (self.party, bias) {
+            add_row_vector(&mut z.t, b)?;
+        }
+        Ok(z)
+    }
+
+    /// Opens `x` to both parties (1 round).
+    pub fn reveal(&mut self, x: &AShare) -> Result<RingTensor> {
+        let theirs = self.net.exchange(&x.t.data)?;
+        if theirs.len() != x.numel() {
+            return Err(MpcError::FrameLength {
+                op: self.net.stats.label().into(),
+                expected: x.numel(),
+                got: theirs.len(),
+            });
+        }
+        RingTensor::new(x.shape().to_vec(), add_vec(&x.t.data, &theirs))
+    }
+
+    /// Opens `x` to `to` only (1 round, one direction): `Some(x)` there, `None` at the other.
+    pub fn reveal_to(&mut self, x: &AShare, to: Party) -> Result<Option<RingTensor>> {
+        if self.party == to {
+            let theirs = self.net.recv_exact(x.numel())?;
+            Ok(Some(RingTensor::new(
+                x.shape().to_vec(),
+                add_vec(&x.t.data, &theirs),
+            )?))
+        } else {
+            self.net.send(&x.t.data)?;
+            Ok(None)
+        }
+    }
+
+    /// Setup of one P0 weight (once per model): P0 sends `F = W − B0(id)` to P1. P0 passes
+    /// `Some(W)`; P1 passes `None` and the shape.
+    pub fn share_weight(
+        &mut self,
+        id: u64,
+        w: Option<&RingTensor>,
+        shape: &[usize],
+    ) -> Result<PrivWeight> {
+        let n: usize = shape.iter().product();
+        match self.party {
+            Party::P0 => {
+                let w = w.ok_or_else(|| MpcError::Config("P0 must hold the weights".into()))?;
+                if w.shape != shape {
+                    return Err(shape_err("share_weight", &w.shape, shape));
+                }
+                let b0 = self.dealer.weight_mask(id, n).expect("P0 knows its masks");
+                let f: Vec<u64> = w
+                    .data
+                    .iter()
+                    .zip(&b0)
+                    .map(|(x, b)| x.wrapping_sub(*b))
+                    .collect();
+                self.net.send(&f)?;
+                Ok(PrivWeight {
+                    id,
+                    data: w.clone(),
+                })
+            }
+            Party::P1 => {
+                let f = self.net.recv_exact(n)?;
+                Ok(PrivWeight {
+                    id,
+                    data: RingTensor::new(shape.to_vec(), f)?,
+                })
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Non-linear ops.
+    // -----------------------------------------------------------------------------------------
+
+    /// `a·x² + b·x + c` (MPCFormer's Quad: 0.125, 0.25, 0.5) in **one round**, as
+    /// `a·(x + h)² + k` with `h = b / 2a`, `k = c − b² / 4a` (the same polynomial). When `a`
+    /// is a power of two (0.125 = 2⁻³) the square is truncated once, by `f + 3`.
+    pub fn quad(&mut self, x: &AShare, a: f64, b: f64, c: f64) -> Result<AShare> {
+        let f = self.f();
+        if a == 0.0 {
+            let y = x.mul_public_int(1).t.mul_public_int(self.enc(b) as i64);
+            return Ok(AShare::new(self.party, y)
+                .truncate(f)
+                .add_const(self.enc(c)));
+        }
+        let (h, k) = (b / (2.0 * a), c - b * b / (4.0 * a));
+        let t = x.add_const(self.enc(h));
+        let sq = self.run(&[Op::Square(&t)])?.remove(0);
+        let log = a.abs().log2();
+        let y = if a > 0.0 && log.fract() == 0.0 && log <= 0.0 && (f as f64 - log) < 63.0 {
+            sq.truncate(f + (-log) as u32)
+        } else {
+            let s = sq.truncate(f);
+            AShare::new(self.party, s.t.mul_public_int(self.enc(a) as i64)).truncate(f)
+        };
+        Ok(y.add_const(self.enc(k)))
+    }
+
+    /// `≈ 1/u` for `u = z / 2^plan.shift`, i.e. `2^shift / z` (f fractional bits), by
+    /// Newton–Raphson in Goldschmidt form from the linear guess `w0 = α − β·u`:
+    /// `ε0 = 1 − u·w0` (1 round), then `w ← w·(1 + ε)`, `ε ← ε²` (1 round each, the two products
+    /// in one frame). `1 + plan.iters` rounds. See [`NewtonPlan`] for the range and error.
+    pub fn reciprocal(&mut self, z: &AShare, plan: &NewtonPlan) -> Result<AShare> {
+        let f = self.f();
+        // u carries RECIP_EXTRA_BITS more fractional bits (u·2^g at f bits): the products with
+        // u are truncated by f + g, keeping their value (and failure probability) small.
+        let g = RECIP_EXTRA_BITS.min(plan.shift);
+        let ug = z.truncate(plan.shift - g);
+        let bu = AShare::new(self.party, ug.t.mul_public_int(self.enc(plan.beta) as i64))
+            .truncate(f + g);
+        let mut w = bu.rsub_const(self.enc(plan.alpha));
+        let one = self.fp.one();
+        let uw = self.run(&[Op::Mul(&ug, &w)])?.remove(0).truncate(f + g);
+        let mut eps = uw.rsub_const(one);
+        for i in 0..plan.iters {
+            if i + 1 == plan.iters {
+                let we = self.mul(&w, &eps)?;
+                w = w.add(&we)?;
+            } else {
+                let r = self.run(&[Op::Mul(&w, &eps), Op::Square(&eps)])?;
+                w = w.add(&r[0].truncate(f))?;
+                eps = r[1].truncate(f);
+            }
+        }
+        Ok(w)
+    }
+
+    /// `≈ 1/√v` (f fractional bits) by Newton–Raphson `w ← w·(3 − v·w²)/2` from the linear
+    /// guess `w0 = α − β·v`, tracking `h = v·w²` as `h ← h·t²` with `t = (3 − h)/2` so every
+    /// product stays O(1) (no overflow, no lost bits): `h0 = (v·w0)·w0` (2 rounds), then per
+    /// step `{w·t, t²}` (1 round) and `h·t²` (1 round; not needed after the last step):
+    /// `2·iters + 1` rounds. See [`NewtonPlan`].
+    pub fn inv_sqrt(&mut self, v: &AShare, plan: &NewtonPlan) -> Result<AShare> {
+        let f = self.f();
+        let bv =
+            AShare::new(self.party, v.t.mul_public_int(self.enc(plan.beta) as i64)).truncate(f);
+        let mut w = bv.rsub_const(self.enc(plan.alpha));
+        if plan.iters == 0 {
+            return Ok(w);
+        }
+        let vw = self.mul(v, &w)?;
+        let mut h = self.mul(&vw, &w)?;
+        let three = self.enc(3.0);
+        for i in 0..plan.iters {
+            let t3 = h.rsub_const(three); // 2t
+            if i + 1 == plan.iters {
+                w = self.run(&[Op::Mul(&w, &t3)])?.remove(0).truncate(f + 1);
+            } else {
+                let r = self.run(&[Op::Mul(&w, &t3), Op::Square(&t3)])?;
+                w = r[0].truncate(f + 1);
+                let t2 = r[1].truncate(f + 2);
+                h = self.mul(&h, &t2)?;
+            }
+        }
+        Ok(w)
+    }
+
+    /// 2Quad attention weights: `(s + c)²·m / Σ_k (s + c)²·m` for scores `s` `[B, H, Lq, Lk]`
+    /// and the public 0/1 key mask `m` `[B, Lk]`, applied multiplicatively **after** squaring
+    /// (masked keys get exactly 0). Row sums are summed before truncating; the reciprocal works
+    /// on `u = Z / 2^shift` and the final product is split as `(E / 2^a)·(w / 2^(shift − a))`
+    /// so that its value (the probability) stays ≤ 1 and keeps its bits. The mask is applied
+    /// again after the last product, so padded keys contribute exactly 0 to `P·V`.
+    pub fn two_quad(
+        &mut self,
+        scores: &AShare,
+        key_mask: &[u64],
+        c: f64,
+        plan: &NewtonPlan,
+    ) -> Result<AShare> {
+        let f = self.f();
+        let s = scores.shape().to_vec();
+        if s.len() != 4 || key_mask.len() != s[0] * s[3] {
+            return Err(shape_err("2quad", &s, &[key_mask.len()]));
+        }
+        let (b, h, lq, lk) = (s[0], s[1], s[2], s[3]);
+        let mask_full: Vec<u64> = (0..b * h * lq * lk)
+            .map(|i| key_mask[(i / (h * lq * lk)) * lk + i % lk])
+            .collect();
+        let mask_full = RingTensor::new(s.clone(), mask_full)?;
+        let t = scores.add_const(self.enc(c));
+        let sq = self
+            .run(&[Op::Square(&t)])?
+            .remove(0)
+            .mul_public(&mask_full)?;
+        let rows = b * h * lq;
+        let z: Vec<u64> =
+            sq.t.data
+                .chunks(lk)
+                .map(|r| r.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
+                .collect();
+        let z = AShare::new(self.party, RingTensor::new(vec![rows], z)?).truncate(f);
+        let w = self.reciprocal(&z, plan)?;
+        let a_bits = plan.shift / 2;
+        let e = sq.truncate(f + a_bits).reshape(&[rows, lk])?;
+        let w = w.truncate(plan.shift - a_bits);
+        let p = self.run(&[Op::MulRow(&e, &w)])?.remove(0).truncate(f);
+        p.reshape(&s)?.mul_public(&mask_full)
+    }
+
+    /// LayerNorm over the last dimension of `x` `[rows, d]`: `(x − μ)/√(σ² + eps)·γ + β`.
+    ///
+    /// `μ` locally; then one round for both `(x − μ)²` (summed per row at 2f bits, truncated
+    /// once) and `(x − μ)∘γ` (P0's γ, per-model mask); `σ² + eps` by one public product;
+    /// [`Ctx::inv_sqrt`]; one row-broadcast product; P0 adds β.
+    pub fn layer_norm(
+        &mut self,
+        x: &AShare,
+        gamma: &PrivWeight,
+        beta: Option<&RingTensor>,
+        eps: f64,
+        plan: &NewtonPlan,
+    ) -> Result<AShare> {
+        let f = self.f();
+        let shape = x.shape().to_vec();
+        let d = *shape.last().unwrap_or(&1);
+        let rows = x.numel() / d.max(1);
+        let inv_d = self.enc(1.0 / d as f64);
+        let row_sum = |t: &RingTensor| -> Vec<u64> {
+            t.data
+                .chunks(d)
+                .map(|r| r.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
+                .collect()
+        };
+        let sums = RingTensor::new(vec![rows], row_sum(&x.t))?;
+        let mu = AShare::new(self.party, sums.mul_public_int(inv_d as i64)).truncate(f);
+        let centered: Vec<u64> =
+            x.t.data
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.wrapping_sub(mu.t.data[i / d]))
+                .collect();
+        let dx = AShare::new(self.party, RingTensor::new(shape.clone(), centered)?);
+        let r = self.run(&[Op::Square(&dx), Op::WeightElem(&dx, gamma)])?;
+        let s = AShare::new(self.party, RingTensor::new(vec![rows], row_sum(&r[0].t))?).truncate(f);
+        let var = AShare::new(self.party, s.t.mul_public_int(inv_d as i64))
+            .truncate(f)
+            .add_const(self.enc(eps));
+        let g = r[1].truncate(f);
+        let w = self.inv_sqrt(&var, plan)?;
+        let mut y = self.run(&[Op::MulRow(&g, &w)])?.remove(0).truncate(f);
+        if let (Party::P0, Some(b)) = (self.party, beta) {
+            add_row_vector(&mut y.t, b)?;
+        }
+        Ok(y)
+    }
+
+    /// `tanh(x)` by its Chebyshev series on `[−M, M]` ([`ChebPlan`]): `t = x/M`, `T_1 = t`,
+    /// `T_{a+b} = 2·T_a·T_b − T_{a−b}` with `a` the largest power of two below the degree, so
+    /// round `r` makes `T_{2^(r−1)+1} … T_{2^r}` from earlier ones (⌈log2 n⌉ rounds; every
+    /// `|T_k| ≤ 1` on the range); then `Σ c_k T_k` locally, truncated once.
+    pub fn tanh(&mut self, x: &AShare, plan: &ChebPlan) -> Result<AShare> {
+        let f = self.f();
+        let n = plan.coeffs.len().saturating_sub(1);
+        let t = AShare::new(
+            self.party,
+            x.t.mul_public_int(self.enc(1.0 / plan.range) as i64),
+        )
+        .truncate(f);
+        let mut tk: Vec<AShare> = Vec::with_capacity(n + 1);
+        tk.push(AShare::from_public(
+            self.party,
+            &RingTensor::new(x.shape().to_vec(), vec![self.fp.one(); x.numel()])?,
+        ));
+        tk.push(t);
+        let mut have = 1;
+        while have < n {
+            let a = have; // a power of two
+            let top = (2 * a).min(n);
+            let idx: Vec<usize> = (a + 1..=top).collect();
+            let r = {
+                let ops: Vec<Op> = idx.iter().map(|&k| Op::Mul(&tk[a], &tk[k - a])).collect();
+                self.run(&ops)?
+            };
+            for (j, &k) in idx.iter().enumerate() {
+                let prod = r[j].truncate(f).mul_public_int(2);
+                let tkk = prod.sub(&tk[2 * a - k])?;
+                tk.push(tkk);
+            }
+            have = top;
+        }
+        let mut acc = RingTensor::zeros(x.shape());
+        for (k, &c) in plan.coeffs.iter().enumerate().skip(1) {
+            if c.abs() < 1e-12 {
+                continue;
+            }
+            acc.add_assign(&tk[k].t.mul_public_int(self.enc(c) as i64))?;
+        }
+        Ok(AShare::new(self.party, acc)
+            .truncate(f)
+            .add_const(self.enc(plan.coeffs[0])))
+    }
+}
+
+/// Extra fractional bits of the scaled reciprocal input `u = z / 2^shift`: `u` is kept as
+/// `u·2^4` so that small row sums keep 16× more significant units (products with it are
+/// truncated by `f + 4`; their ring magnitude stays below 2^(2f + 4 + log2 α)).
+pub const RECIP_EXTRA_BITS: u32 = 4;
+
+/// `t[.., n] += b[n]` for every row.
+pub fn add_row_vector(t: &mut RingTensor, b: &RingTensor) -> Result<()> {
+    let n = b.numel();
+    if t.shape.last() != Some(&n) {
+        return Err(shape_err("add_row_vector", &t.shape, &b.shape));
+    }
+    for (i, v) in t.data.iter_mut().enumerate() {
+        *v = v.wrapping_add(b.data[i % n]);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plans: initial guesses and iteration counts from the value ranges.
+// ---------------------------------------------------------------------------------------------
+
+/// Which function a [`NewtonPlan`] approximates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NewtonKind {
+    Reciprocal,
+    InvSqrt,
+}
+
+/// Initial guess and iteration count for a reciprocal or inverse square root over a known
+/// input range `[lo, hi]` (from the export manifest, widened by a margin).
+///
+/// **Reciprocal**: the input is first scaled by a public power of two, `u = z / 2^shift` with
+/// `2^shift ≥ hi`, so `u ∈ (0, 1]`; the guess is the line `w0 = α − β·u` and Newton–Raphson
+/// (Goldschmidt form) squares the relative error `ε = 1 − u·w` at every step.
+/// **Inverse square root**: no scaling (`shift = 0`: `v·w²` is tracked as an O(1) quantity);
+/// `w0 = α − β·v`; each step maps `ε → ε²(3 + ε)/4` for `ε = 1 − v·w²`.
+///
+/// [`NewtonPlan::new`] searches `(α, β)` — the line through `(lo, p/g(lo))` and
+/// `(hi, q/g(hi))` for a grid of `p, q` — and keeps the one reaching `target` relative error
+/// (in exact arithmetic, on 400 log-spaced points of the range) in the fewest steps; `max_err`
+/// is its error. CrypTen's reciprocal instead starts from `3·exp(1 − 2x) + 0.003` (an exp of 8
+/// squaring rounds) and runs 10 steps (≈ 28 rounds), its guess being only good for inputs in
+/// about `[1, 128]`; its inverse square root starts from `2.2·exp(−(x/2 + 0.2)) + 0.2 − x/1024`
+/// with 3 steps. The test `reciprocal_plan_beats_crypten_guess` compares both on the same range.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct NewtonPlan {
+    pub kind: NewtonKind,
+    pub lo: f64,
+    pub hi: f64,
+    pub shift: u32,
+    pub alpha: f64,
+    pub beta: f64,
+    pub iters: u32,
+    /// Largest relative error over `[lo, hi]` in exact arithmetic.
+    pub max_err: f64,
+}
+
+impl NewtonPlan {
+    /// Largest number of steps considered.
+    pub const MAX_ITERS: u32 = 16;
+
+    /// Relative error after `iters` steps at input `x` (exact arithmetic).
+    pub fn rel_err_at(
+        kind: NewtonKind,
+        alpha: f64,
+        beta: f64,
+        shift: u32,
+        iters: u32,
+        x: f64,
+    ) -> f64 {
+        let s = 2f64.powi(shift as i32);
+        match kind {
+            NewtonKind::Reciprocal => {
+                let u = x / s;
+                let mut w = alpha - beta * u;
+                for _ in 0..iters {
+                    w *= 2.0 - u * w;
+                }
+                (u * w - 1.0).abs()
+            }
+            NewtonKind::InvSqrt => {
+                let mut w = alpha - beta * x;
+                for _ in 0..iters {
+                    w *= (3.0 - x * w * w) / 2.0;
+                }
+                (w * x.sqrt() - 1.0).abs()
+            }
+        }
+    }
+
+    /// Max relative error over `pts` after 0, 1, …, `limit` steps.
+    fn errs_by_iter(
+        kind: NewtonKind,
+        alpha: f64,
+        beta: f64,
+        shift: u32,
+        limit: u32,
+        pts: &[f64],
+    ) -> Vec<f64> {
+        let s = 2f64.powi(shift as i32);
+        let mut out = vec![0f64; limit as usize + 1];
+        for &x in pts {
+            let mut w;
+            match kind {
+                NewtonKind::Reciprocal => {
+                    let u = x / s;
+                    w = alpha - beta * u;
+                    for (it, o) in out.iter_mut().enumerate() {
+                        if it > 0 {
+                            w *= 2.0 - u * w;
+                        }
+                        let e = (u * w - 1.0).abs();
+                        *o = if e.is_finite() {
+                            o.max(e)
+                        } else {
+                            f64::INFINITY
+                        };
+                    }
+                }
+                NewtonKind::InvSqrt => {
+                    w = alpha - beta * x;
+                    let r = x.sqrt();
+                    for (it, o) in out.iter_mut().enumerate() {
+                        if it > 0 {
+                            w *= (3.0 - x * w * w) / 2.0;
+                        }
+                        let e = (w * r - 1.0).abs();
+                        *o = if e.is_finite() {
+                            o.max(e)
+                        } else {
+                            f64::INFINITY
+                        };
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The plan for inputs in `[lo, hi]` (`0 < lo ≤ hi`) reaching relative error `target`.
+    pub fn new(kind: NewtonKind, lo: f64, hi: f64, target: f64) -> Result<Self> {
+        if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
+            return Err(MpcError::Config(format!(
+                "{kind:?}: input range [{lo}, {hi}] must be positive and finite"
+            )));
+        }
+        let shift = match kind {
+            NewtonKind::Reciprocal => hi.log2().ceil().max(0.0) as u32,
+            NewtonKind::InvSqrt => 0,
+        };
+        let s = 2f64.powi(shift as i32);
+        fn ident(x: f64) -> f64 {
+            x
+        }
+        let (g, pmax): (fn(f64) -> f64, f64) = match kind {
+            NewtonKind::Reciprocal => (ident, 2.0),
+            NewtonKind::InvSqrt => (f64::sqrt, 3f64.sqrt()),
+        };
+        let (xl, xh) = match kind {
+            NewtonKind::Reciprocal => (lo / s, hi / s),
+            NewtonKind::InvSqrt => (lo, hi),
+        };
+        let npts = 400;
+        let pts: Vec<f64> = (0..npts)
+            .map(|i| lo * (hi / lo).powf(i as f64 / (npts - 1) as f64))
+            .collect();
+        let mut best: Option<(u32, f64, f64, f64)> = None;
+        // p log-spaced (a wide range wants a guess far below the curve at its low end), q linear.
+        let steps = 48;
+        for i in 0..64 {
+            let p = pmax * 0.98 * (1e-4f64).powf(1.0 - i as f64 / 63.0);
+            for j in 1..steps {
+                let q = pmax * j as f64 / steps as f64;
+                let (yl, yh) = (p / g(xl), q / g(xh));
+                let beta = if xh > xl { (yl - yh) / (xh - xl) } else { 0.0 };
+                let alpha = yl + beta * xl;
+                let limit = best.map_or(Self::MAX_ITERS, |b| b.0);
+                let errs = Self::errs_by_iter(kind, alpha, beta, shift, limit, &pts);
+                for (it, &e) in errs.iter().enumerate() {
+                    let it = it as u32;
+                    if e <= target {
+                        let better = match best {
+                            None => true,
+                            Some((bi, be, _, _)) => it < bi || (it == bi && e < be),
+                        };
+                        if better {
+                            best = Some((it, e, alpha, beta));
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        let (iters, max_err, alpha, beta) = best.ok_or_else(|| {
+            MpcError::Config(format!(
+                "{kind:?}: no linear initial guess reaches relative error {target:.1e} over \
+                 [{lo:.3e}, {hi:.3e}] within {} steps",
+                Self::MAX_ITERS
+            ))
+        })?;
+        Ok(Self {
+            kind,
+            lo,
+            hi,
+            shift,
+            alpha,
+            beta,
+            iters,
+            max_err,
+        })
+    }
+
+    /// Communication rounds of the op.
+    pub fn rounds(&self) -> u32 {
+        match self.kind {
+            NewtonKind::Reciprocal => 1 + self.iters,
+            NewtonKind::InvSqrt if self.iters == 0 => 0,
+            NewtonKind::InvSqrt => 2 * self.iters + 1,
+        }
+    }
+}
+
+/// Chebyshev series of tanh on `[−range, range]`: `coeffs[k]` multiplies `T_k(x / range)`.
+///
+/// The degree is the smallest (up to 127) whose interpolant at Chebyshev nodes has max error
+/// ≤ `target` on 2001 points of the range, in exact arithmetic; fixed point adds a few ulps
+/// per level of the recurrence (measured in the tests). Outside the range the series diverges,
+/// so the range is the manifest's max |x| times a margin.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ChebPlan {
+    pub range: f64,
+    pub coeffs: Vec<f64>,
+    pub max_err: f64,
+}
+
+impl ChebPlan {
+    pub fn tanh(range: f64, target: f64) -> Result<Self> {
+        if !(range > 0.0 && range.is_finite()) {
+            return Err(MpcError::Config(format!(
+                "tanh: range {range} must be positive"
+            )));
+        }
+        let f = |t: f64| (range * t).tanh();
+        let mut last = None;
+        for n in (3..=127).step_by(2) {
+            let coeffs = cheb_interp(f, n);
+            let err = (0..=2000)
+                .map(|i| {
+                    let t = -1.0 + 2.0 * i as f64 / 2000.0;
+                    (cheb_eval(&coeffs, t) - f(t)).abs()
+                })
+                .fold(0.0, f64::max);
+            last = Some((coeffs, err));
+            if err <= target {
+                break;
+            }
+        }
+        let (coeffs, max_err) = last.expect("at least one degree tried");
+        if max_err > target {
+            return Err(MpcError::Config(format!(
+                "tanh: no Chebyshev series of degree ≤ 127 reaches {target:.1e} on ±{range:.2}"
+            )));
+        }
+        Ok(Self {
+            range,
+            coeffs,
+            max_err,
+        })
+    }
+
+    /// Rounds: ⌈log2 degree⌉.
+    pub fn rounds(&self) -> u32 {
+        let n = self.coeffs.len().saturating_sub(1).max(1);
+        (n as f64).log2().ceil() as u32
+    }
+}
+
+/// Coefficients of the degree-`n` Chebyshev interpolant of `f` on `[−1, 1]`.
+pub fn cheb_interp(f: impl Fn(f64) -> f64, n: usize) -> Vec<f64> {
+    let m = n + 1;
+    let vals: Vec<f64> = (0..m)
+        .map(|j| f((std::f64::consts::PI * (j as f64 + 0.5) / m as f64).cos()))
+        .collect();
+    (0..=n)
+        .map(|k| {
+            let s: f64 = (0..m)
+                .map(|j| {
+                    vals[j] * (std::f64::consts::PI * k as f64 * (j as f64 + 0.5) / m as f64).cos()
+                })
+                .sum();
+            s * if k == 0 { 1.0 } else { 2.0 } / m as f64
+        })
+        .collect()
+}
+
+/// `Σ c_k T_k(t)`.
+pub fn cheb_eval(c: &[f64], t: f64) -> f64 {
+    let (mut t0, mut t1) = (1.0, t);
+    let mut s = c[0];
+    if c.len() > 1 {
+        s += c[1] * t;
+    }
+    for &ck in &c[2..] {
+        let t2 = 2.0 * t * t1 - t0;
+        s += ck * t2;
+        t0 = t1;
+        t1 = t2;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newton_plans_reach_their_target() {
+        let r = NewtonPlan::new(NewtonKind::Reciprocal, 10.0, 2000.0, 1e-4).unwrap();
+        assert_eq!(r.shift, 11);
+        assert!(r.max_err <= 1e-4 && r.iters <= 9, "{r:?}");
+        let s = NewtonPlan::new(NewtonKind::InvSqrt, 0.05, 20.0, 1e-4).unwrap();
+        assert!(s.max_err <= 1e-4, "{s:?}");
+        assert!(NewtonPlan::new(NewtonKind::InvSqrt, 0.0, 1.0, 1e-4).is_err());
+    }
+
+    #[test]
+    fn default_ranges_plan() {
+        let r = NewtonPlan::new(NewtonKind::Reciprocal, 1.0, 1e4, 1e-3).unwrap();
+        let s = NewtonPlan::new(NewtonKind::InvSqrt, 1e-2, 1e2, 1e-3).unwrap();
+        assert!(r.iters <= 16 && s.iters <= 16, "{r:?} {s:?}");
+    }
+
+    #[test]
+    fn cheb_tanh() {
+        let p = ChebPlan::tanh(6.0, 1e-4).unwrap();
+        assert!(p.max_err <= 1e-4);
+        assert!(p.coeffs.len() < 64, "degree {}", p.coeffs.len() - 1);
+        for x in [-6.0, -1.0, 0.0, 0.3, 5.9] {
+            assert!((cheb_eval(&p.coeffs, x / 6.0) - f64::tanh(x)).abs() < 1e-4);
+        }
+    }
+}

@@ -1,0 +1,968 @@
+//! The exported student under MPC: BERT or RoBERTa with Quad GeLU and 2Quad attention.
+//!
+//! # Who holds what
+//!
+//! - **P0** holds the weights (`model.safetensors` of an export). In a once-per-model setup it
+//!   sends P1 every weight masked by its PRG (`F = W − B0`, see [`super::dealer`]); biases,
+//!   LayerNorm β and the position table stay with P0, which adds them to its share.
+//! - **P1** holds the token ids (and token-type ids). It reads only `config.json` and
+//!   `mpc_manifest.json` (architecture, constants, value ranges), never the weights.
+//! - **Public**: the architecture, the batch shape and the attention mask (i.e. each
+//!   sequence's length), as in CrypTen — P1 sends the mask to P0 with each batch. RoBERTa's
+//!   position ids (`cumsum(ids ≠ pad)·(ids ≠ pad) + pad`) follow from the mask for
+//!   right-padded batches, so P0 adds the position rows itself; P1 checks locally that its ids
+//!   agree with the mask.
+//!
+//! # Embedding
+//!
+//! CrypTen's one-hot × table, but the one-hot is P1's own plaintext and the table P0's masked
+//! weight: P1 one-hot-encodes word and token-type ids into one row `[V + T]` and the product
+//! with the stacked `[word; type]` table is a single weight product ([`Ctx::linear`], no
+//! truncation: the one-hot is an integer). Only `e = onehot − a` crosses (P1 → P0,
+//! `8·B·S·(V + T)` bytes); CrypTen shares the one-hot and opens both operands.
+//!
+//! # Ops and labels
+//!
+//! `setup` (weights, once), `input` (shape and mask), `embedding`, `layernorm`, `linear`
+//! (Q/K/V as one `[d, 3d]` product, attention output, FFN), `attention_matmul` (`QKᵀ`, `P·V`),
+//! `2quad`, `quad`, `pooler` (dense + tanh; RoBERTa's `classifier.dense` + tanh), `classifier`,
+//! `output` (logits to P1). The `1/√d_head` of the scores is folded into P0's query weights.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::dealer::{Dealer, DealerClient, DealerStats};
+use super::net::{Channel, Net, OpStats, mem_pair};
+use super::protocols::{ChebPlan, Ctx, NewtonKind, NewtonPlan, PrivWeight};
+use super::ring::{FixedPoint, RingTensor};
+use super::share::{AShare, os_seed};
+use super::{MpcError, Party, Result};
+use crate::export::{MANIFEST, Manifest, OpRange};
+use crate::model::approx::{QUAD_A, QUAD_B, QUAD_C};
+use crate::model::{Act, Arch, Attn, ModelConfig};
+
+/// Factor by which manifest ranges are widened (inputs outside them converge slowly or
+/// diverge): the ranges come from the export's dev pass, other inputs go a little beyond (the
+/// tiny RoBERTa fixture's random-id batches need more than 2×).
+pub const RANGE_MARGIN: f64 = 4.0;
+/// Relative error the Newton plans aim for (relaxed step by step if a range is too wide).
+pub const NEWTON_TARGETS: [f64; 4] = [1e-4, 1e-3, 1e-2, 5e-2];
+/// Absolute error the tanh series aims for.
+pub const TANH_TARGET: f64 = 2e-4;
+
+/// Plans of one encoder layer.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerPlans {
+    pub recip: NewtonPlan,
+    pub attn_ln: NewtonPlan,
+    pub out_ln: NewtonPlan,
+}
+
+/// Everything both parties know: sizes, constants, fixed point, plans.
+#[derive(Clone, Debug, Serialize)]
+pub struct MpcConfig {
+    #[serde(skip)]
+    pub model: ModelConfig,
+    pub frac_bits: u32,
+    pub emb_ln: NewtonPlan,
+    pub layers: Vec<LayerPlans>,
+    pub tanh: ChebPlan,
+    /// Where the ranges came from (`manifest` or `defaults`).
+    pub ranges_from: String,
+}
+
+fn newton(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
+    let mut last = None;
+    for t in NEWTON_TARGETS {
+        match NewtonPlan::new(kind, lo, hi, t) {
+            Ok(p) => return Ok(p),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("targets tried"))
+}
+
+impl MpcConfig {
+    /// Checks that every layer is Quad + 2Quad and plans the non-linear ops from `ranges`
+    /// (the manifest's `value_ranges.ops`), or from defaults when `None`.
+    pub fn new(model: ModelConfig, frac_bits: u32, ranges: Option<&[OpRange]>) -> Result<Self> {
+        FixedPoint::new(frac_bits)?;
+        for i in 0..model.num_hidden_layers {
+            let l = model.approx.layer(i);
+            if l.act != Act::Quad {
+                return Err(MpcError::Unsupported(format!(
+                    "layer {i}: FFN activation `{}`",
+                    l.act
+                )));
+            }
+            if l.attn != Attn::TwoQuad {
+                return Err(MpcError::Unsupported(format!(
+                    "layer {i}: attention `{}`",
+                    l.attn
+                )));
+            }
+        }
+        let find = |op: &str| ranges.and_then(|r| r.iter().find(|x| x.op == op));
+        let interval = |op: &str, default: (f64, f64)| -> (f64, f64) {
+            match find(op) {
+                Some(r) => {
+                    let lo = r.min.unwrap_or(default.0).max(1e-9);
+                    (lo / RANGE_MARGIN, r.max_abs.max(lo) * RANGE_MARGIN)
+                }
+                None => default,
+            }
+        };
+        // Without a manifest (benchmarks on random weights): LayerNorm variances in
+        // [0.01, 100], 2Quad row sums in [1, 10⁴].
+        let var_default = (1e-2, 1e2);
+        let sum_default = (1.0, 1e4);
+        let (lo, hi) = interval("embeddings.LayerNorm.inv_sqrt", var_default);
+        let emb_ln = newton(NewtonKind::InvSqrt, lo, hi)?;
+        let mut layers = Vec::new();
+        for i in 0..model.num_hidden_layers {
+            let p = format!("layer.{i}");
+            let (lo, hi) = interval(&format!("{p}.2quad.row_sum"), sum_default);
+            let recip = newton(NewtonKind::Reciprocal, lo, hi)?;
+            let (lo, hi) = interval(
+                &format!("{p}.attention.output.LayerNorm.inv_sqrt"),
+                var_default,
+            );
+            let attn_ln = newton(NewtonKind::InvSqrt, lo, hi)?;
+            let (lo, hi) = interval(&format!("{p}.output.LayerNorm.inv_sqrt"), var_default);
+            let out_ln = newton(NewtonKind::InvSqrt, lo, hi)?;
+            layers.push(LayerPlans {
+                recip,
+                attn_ln,
+                out_ln,
+            });
+        }
+        let tanh_max = find("pooler.tanh")
+            .or_else(|| find("classifier.dense.tanh"))
+            .map(|r| r.max_abs)
+            .unwrap_or(8.0);
+        let tanh = ChebPlan::tanh((tanh_max * 1.5).max(1.0), TANH_TARGET)
+            .or_else(|_| ChebPlan::tanh((tanh_max * 1.5).max(1.0), 1e-3))?;
+        Ok(Self {
+            model,
+            frac_bits,
+            emb_ln,
+            layers,
+            tanh,
+            ranges_from: if ranges.is_some() {
+                "manifest".into()
+            } else {
+                "defaults".into()
+            },
+        })
+    }
+
+    /// `config.json` and `mpc_manifest.json` of an export (what both parties read).
+    pub fn from_export(dir: &Path) -> anyhow::Result<Self> {
+        let model = ModelConfig::from_file(&dir.join("config.json"))?;
+        let text = std::fs::read_to_string(dir.join(MANIFEST))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MANIFEST).display()))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MANIFEST).display()))?;
+        let ranges: Option<Vec<OpRange>> = manifest
+            .value_ranges
+            .as_ref()
+            .and_then(|v| v.get("ops"))
+            .map(|ops| serde_json::from_value(ops.clone()))
+            .transpose()?;
+        Ok(Self::new(
+            model,
+            manifest.fixed_point.fractional_bits,
+            ranges.as_deref(),
+        )?)
+    }
+
+    pub fn fp(&self) -> FixedPoint {
+        FixedPoint::new(self.frac_bits).expect("checked")
+    }
+
+    /// Rounds of one forward pass, from the plans (setup and input excluded).
+    pub fn rounds_per_forward(&self) -> u64 {
+        let ln = |p: &NewtonPlan| 2 + p.rounds() as u64;
+        let mut r = 1 + ln(&self.emb_ln);
+        for l in &self.layers {
+            // qkv, QKᵀ, square, reciprocal, ·w, P·V, out, ln, ffn up, quad, ffn down, ln
+            r += 1 + 1 + 1 + l.recip.rounds() as u64 + 1 + 1 + 1 + ln(&l.attn_ln);
+            r += 1 + 1 + 1 + ln(&l.out_ln);
+        }
+        r + 1 + self.tanh.rounds() as u64 + 1 + 1
+    }
+}
+
+/// P0's plaintext weights by Hugging Face name (row-major, HF layout).
+#[derive(Clone, Default)]
+pub struct PlainWeights {
+    pub tensors: std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl std::fmt::Debug for PlainWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PlainWeights {{ {} tensors }}", self.tensors.len())
+    }
+}
+
+impl PlainWeights {
+    /// `model.safetensors` of an export.
+    pub fn from_export(dir: &Path) -> anyhow::Result<Self> {
+        let map = crate::io::load_safetensors(&dir.join("model.safetensors"))?;
+        Ok(Self {
+            tensors: map
+                .into_iter()
+                .map(|(k, v)| (k, (v.shape().to_vec(), v.to_f64())))
+                .collect(),
+        })
+    }
+
+    /// Random weights of `cfg`'s shapes (N(0, 0.02²), LayerNorm γ = 1, β = 0), for benchmarks.
+    pub fn random(cfg: &ModelConfig, seed: u64) -> Self {
+        use rand_core::RngCore;
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let mut normal = move || {
+            // Box–Muller.
+            let u1 = ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        };
+        let mut w = Self::default();
+        for (name, shape) in weight_shapes(cfg) {
+            let n: usize = shape.iter().product();
+            let data = if name.ends_with("LayerNorm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| normal()).collect()
+            };
+            w.tensors.insert(name, (shape, data));
+        }
+        w
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<&[f64]> {
+        let (s, d) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| MpcError::Config(format!("weight `{name}` missing")))?;
+        if s != shape {
+            return Err(MpcError::Shape {
+                op: format!("weight `{name}`"),
+                lhs: s.clone(),
+                rhs: shape.to_vec(),
+            });
+        }
+        Ok(d)
+    }
+}
+
+/// Every tensor the MPC forward reads, with its HF shape.
+pub fn weight_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let p = cfg.arch.prefix();
+    let d = cfg.hidden_size;
+    let mut v = vec![
+        (
+            format!("{p}.embeddings.word_embeddings.weight"),
+            vec![cfg.vocab_size, d],
+        ),
+        (
+            format!("{p}.embeddings.position_embeddings.weight"),
+            vec![cfg.max_position_embeddings, d],
+        ),
+        (
+            format!("{p}.embeddings.token_type_embeddings.weight"),
+            vec![cfg.type_vocab_size, d],
+        ),
+        (format!("{p}.embeddings.LayerNorm.weight"), vec![d]),
+        (format!("{p}.embeddings.LayerNorm.bias"), vec![d]),
+    ];
+    for i in 0..cfg.num_hidden_layers {
+        let l = format!("{p}.encoder.layer.{i}");
+        for (n, o, inp) in [
+            ("attention.self.query", d, d),
+            ("attention.self.key", d, d),
+            ("attention.self.value", d, d),
+            ("attention.output.dense", d, d),
+            ("intermediate.dense", cfg.intermediate_size, d),
+            ("output.dense", d, cfg.intermediate_size),
+        ] {
+            v.push((format!("{l}.{n}.weight"), vec![o, inp]));
+            v.push((format!("{l}.{n}.bias"), vec![o]));
+        }
+        for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            v.push((format!("{l}.{n}.weight"), vec![d]));
+            v.push((format!("{l}.{n}.bias"), vec![d]));
+        }
+    }
+    match cfg.arch {
+        Arch::Bert => {
+            v.push((format!("{p}.pooler.dense.weight"), vec![d, d]));
+            v.push((format!("{p}.pooler.dense.bias"), vec![d]));
+            v.push(("classifier.weight".into(), vec![cfg.num_labels, d]));
+            v.push(("classifier.bias".into(), vec![cfg.num_labels]));
+        }
+        Arch::Roberta => {
+            v.push(("classifier.dense.weight".into(), vec![d, d]));
+            v.push(("classifier.dense.bias".into(), vec![d]));
+            v.push(("classifier.out_proj.weight".into(), vec![cfg.num_labels, d]));
+            v.push(("classifier.out_proj.bias".into(), vec![cfg.num_labels]));
+        }
+    }
+    v
+}
+
+/// One batch: shape and public mask for both; ids for P1 only.
+#[derive(Clone)]
+pub struct Input {
+    pub batch: usize,
+    pub seq: usize,
+    /// `[batch · seq]`, 1 for real tokens (public).
+    pub mask: Vec<u64>,
+    /// P1 only: token ids and token-type ids, `[batch · seq]`.
+    pub ids: Option<Vec<i64>>,
+    pub type_ids: Option<Vec<i64>>,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Input {{ batch: {}, seq: {}, ids: <redacted> }}",
+            self.batch, self.seq
+        )
+    }
+}
+
+impl Input {
+    /// P1's input from a host batch.
+    pub fn from_host(b: &crate::tokenize::HostBatch) -> Self {
+        Self {
+            batch: b.batch,
+            seq: b.seq,
+            mask: b
+                .attention_mask
+                .iter()
+                .map(|&m| u64::from(m != 0))
+                .collect(),
+            ids: Some(b.input_ids.clone()),
+            type_ids: Some(b.token_type_ids.clone()),
+        }
+    }
+
+    /// What P0 learns: shape and mask.
+    pub fn public(&self) -> Self {
+        Self {
+            ids: None,
+            type_ids: None,
+            ..self.clone()
+        }
+    }
+}
+
+struct LnW {
+    gamma: PrivWeight,
+    beta: Option<RingTensor>,
+}
+
+struct LayerW {
+    qkv: PrivWeight,
+    qkv_b: Option<RingTensor>,
+    o: PrivWeight,
+    o_b: Option<RingTensor>,
+    ln1: LnW,
+    up: PrivWeight,
+    up_b: Option<RingTensor>,
+    down: PrivWeight,
+    down_b: Option<RingTensor>,
+    ln2: LnW,
+}
+
+/// The model as one party holds it after setup.
+pub struct MpcModel {
+    pub cfg: MpcConfig,
+    emb: PrivWeight,
+    pos: Option<RingTensor>,
+    emb_ln: LnW,
+    layers: Vec<LayerW>,
+    pool: PrivWeight,
+    pool_b: Option<RingTensor>,
+    cls: PrivWeight,
+    cls_b: Option<RingTensor>,
+}
+
+/// Encodes P0's tensors; P1 gets `None`s and shapes.
+struct Loader<'a> {
+    w: Option<&'a PlainWeights>,
+    fp: FixedPoint,
+    next_id: u64,
+}
+
+impl Loader<'_> {
+    fn enc(&self, v: &[f64], shape: &[usize]) -> RingTensor {
+        RingTensor::new(shape.to_vec(), self.fp.encode_slice(v)).expect("shape from the data")
+    }
+
+    /// `[out, in]` HF linear weight as `[in, out]`, scaled.
+    fn linear_t(&self, name: &str, out: usize, inp: usize, scale: f64) -> Result<Option<Vec<f64>>> {
+        let Some(w) = self.w else { return Ok(None) };
+        let d = w.get(name, &[out, inp])?;
+        let mut t = vec![0.0; out * inp];
+        for r in 0..out {
+            for c in 0..inp {
+                t[c * out + r] = d[r * inp + c] * scale;
+            }
+        }
+        Ok(Some(t))
+    }
+
+    fn vec(&self, name: &str, n: usize, scale: f64) -> Result<Option<Vec<f64>>> {
+        let Some(w) = self.w else { return Ok(None) };
+        Ok(Some(w.get(name, &[n])?.iter().map(|x| x * scale).collect()))
+    }
+
+    fn private(
+        &mut self,
+        ctx: &mut Ctx,
+        data: Option<Vec<f64>>,
+        shape: &[usize],
+    ) -> Result<PrivWeight> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let t = data.map(|d| self.enc(&d, shape));
+        ctx.share_weight(id, t.as_ref(), shape)
+    }
+
+    fn p0(&self, data: Option<Vec<f64>>, shape: &[usize]) -> Option<RingTensor> {
+        data.map(|d| self.enc(&d, shape))
+    }
+
+    fn ln(&mut self, ctx: &mut Ctx, name: &str, d: usize) -> Result<LnW> {
+        let g = self.vec(&format!("{name}.weight"), d, 1.0)?;
+        let b = self.vec(&format!("{name}.bias"), d, 1.0)?;
+        Ok(LnW {
+            gamma: self.private(ctx, g, &[d])?,
+            beta: self.p0(b, &[d]),
+        })
+    }
+}
+
+impl MpcModel {
+    /// Setup (once per model): P0 passes its weights, P1 `None`. Every weight matrix and γ is
+    /// masked and sent to P1 (op `setup`).
+    pub fn setup(ctx: &mut Ctx, cfg: MpcConfig, weights: Option<&PlainWeights>) -> Result<Self> {
+        if (ctx.party == Party::P0) != weights.is_some() {
+            return Err(MpcError::Config("P0 and only P0 holds the weights".into()));
+        }
+        ctx.op("setup");
+        let m = &cfg.model;
+        let (d, v, t) = (m.hidden_size, m.vocab_size, m.type_vocab_size);
+        let p = m.arch.prefix();
+        let mut ld = Loader {
+            w: weights,
+            fp: cfg.fp(),
+            next_id: 0,
+        };
+        // Embedding table: [word; type] rows.
+        let table = match weights {
+            Some(w) => {
+                let mut x = w
+                    .get(&format!("{p}.embeddings.word_embeddings.weight"), &[v, d])?
+                    .to_vec();
+                x.extend_from_slice(w.get(
+                    &format!("{p}.embeddings.token_type_embeddings.weight"),
+                    &[t, d],
+                )?);
+                Some(x)
+            }
+            None => None,
+        };
+        let emb = ld.private(ctx, table, &[v + t, d])?;
+        let pos = match weights {
+            Some(w) => {
+                let np = m.max_position_embeddings;
+                Some(ld.enc(
+                    w.get(
+                        &format!("{p}.embeddings.position_embeddings.weight"),
+                        &[np, d],
+                    )?,
+                    &[np, d],
+                ))
+            }
+            None => None,
+        };
+        let emb_ln = ld.ln(ctx, &format!("{p}.embeddings.LayerNorm"), d)?;
+        let dh = m.hidden_size / m.num_attention_heads;
+        let qscale = 1.0 / (dh as f64).sqrt();
+        let ffn = m.intermediate_size;
+        let mut layers = Vec::new();
+        for i in 0..m.num_hidden_layers {
+            let l = format!("{p}.encoder.layer.{i}");
+            let qkv = match weights {
+                Some(_) => {
+                    let q =
+                        ld.linear_t(&format!("{l}.attention.self.query.weight"), d, d, qscale)?;
+                    let k = ld.linear_t(&format!("{l}.attention.self.key.weight"), d, d, 1.0)?;
+                    let vv = ld.linear_t(&format!("{l}.attention.self.value.weight"), d, d, 1.0)?;
+                    let (q, k, vv) = (q.unwrap(), k.unwrap(), vv.unwrap());
+                    let mut cat = vec![0.0; d * 3 * d];
+                    for r in 0..d {
+                        cat[r * 3 * d..r * 3 * d + d].copy_from_slice(&q[r * d..(r + 1) * d]);
+                        cat[r * 3 * d + d..r * 3 * d + 2 * d]
+                            .copy_from_slice(&k[r * d..(r + 1) * d]);
+                        cat[r * 3 * d + 2 * d..(r + 1) * 3 * d]
+                            .copy_from_slice(&vv[r * d..(r + 1) * d]);
+                    }
+                    Some(cat)
+                }
+                None => None,
+            };
+            let qkv_b = match weights {
+                Some(_) => {
+                    let mut b = ld
+                        .vec(&format!("{l}.attention.self.query.bias"), d, qscale)?
+                        .unwrap();
+                    b.extend(
+                        ld.vec(&format!("{l}.attention.self.key.bias"), d, 1.0)?
+                            .unwrap(),
+                    );
+                    b.extend(
+                        ld.vec(&format!("{l}.attention.self.value.bias"), d, 1.0)?
+                            .unwrap(),
+                    );
+                    Some(b)
+                }
+                None => None,
+            };
+            let qkv = ld.private(ctx, qkv, &[d, 3 * d])?;
+            let qkv_b = ld.p0(qkv_b, &[3 * d]);
+            let o = ld.linear_t(&format!("{l}.attention.output.dense.weight"), d, d, 1.0)?;
+            let o = ld.private(ctx, o, &[d, d])?;
+            let o_b = ld.vec(&format!("{l}.attention.output.dense.bias"), d, 1.0)?;
+            let o_b = ld.p0(o_b, &[d]);
+            let ln1 = ld.ln(ctx, &format!("{l}.attention.output.LayerNorm"), d)?;
+            let up = ld.linear_t(&format!("{l}.intermediate.dense.weight"), ffn, d, 1.0)?;
+            let up = ld.private(ctx, up, &[d, ffn])?;
+            let up_b = ld.vec(&format!("{l}.intermediate.dense.bias"), ffn, 1.0)?;
+            let up_b = ld.p0(up_b, &[ffn]);
+            let down = ld.linear_t(&format!("{l}.output.dense.weight"), d, ffn, 1.0)?;
+            let down = ld.private(ctx, down, &[ffn, d])?;
+            let down_b = ld.vec(&format!("{l}.output.dense.bias"), d, 1.0)?;
+            let down_b = ld.p0(down_b, &[d]);
+            let ln2 = ld.ln(ctx, &format!("{l}.output.LayerNorm"), d)?;
+            layers.push(LayerW {
+                qkv,
+                qkv_b,
+                o,
+                o_b,
+                ln1,
+                up,
+                up_b,
+                down,
+                down_b,
+                ln2,
+            });
+        }
+        let nl = m.num_labels;
+        let (pool_name, cls_name) = match m.arch {
+            Arch::Bert => (format!("{p}.pooler.dense"), "classifier".to_string()),
+            Arch::Roberta => (
+                "classifier.dense".to_string(),
+                "classifier.out_proj".to_string(),
+            ),
+        };
+        let pool = ld.linear_t(&format!("{pool_name}.weight"), d, d, 1.0)?;
+        let pool = ld.private(ctx, pool, &[d, d])?;
+        let pool_b = ld.vec(&format!("{pool_name}.bias"), d, 1.0)?;
+        let pool_b = ld.p0(pool_b, &[d]);
+        let cls = ld.linear_t(&format!("{cls_name}.weight"), nl, d, 1.0)?;
+        let cls = ld.private(ctx, cls, &[d, nl])?;
+        let cls_b = ld.vec(&format!("{cls_name}.bias"), nl, 1.0)?;
+        let cls_b = ld.p0(cls_b, &[nl]);
+        Ok(Self {
+            cfg,
+            emb,
+            pos,
+            emb_ln,
+            layers,
+            pool,
+            pool_b,
+            cls,
+            cls_b,
+        })
+    }
+
+    /// One private forward pass. Returns the logits `[batch · num_labels]` at P1, `None` at P0.
+    pub fn forward(&self, ctx: &mut Ctx, input: &Input) -> Result<Option<Vec<f64>>> {
+        let m = &self.cfg.model;
+        let f = ctx.f();
+        let (b, s) = (input.batch, input.seq);
+        let (d, h) = (m.hidden_size, m.num_attention_heads);
+        let dh = d / h;
+        let rows = b * s;
+        if input.mask.len() != rows {
+            return Err(MpcError::Length {
+                op: "input mask".into(),
+                shape: vec![b, s],
+                len: input.mask.len(),
+            });
+        }
+        let positions = position_ids(m, input)?;
+        if positions.iter().any(|&p| p >= m.max_position_embeddings) {
+            return Err(MpcError::Config(format!(
+                "sequence length {s} exceeds the model's {} positions",
+                m.max_position_embeddings
+            )));
+        }
+
+        // Embedding.
+        ctx.op("embedding");
+        let width = m.vocab_size + m.type_vocab_size;
+        let onehot = match ctx.party {
+            Party::P0 => RingTensor::zeros(&[rows, width]),
+            Party::P1 => {
+                let ids = input
+                    .ids
+                    .as_ref()
+                    .ok_or_else(|| MpcError::Config("P1 needs the token ids".into()))?;
+                let zero = vec![0i64; rows];
+                let tt = input.type_ids.as_ref().unwrap_or(&zero);
+                let mut oh = vec![0u64; rows * width];
+                for r in 0..rows {
+                    let (id, t) = (ids[r], tt[r]);
+                    if id < 0
+                        || id as usize >= m.vocab_size
+                        || t < 0
+                        || t as usize >= m.type_vocab_size
+                    {
+                        return Err(MpcError::Config(format!(
+                            "a token id or token-type id is outside the vocabulary ({} words, {} types)",
+                            m.vocab_size, m.type_vocab_size
+                        )));
+                    }
+                    oh[r * width + id as usize] = 1;
+                    oh[r * width + m.vocab_size + t as usize] = 1;
+                }
+                RingTensor::new(vec![rows, width], oh)?
+            }
+        };
+        let onehot = AShare::new(ctx.party, onehot);
+        let mut x = ctx.linear(&onehot, &self.emb, None, 0)?;
+        if let Some(pos) = &self.pos {
+            for (r, &p) in positions.iter().enumerate() {
+                for c in 0..d {
+                    x.t.data[r * d + c] = x.t.data[r * d + c].wrapping_add(pos.data[p * d + c]);
+                }
+            }
+        }
+        ctx.op("layernorm");
+        let eps = m.layer_norm_eps;
+        let mut x = ctx.layer_norm(
+            &x,
+            &self.emb_ln.gamma,
+            self.emb_ln.beta.as_ref(),
+            eps,
+            &self.cfg.emb_ln,
+        )?;
+
+        for (lw, lp) in self.layers.iter().zip(&self.cfg.layers) {
+            ctx.op("linear");
+            let qkv = ctx.linear(&x, &lw.qkv, lw.qkv_b.as_ref(), f)?;
+            let (q, kt, v) = split_heads(&qkv.t, b, s, h, dh);
+            let (q, kt, v) = (
+                AShare::new(ctx.party, q),
+                AShare::new(ctx.party, kt),
+                AShare::new(ctx.party, v),
+            );
+            ctx.op("attention_matmul");
+            let scores = ctx.matmul(&q, &kt)?.reshape(&[b, h, s, s])?;
+            ctx.op("2quad");
+            let probs = ctx.two_quad(&scores, &input.mask, m.approx.c, &lp.recip)?;
+            ctx.op("attention_matmul");
+            let probs = probs.reshape(&[b * h, s, s])?;
+            let c = ctx.matmul(&probs, &v)?;
+            let c = AShare::new(ctx.party, merge_heads(&c.t, b, s, h, dh));
+            ctx.op("linear");
+            let ao = ctx.linear(&c, &lw.o, lw.o_b.as_ref(), f)?.add(&x)?;
+            ctx.op("layernorm");
+            let x1 = ctx.layer_norm(&ao, &lw.ln1.gamma, lw.ln1.beta.as_ref(), eps, &lp.attn_ln)?;
+            ctx.op("linear");
+            let up = ctx.linear(&x1, &lw.up, lw.up_b.as_ref(), f)?;
+            ctx.op("quad");
+            let act = ctx.quad(&up, QUAD_A, QUAD_B, QUAD_C)?;
+            ctx.op("linear");
+            let down = ctx
+                .linear(&act, &lw.down, lw.down_b.as_ref(), f)?
+                .add(&x1)?;
+            ctx.op("layernorm");
+            x = ctx.layer_norm(&down, &lw.ln2.gamma, lw.ln2.beta.as_ref(), eps, &lp.out_ln)?;
+        }
+
+        ctx.op("pooler");
+        let mut first = Vec::with_capacity(b * d);
+        for i in 0..b {
+            first.extend_from_slice(&x.t.data[i * s * d..i * s * d + d]);
+        }
+        let first = AShare::new(ctx.party, RingTensor::new(vec![b, d], first)?);
+        let pre = ctx.linear(&first, &self.pool, self.pool_b.as_ref(), f)?;
+        let pooled = ctx.tanh(&pre, &self.cfg.tanh)?;
+        ctx.op("classifier");
+        let logits = ctx.linear(&pooled, &self.cls, self.cls_b.as_ref(), f)?;
+        ctx.op("output");
+        let out = ctx.reveal_to(&logits, Party::P1)?;
+        Ok(out.map(|t| t.to_f64(ctx.fp)))
+    }
+}
+
+/// Position ids from the public mask (BERT: 0..s; RoBERTa: `cumsum(mask)·mask + pad`). P1
+/// checks that its ids agree with the mask for RoBERTa.
+fn position_ids(m: &ModelConfig, input: &Input) -> Result<Vec<usize>> {
+    let (b, s) = (input.batch, input.seq);
+    match m.arch {
+        Arch::Bert => Ok((0..b * s).map(|i| i % s).collect()),
+        Arch::Roberta => {
+            if let Some(ids) = &input.ids {
+                let pad = m.pad_token_id as i64;
+                if ids
+                    .iter()
+                    .zip(&input.mask)
+                    .any(|(&id, &mk)| (id != pad) != (mk == 1))
+                {
+                    return Err(MpcError::Config(
+                        "RoBERTa under MPC takes position ids from the public attention mask: \
+                         the mask must be 1 exactly where the ids are not padding"
+                            .into(),
+                    ));
+                }
+            }
+            let pad = m.pad_token_id;
+            let mut out = vec![pad; b * s];
+            for r in 0..b {
+                let mut c = 0;
+                for j in 0..s {
+                    if input.mask[r * s + j] == 1 {
+                        c += 1;
+                        out[r * s + j] = c + pad;
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// `qkv` `[b·s, 3d]` → Q `[b·h, s, dh]`, Kᵀ `[b·h, dh, s]`, V `[b·h, s, dh]`.
+fn split_heads(
+    qkv: &RingTensor,
+    b: usize,
+    s: usize,
+    h: usize,
+    dh: usize,
+) -> (RingTensor, RingTensor, RingTensor) {
+    let d = h * dh;
+    let n = b * h * s * dh;
+    let (mut q, mut kt, mut v) = (vec![0u64; n], vec![0u64; n], vec![0u64; n]);
+    for bi in 0..b {
+        for si in 0..s {
+            let row = &qkv.data[(bi * s + si) * 3 * d..(bi * s + si + 1) * 3 * d];
+            for hi in 0..h {
+                let g = bi * h + hi;
+                for j in 0..dh {
+                    q[(g * s + si) * dh + j] = row[hi * dh + j];
+                    kt[(g * dh + j) * s + si] = row[d + hi * dh + j];
+                    v[(g * s + si) * dh + j] = row[2 * d + hi * dh + j];
+                }
+            }
+        }
+    }
+    (
+        RingTensor::new(vec![b * h, s, dh], q).expect("sizes"),
+        RingTensor::new(vec![b * h, dh, s], kt).expect("sizes"),
+        RingTensor::new(vec![b * h, s, dh], v).expect("sizes"),
+    )
+}
+
+/// `[b·h, s, dh]` → `[b·s, d]`.
+fn merge_heads(c: &RingTensor, b: usize, s: usize, h: usize, dh: usize) -> RingTensor {
+    let d = h * dh;
+    let mut out = vec![0u64; b * s * d];
+    for bi in 0..b {
+        for hi in 0..h {
+            for si in 0..s {
+                let src = &c.data[((bi * h + hi) * s + si) * dh..((bi * h + hi) * s + si + 1) * dh];
+                out[(bi * s + si) * d + hi * dh..(bi * s + si) * d + (hi + 1) * dh]
+                    .copy_from_slice(src);
+            }
+        }
+    }
+    RingTensor::new(vec![b * s, d], out).expect("sizes")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions.
+// ---------------------------------------------------------------------------------------------
+
+/// What one party did in a session.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct PartyReport {
+    pub party: usize,
+    /// Per op label, in order of first use.
+    pub ops: Vec<(String, OpStats)>,
+    /// Wall time of the forward passes (setup excluded).
+    pub forward_s: f64,
+    pub setup_s: f64,
+    pub batches: usize,
+    /// Logits `[n · num_labels]` in batch order (P1 only).
+    pub logits: Vec<f64>,
+}
+
+/// Runs one party over a connected peer channel and dealer: setup, then for each batch P1 sends
+/// the shape and mask (op `input`), both run the forward pass; P1 ends the session with an
+/// empty shape. P0 passes `weights`, P1 passes `inputs`.
+pub fn run_party(
+    party: Party,
+    cfg: MpcConfig,
+    weights: Option<&PlainWeights>,
+    inputs: Option<&[Input]>,
+    peer: Box<dyn Channel>,
+    dealer: DealerClient,
+) -> Result<PartyReport> {
+    let mut ctx = Ctx::new(cfg.fp(), Net::new(peer), dealer);
+    let t0 = Instant::now();
+    let model = MpcModel::setup(&mut ctx, cfg, weights)?;
+    let setup_s = t0.elapsed().as_secs_f64();
+    let mut report = PartyReport {
+        party: party.index(),
+        setup_s,
+        ..PartyReport::default()
+    };
+    let t1 = Instant::now();
+    match party {
+        Party::P1 => {
+            let inputs = inputs.ok_or_else(|| MpcError::Config("P1 needs inputs".into()))?;
+            for inp in inputs {
+                ctx.op("input");
+                let mut meta = vec![inp.batch as u64, inp.seq as u64];
+                meta.extend_from_slice(&inp.mask);
+                ctx.net.send(&meta)?;
+                let logits = model.forward(&mut ctx, inp)?.expect("P1 gets the logits");
+                report.logits.extend(logits);
+                report.batches += 1;
+            }
+            ctx.op("input");
+            ctx.net.send(&[0, 0])?;
+            ctx.dealer.finish()?;
+        }
+        Party::P0 => loop {
+            ctx.op("input");
+            let meta = ctx.net.recv()?;
+            if meta.len() < 2 {
+                return Err(MpcError::FrameLength {
+                    op: "input".into(),
+                    expected: 2,
+                    got: meta.len(),
+                });
+            }
+            let (b, s) = (meta[0] as usize, meta[1] as usize);
+            if b == 0 {
+                break;
+            }
+            if meta.len() != 2 + b * s {
+                return Err(MpcError::FrameLength {
+                    op: "input".into(),
+                    expected: 2 + b * s,
+                    got: meta.len(),
+                });
+            }
+            let inp = Input {
+                batch: b,
+                seq: s,
+                mask: meta[2..].to_vec(),
+                ids: None,
+                type_ids: None,
+            };
+            model.forward(&mut ctx, &inp)?;
+            report.batches += 1;
+        },
+    }
+    report.forward_s = t1.elapsed().as_secs_f64();
+    report.ops = ctx.net.stats.snapshot();
+    Ok(report)
+}
+
+/// Result of an in-process session (three threads: dealer, P0, P1).
+#[derive(Debug)]
+pub struct LocalRun {
+    pub p0: PartyReport,
+    pub p1: PartyReport,
+    pub dealer: DealerStats,
+    pub wall_s: f64,
+}
+
+/// Runs P0, P1 and the dealer as threads with in-process channels (tests, quick checks).
+pub fn run_in_process(
+    cfg: MpcConfig,
+    weights: Arc<PlainWeights>,
+    inputs: Vec<Input>,
+    timeout: Duration,
+) -> Result<LocalRun> {
+    let t = Instant::now();
+    let (c0, c1) = mem_pair(timeout);
+    let (d1, dd) = mem_pair(timeout);
+    let mut dealer = Dealer::from_seeds([os_seed(), os_seed()]);
+    let (s0, s1) = (dealer.seed(Party::P0), dealer.seed(Party::P1));
+    let dh = std::thread::spawn(move || {
+        let mut dd = dd;
+        dealer.serve(&mut dd).map(|_| dealer.stats)
+    });
+    let cfg0 = cfg.clone();
+    let h0 = std::thread::spawn(move || {
+        let dc = DealerClient::new(Party::P0, s0, None)?;
+        run_party(Party::P0, cfg0, Some(&weights), None, Box::new(c0), dc)
+    });
+    let dc = DealerClient::new(Party::P1, s1, Some(Box::new(d1)))?;
+    let r1 = run_party(Party::P1, cfg, None, Some(&inputs), Box::new(c1), dc);
+    let r0 = h0
+        .join()
+        .map_err(|_| MpcError::Config("P0 thread panicked".into()))?;
+    let rd = dh
+        .join()
+        .map_err(|_| MpcError::Config("dealer thread panicked".into()))?;
+    Ok(LocalRun {
+        p0: r0?,
+        p1: r1?,
+        dealer: rd?,
+        wall_s: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// JSON of per-op stats of both parties: `{label: {wall_s, rounds, bytes_p0, bytes_p1, dealer_bytes}}`.
+pub fn ops_json(p0: &PartyReport, p1: &PartyReport) -> Value {
+    let mut obj = serde_json::Map::new();
+    for (label, s0) in &p0.ops {
+        let s1 = p1
+            .ops
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|x| x.1.clone())
+            .unwrap_or_default();
+        obj.insert(
+            label.clone(),
+            serde_json::json!({
+                "wall_s": s0.wall_s.max(s1.wall_s),
+                "rounds": s0.rounds.max(s1.rounds),
+                "bytes_sent_p0": s0.bytes_sent,
+                "bytes_sent_p1": s1.bytes_sent,
+                "dealer_bytes": s0.dealer_bytes + s1.dealer_bytes,
+            }),
+        );
+    }
+    Value::Object(obj)
+}
