@@ -304,10 +304,10 @@ fn summary(dir: &Path) -> serde_json::Value {
 fn resume_after_kill_reaches_the_same_result() {
     let bin = env!("CARGO_BIN_EXE_mpcformer");
     let a = tempfile::tempdir().unwrap();
-    let recipe = tiny_recipe(a.path());
+    let recipe_a = tiny_recipe(a.path());
     let out = Command::new(bin)
         .args(["run"])
-        .arg(&recipe)
+        .arg(&recipe_a)
         .output()
         .unwrap();
     assert!(
@@ -375,7 +375,7 @@ fn resume_after_kill_reaches_the_same_result() {
     let first = a.path().join("runs/tiny");
     let reuse = |name: &str, extra: &[&str]| {
         let mut c = Command::new(bin);
-        c.args(["run"]).arg(&recipe).args([
+        c.args(["run"]).arg(&recipe_a).args([
             "--set",
             &format!("name={name}"),
             "--set",
@@ -396,7 +396,7 @@ fn resume_after_kill_reaches_the_same_result() {
         String::from_utf8_lossy(&out.stderr)
     );
     let again: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(b.path().join("runs/tiny-reused/summary.json")).unwrap(),
+        &std::fs::read_to_string(a.path().join("runs/tiny-reused/summary.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(
@@ -408,7 +408,7 @@ fn resume_after_kill_reaches_the_same_result() {
         uninterrupted["student"]["metrics"]
     );
     assert_eq!(
-        std::fs::read(b.path().join("runs/tiny-reused/teacher/model.safetensors")).unwrap(),
+        std::fs::read(a.path().join("runs/tiny-reused/teacher/model.safetensors")).unwrap(),
         std::fs::read(first.join("teacher/model.safetensors")).unwrap()
     );
 }
