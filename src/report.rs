@@ -450,22 +450,20 @@ pub fn plots(runs: &[Run], dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut out = Vec::new();
     for r in runs {
-        let p = dir.join(format!("{}-loss.svg", r.name));
-        line_chart(
-            &p,
-            &format!("{}: training loss", r.name),
-            "loss",
-            &by_stage(&r.losses),
-        )?;
-        out.push(p);
-        let p = dir.join(format!("{}-dev.svg", r.name));
-        line_chart(
-            &p,
-            &format!("{}: dev metric", r.name),
-            "primary metric",
-            &by_stage(&r.dev),
-        )?;
-        out.push(p);
+        let charts = [
+            ("loss", "training loss", "loss", &r.losses),
+            ("dev", "dev metric", "primary metric", &r.dev),
+        ];
+        for (file, title, y_label, points) in charts {
+            let p = dir.join(format!("{}-{file}.svg", r.name));
+            line_chart(
+                &p,
+                &format!("{}: {title}", r.name),
+                y_label,
+                &by_stage(points),
+            )?;
+            out.push(p);
+        }
     }
     let rows = rows(runs);
     let tasks: Vec<String> = {
