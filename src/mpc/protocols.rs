@@ -493,8 +493,12 @@ impl Ctx {
     /// `2·iters + 1` rounds. See [`NewtonPlan`].
     pub fn inv_sqrt(&mut self, v: &AShare, plan: &NewtonPlan) -> Result<AShare> {
         let f = self.f();
-        let bv =
-            AShare::new(self.party, v.t.mul_public_int(self.enc(plan.beta) as i64)).truncate(f);
+        // β is tiny for a wide range (6.7·10⁻⁶ over [0.23, 7520]) and would encode as 0 at f
+        // bits, leaving a constant guess from which Newton diverges for large v; it is encoded
+        // with `e` extra bits instead (kept ≥ 16 significant bits, the product below 2^52·hi).
+        let e = beta_extra_bits(plan.beta, plan.hi, f);
+        let beta = (plan.beta * 2f64.powi((f + e) as i32)).round() as i64;
+        let bv = AShare::new(self.party, v.t.mul_public_int(beta)).truncate(f + e);
         let mut w = bv.rsub_const(self.enc(plan.alpha));
         if plan.iters == 0 {
             return Ok(w);
@@ -651,6 +655,19 @@ impl Ctx {
             .truncate(f)
             .add_const(self.enc(plan.coeffs[0])))
     }
+}
+
+/// Extra fractional bits for the public slope `β` of a linear initial guess: enough for 16
+/// significant bits, as long as `hi·2^f · β·2^(f+e)` stays below 2^52 (truncation headroom).
+fn beta_extra_bits(beta: f64, hi: f64, f: u32) -> u32 {
+    if beta <= 0.0 || !beta.is_finite() {
+        return 0;
+    }
+    let want = (16.0 - (beta * 2f64.powi(f as i32)).log2()).ceil().max(0.0);
+    let room = (52.0 - (hi.max(1.0) * beta).log2() - 2.0 * f as f64)
+        .floor()
+        .max(0.0);
+    want.min(room).min(30.0) as u32
 }
 
 /// Extra fractional bits of the scaled reciprocal input `u = z / 2^shift`: `u` is kept as
