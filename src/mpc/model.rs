@@ -586,6 +586,7 @@ impl MpcModel {
         let cls = ld.private(ctx, cls, &[d, nl])?;
         let cls_b = ld.vec(&format!("{cls_name}.bias"), nl, 1.0)?;
         let cls_b = ld.p0(cls_b, &[nl]);
+        ctx.warm_dealer()?;
         Ok(Self {
             cfg,
             emb,
@@ -696,6 +697,9 @@ impl MpcModel {
             &self.cfg.emb_ln,
         )?;
 
+        if ctx.is_offline() {
+            ctx.fetch_offline()?; // the embedding's share of the dealer's work, before the timer
+        }
         let t_enc = Instant::now();
         for (lw, lp) in self.layers.iter().zip(&self.cfg.layers) {
             ctx.op("linear");
@@ -728,6 +732,9 @@ impl MpcModel {
                 .add(&x1)?;
             ctx.op("layernorm");
             x = ctx.layer_norm(&down, &lw.ln2.gamma, lw.ln2.beta.as_ref(), eps, &lp.out_ln)?;
+        }
+        if ctx.is_offline() {
+            ctx.fetch_offline()?; // the encoder's share of the dealer's work
         }
         let enc_s = t_enc.elapsed().as_secs_f64();
         if ctx.is_offline() {

@@ -185,6 +185,8 @@ pub struct Ctx {
     /// the offline pass, summed over forward passes.
     pub encoder_s: f64,
     pub encoder_offline_s: f64,
+    /// `(id, shape)` of every weight shared so far (for [`Ctx::warm_dealer`]).
+    weights: Vec<(u64, Vec<usize>)>,
 }
 
 impl Ctx {
@@ -198,7 +200,40 @@ impl Ctx {
             pre: std::collections::VecDeque::new(),
             encoder_s: 0.0,
             encoder_offline_s: 0.0,
+            weights: Vec::new(),
         }
+    }
+
+    /// End of the once-per-model setup: P1 asks the dealer for a zero-row product with every
+    /// weight shared so far (nothing is drawn, nothing comes back), so the dealer expands and
+    /// keeps each weight's mask `B0` now instead of during the first inference.
+    pub fn warm_dealer(&mut self) -> Result<()> {
+        let reqs: Vec<Req> = self
+            .weights
+            .iter()
+            .map(|(id, s)| match s.as_slice() {
+                [k, n] => Req::WeightMatMul {
+                    id: *id,
+                    m: 0,
+                    k: *k,
+                    n: *n,
+                },
+                _ => Req::WeightElem {
+                    id: *id,
+                    rows: 0,
+                    cols: s.iter().product(),
+                },
+            })
+            .collect();
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        let label = self.net.stats.label().to_string();
+        let mut mats = vec![Material::default(); reqs.len()];
+        let sent = self.dealer.request(&label, &reqs)?;
+        let got = self.dealer.receive(&label, &reqs, &mut mats)?;
+        self.net.stats.cur().dealer_bytes += sent + got;
+        Ok(())
     }
 
     /// Starts the offline phase: until [`Ctx::end_offline`], every round draws its material,
@@ -214,7 +249,14 @@ impl Ctx {
     /// and gets every `c1` back in one frame (charged to the current label, with the bytes).
     /// The next rounds consume the prepared material in order.
     pub fn end_offline(&mut self) -> Result<()> {
+        self.fetch_offline()?;
         self.recording = false;
+        Ok(())
+    }
+
+    /// During the offline phase: gets the dealer's answers for the rounds prepared so far (one
+    /// frame each way), so the dealer's work can be timed with a part of the model.
+    pub fn fetch_offline(&mut self) -> Result<()> {
         let label = self.net.stats.label().to_string();
         let reqs: Vec<Req> = self
             .pre
@@ -570,6 +612,7 @@ impl Ctx {
         shape: &[usize],
     ) -> Result<PrivWeight> {
         let n: usize = shape.iter().product();
+        self.weights.push((id, shape.to_vec()));
         match self.party {
             Party::P0 => {
                 let w = w.ok_or_else(|| MpcError::Config("P0 must hold the weights".into()))?;
