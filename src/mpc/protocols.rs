@@ -20,7 +20,7 @@
 
 use super::dealer::{DealerClient, Material, Req};
 use super::net::Net;
-use super::ring::{FixedPoint, RingTensor, matmul_shape};
+use super::ring::{FixedPoint, PackedRhs, RingTensor, matmul_shape, matmul_u64_packed};
 use super::share::AShare;
 use super::{MpcError, Party, Result};
 
@@ -30,6 +30,28 @@ use super::{MpcError, Party, Result};
 pub struct PrivWeight {
     pub id: u64,
     pub data: RingTensor,
+    /// A matrix's data packed for the ring matmul (once, at setup).
+    pub packed: Option<std::sync::Arc<PackedRhs>>,
+}
+
+impl PrivWeight {
+    /// `W` (P0) or `F` (P1) with its matrix form packed for products.
+    pub fn new(id: u64, data: RingTensor) -> Self {
+        let packed = match data.shape.as_slice() {
+            [k, n] => Some(std::sync::Arc::new(PackedRhs::new(&data.data, *k, *n))),
+            _ => None,
+        };
+        Self { id, data, packed }
+    }
+
+    /// `x · self` for `x` `[m, k]` (row-major words).
+    fn matmul_words(&self, x: &[u64]) -> Result<Vec<u64>> {
+        let p = self
+            .packed
+            .as_ref()
+            .ok_or_else(|| shape_err("weight_matmul", &[x.len()], &self.data.shape))?;
+        Ok(matmul_u64_packed(x, p, x.len() / p.k.max(1)))
+    }
 }
 
 impl std::fmt::Debug for PrivWeight {
@@ -311,30 +333,22 @@ impl Ctx {
         let weight_out: Vec<Option<Vec<u64>>> = ops
             .iter()
             .zip(&mats)
-            .map(|(op, m)| match (party, op) {
-                (Party::P1, Op::WeightMatMul(x, w)) => {
-                    let k = w.data.shape[0];
-                    let n = w.data.shape[1];
-                    Some(super::ring::matmul_u64(
-                        &m.a,
-                        &w.data.data,
-                        x.numel() / k.max(1),
-                        k,
-                        n,
-                    ))
-                }
-                (Party::P1, Op::WeightElem(_, w)) => {
-                    let cols = w.data.numel();
-                    Some(
-                        m.a.iter()
-                            .enumerate()
-                            .map(|(i, &v)| v.wrapping_mul(w.data.data[i % cols]))
-                            .collect(),
-                    )
-                }
-                _ => None,
+            .map(|(op, m)| -> Result<Option<Vec<u64>>> {
+                Ok(match (party, op) {
+                    (Party::P1, Op::WeightMatMul(_, w)) => Some(w.matmul_words(&m.a)?),
+                    (Party::P1, Op::WeightElem(_, w)) => {
+                        let cols = w.data.numel();
+                        Some(
+                            m.a.iter()
+                                .enumerate()
+                                .map(|(i, &v)| v.wrapping_mul(w.data.data[i % cols]))
+                                .collect(),
+                        )
+                    }
+                    _ => None,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         self.pre.push_back(PreRound {
             answered: false,
             reqs,
@@ -501,17 +515,13 @@ impl Ctx {
             Op::WeightMatMul(x, w) => {
                 let out_shape = matmul_shape(x.shape(), &w.data.shape)?;
                 let mut z = match party {
-                    Party::P0 => {
-                        let xe = RingTensor::new(x.shape().to_vec(), add_vec(&x.t.data, theirs))?;
-                        xe.matmul(&w.data)?
-                    }
-                    Party::P1 => {
-                        let a = RingTensor::new(x.shape().to_vec(), m.a.clone())?;
-                        a.matmul(&w.data)?
-                    }
+                    Party::P0 => w.matmul_words(&add_vec(&x.t.data, theirs))?,
+                    Party::P1 => w.matmul_words(&m.a)?,
                 };
-                z.add_assign(&RingTensor::new(out_shape, m.c.clone())?)?;
-                AShare::new(party, z)
+                for (v, c) in z.iter_mut().zip(&m.c) {
+                    *v = v.wrapping_add(*c);
+                }
+                AShare::new(party, RingTensor::new(out_shape, z)?)
             }
             Op::WeightElem(x, w) => {
                 let cols = w.data.numel();
@@ -627,17 +637,11 @@ impl Ctx {
                     .map(|(x, b)| x.wrapping_sub(*b))
                     .collect();
                 self.net.send(&f)?;
-                Ok(PrivWeight {
-                    id,
-                    data: w.clone(),
-                })
+                Ok(PrivWeight::new(id, w.clone()))
             }
             Party::P1 => {
                 let f = self.net.recv_exact(n)?;
-                Ok(PrivWeight {
-                    id,
-                    data: RingTensor::new(shape.to_vec(), f)?,
-                })
+                Ok(PrivWeight::new(id, RingTensor::new(shape.to_vec(), f)?))
             }
         }
     }

@@ -346,14 +346,45 @@ pub fn matmul_kernel_name() -> &'static str {
 /// # Panics
 /// If `a.len() != m·k` or `b.len() != k·n` (a programming error; the message names sizes only).
 pub fn matmul_u64(a: &[u64], b: &[u64], m: usize, k: usize, n: usize) -> Vec<u64> {
-    assert_eq!(a.len(), m * k, "matmul_u64: lhs length vs m·k");
     assert_eq!(b.len(), k * n, "matmul_u64: rhs length vs k·n");
+    if m == 0 || n == 0 || k == 0 {
+        assert_eq!(a.len(), m * k, "matmul_u64: lhs length vs m·k");
+        return vec![0u64; m * n];
+    }
+    matmul_u64_packed(a, &PackedRhs::new(b, k, n), m)
+}
+
+/// A right-hand operand `[k, n]` packed once for [`matmul_u64_packed`] (a fixed weight or mask
+/// is packed at setup instead of at every product).
+#[derive(Clone)]
+pub struct PackedRhs {
+    pub k: usize,
+    pub n: usize,
+    data: Vec<u64>,
+}
+
+impl PackedRhs {
+    /// Packs row-major `b` `[k, n]`.
+    pub fn new(b: &[u64], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "PackedRhs: length vs k·n");
+        Self {
+            k,
+            n,
+            data: pack_b(b, k, n),
+        }
+    }
+}
+
+/// [`matmul_u64`] with a packed right-hand side: `a` `[m, k]` times `b` `[k, n]`.
+pub fn matmul_u64_packed(a: &[u64], b: &PackedRhs, m: usize) -> Vec<u64> {
+    let (k, n) = (b.k, b.n);
+    assert_eq!(a.len(), m * k, "matmul_u64: lhs length vs m·k");
     let mut c = vec![0u64; m * n];
     if m == 0 || n == 0 || k == 0 {
         return c;
     }
     let packed_a = pack_a(a, m, k);
-    let packed_b = pack_b(b, k, n);
+    let packed_b = &b.data;
 
     // Row-tile height: at most MC_MAX, smaller when m is small so both cores get work.
     let threads = rayon::current_num_threads().max(1);
@@ -374,7 +405,7 @@ pub fn matmul_u64(a: &[u64], b: &[u64], m: usize, k: usize, n: usize) -> Vec<u64
             let p0 = ct * (NC / NR);
             let p1 = (p0 + NC / NR).min(n.div_ceil(NR));
             let mut tile = vec![0u64; (g1 - g0) * MR * (p1 - p0) * NR];
-            kernel(&packed_a, &packed_b, k, g0..g1, p0..p1, &mut tile);
+            kernel(&packed_a, packed_b, k, g0..g1, p0..p1, &mut tile);
             (g0..g1, p0..p1, tile)
         })
         .collect();
