@@ -884,3 +884,73 @@ fn errors_and_debug_output_carry_no_values() {
     };
     assert!(e.to_string().contains("linear"));
 }
+
+#[test]
+fn offline_material_gives_the_same_products_and_refuses_a_different_round() {
+    let mut r = rng(31);
+    let (m, k, n) = (6, 20, 7);
+    let x = uniform(&mut r, m * k, -5.0, 5.0);
+    let y = uniform(&mut r, m * k, -3.0, 3.0);
+    let w = uniform(&mut r, k * n, -1.0, 1.0);
+    let g = uniform(&mut r, k, -2.0, 2.0);
+    let sx = shares(&x, &[m, k], 32);
+    let sy = shares(&y, &[m, k], 33);
+    let wt = RingTensor::from_f64(fp(), &[k, n], &w).unwrap();
+    let gt = RingTensor::from_f64(fp(), &[k], &g).unwrap();
+    let (r0, r1) = two_party(|ctx| {
+        let p = ctx.party;
+        ctx.op("setup");
+        let p0 = p == Party::P0;
+        let pw = ctx.share_weight(0, p0.then_some(&wt), &[k, n]).unwrap();
+        let pg = ctx.share_weight(1, p0.then_some(&gt), &[k]).unwrap();
+        ctx.warm_dealer().unwrap();
+        let (xs, ys) = (pick(&sx, p), pick(&sy, p));
+        let zero = AShare::zeros(p, &[m, k]);
+        // Offline on dummy (zero) inputs of the same shapes: no peer traffic.
+        ctx.op("offline");
+        ctx.begin_offline();
+        let ops = [
+            Op::WeightMatMul(&zero, &pw),
+            Op::WeightElem(&zero, &pg),
+            Op::Mul(&zero, &zero),
+        ];
+        let dummy = ctx.run(&ops).unwrap();
+        assert_eq!(dummy[0].shape(), &[m, n]);
+        ctx.run(&[Op::Square(&zero)]).unwrap();
+        ctx.end_offline().unwrap();
+        let off = ctx.net.stats.snapshot();
+        assert_eq!(ctx.prepared_rounds(), 2);
+        // Online with the real inputs.
+        ctx.op("online");
+        let out = ctx
+            .run(&[
+                Op::WeightMatMul(xs, &pw),
+                Op::WeightElem(xs, &pg),
+                Op::Mul(xs, ys),
+            ])
+            .unwrap();
+        // The next prepared round is a square: a product is refused with an error.
+        let err = ctx.run(&[Op::Mul(xs, ys)]).map(|_| ()).unwrap_err();
+        (out, off, err.to_string(), ctx.net.stats.snapshot())
+    });
+    let off0 = &r0.1.iter().find(|s| s.0 == "offline").unwrap().1;
+    let off1 = &r1.1.iter().find(|s| s.0 == "offline").unwrap().1;
+    assert_eq!(
+        off0.bytes_sent + off1.bytes_sent,
+        0,
+        "offline: no peer traffic"
+    );
+    assert!(off1.dealer_bytes > 0);
+    let on1 = &r1.3.iter().find(|s| s.0 == "online").unwrap().1;
+    assert_eq!(on1.dealer_bytes, 0, "online: no dealer traffic");
+    let got = |i: usize| open((r0.0[i].truncate(16), r1.0[i].truncate(16)));
+    let want_w: Vec<f64> = (0..m * n)
+        .map(|i| (0..k).map(|p| x[(i / n) * k + p] * w[p * n + i % n]).sum())
+        .collect();
+    assert!(max_err(&got(0), &want_w) <= 20.0 * 3.0 * ULP);
+    let want_g: Vec<f64> = (0..m * k).map(|i| x[i] * g[i % k]).collect();
+    assert!(max_err(&got(1), &want_g) <= 8.0 * ULP);
+    let want_m: Vec<f64> = (0..m * k).map(|i| x[i] * y[i]).collect();
+    assert!(max_err(&got(2), &want_m) <= 8.0 * ULP);
+    assert!(r0.2.contains("offline material"), "{}", r0.2);
+}

@@ -31,7 +31,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use super::net::{Channel, FRAME_HEADER_BYTES};
-use super::ring::matmul_u64;
+use super::ring::{PackedRhs, matmul_u64, matmul_u64_packed};
 use super::share::os_seed;
 use super::{MpcError, Party, Result};
 
@@ -330,6 +330,8 @@ pub struct Dealer {
     seeds: [[u8; 32]; 2],
     rng: [ChaCha20Rng; 2],
     masks: HashMap<u64, Vec<u64>>,
+    /// Matrix masks packed for the ring matmul, keyed by `(id, k, n)`.
+    packed: HashMap<(u64, usize, usize), PackedRhs>,
     pub stats: DealerStats,
 }
 
@@ -353,6 +355,7 @@ impl Dealer {
                 ChaCha20Rng::from_seed(seeds[1]),
             ],
             masks: HashMap::new(),
+            packed: HashMap::new(),
             stats: DealerStats::default(),
         }
     }
@@ -467,8 +470,12 @@ impl Dealer {
                 }
                 Req::WeightMatMul { id, m, k, n } => {
                     let a = m1.a;
-                    let b0 = self.mask(id, k * n);
-                    matmul_u64(&a, b0, m, k, n)
+                    if !self.packed.contains_key(&(id, k, n)) {
+                        let p = PackedRhs::new(self.mask(id, k * n), k, n);
+                        self.masks.remove(&id); // only the packed form is used from now on
+                        self.packed.insert((id, k, n), p);
+                    }
+                    matmul_u64_packed(&a, &self.packed[&(id, k, n)], m)
                 }
                 Req::WeightElem { id, cols, .. } => {
                     let a = m1.a;

@@ -586,6 +586,7 @@ impl MpcModel {
         let cls = ld.private(ctx, cls, &[d, nl])?;
         let cls_b = ld.vec(&format!("{cls_name}.bias"), nl, 1.0)?;
         let cls_b = ld.p0(cls_b, &[nl]);
+        ctx.warm_dealer()?;
         Ok(Self {
             cfg,
             emb,
@@ -597,6 +598,30 @@ impl MpcModel {
             cls,
             cls_b,
         })
+    }
+
+    /// Offline phase for one forward pass of shape `[batch, seq]`: runs the forward pass on
+    /// dummy inputs in the offline mode of [`Ctx`] (no peer traffic; P1 talks to the dealer),
+    /// so the next forward pass of that shape finds its correlated randomness and P1's weight
+    /// products ready. Needs no input: the rounds depend on the shape only.
+    pub fn preprocess(&self, ctx: &mut Ctx, batch: usize, seq: usize) -> Result<()> {
+        let n = batch * seq;
+        let dummy = Input {
+            batch,
+            seq,
+            mask: vec![1; n],
+            ids: (ctx.party == Party::P1).then(|| vec![0; n]),
+            type_ids: None,
+        };
+        ctx.op("offline");
+        ctx.begin_offline();
+        let r = self.forward(ctx, &dummy);
+        let e = ctx.end_offline();
+        r?;
+        e?;
+        // Both parties done: the online phase starts together.
+        ctx.net.exchange(&[])?;
+        Ok(())
     }
 
     /// One private forward pass. Returns the logits `[batch · num_labels]` at P1, `None` at P0.
@@ -672,6 +697,10 @@ impl MpcModel {
             &self.cfg.emb_ln,
         )?;
 
+        if ctx.is_offline() {
+            ctx.fetch_offline()?; // the embedding's share of the dealer's work, before the timer
+        }
+        let t_enc = Instant::now();
         for (lw, lp) in self.layers.iter().zip(&self.cfg.layers) {
             ctx.op("linear");
             let qkv = ctx.linear(&x, &lw.qkv, lw.qkv_b.as_ref(), f)?;
@@ -703,6 +732,15 @@ impl MpcModel {
                 .add(&x1)?;
             ctx.op("layernorm");
             x = ctx.layer_norm(&down, &lw.ln2.gamma, lw.ln2.beta.as_ref(), eps, &lp.out_ln)?;
+        }
+        if ctx.is_offline() {
+            ctx.fetch_offline()?; // the encoder's share of the dealer's work
+        }
+        let enc_s = t_enc.elapsed().as_secs_f64();
+        if ctx.is_offline() {
+            ctx.encoder_offline_s += enc_s;
+        } else {
+            ctx.encoder_s += enc_s;
         }
 
         ctx.op("pooler");
@@ -815,8 +853,16 @@ pub struct PartyReport {
     pub party: usize,
     /// Per op label, in order of first use.
     pub ops: Vec<(String, OpStats)>,
-    /// Wall time of the forward passes (setup excluded).
+    /// Wall time of the forward passes, online phase only (setup and offline excluded).
     pub forward_s: f64,
+    /// Wall time of the offline phases (correlated randomness, P1's weight products).
+    #[serde(default)]
+    pub offline_s: f64,
+    /// The encoder layers' share of `forward_s` and `offline_s`.
+    #[serde(default)]
+    pub encoder_s: f64,
+    #[serde(default)]
+    pub encoder_offline_s: f64,
     pub setup_s: f64,
     pub batches: usize,
     /// Logits `[n · num_labels]` in batch order (P1 only).
@@ -843,16 +889,23 @@ pub fn run_party(
         setup_s,
         ..PartyReport::default()
     };
-    let t1 = Instant::now();
+    let mut online_s = 0.0;
+    let mut offline_s = 0.0;
     match party {
         Party::P1 => {
             let inputs = inputs.ok_or_else(|| MpcError::Config("P1 needs inputs".into()))?;
             for inp in inputs {
+                // The shape is public and announced first; the offline phase needs only it.
                 ctx.op("input");
-                let mut meta = vec![inp.batch as u64, inp.seq as u64];
-                meta.extend_from_slice(&inp.mask);
-                ctx.net.send(&meta)?;
+                ctx.net.send(&[inp.batch as u64, inp.seq as u64])?;
+                let t = Instant::now();
+                model.preprocess(&mut ctx, inp.batch, inp.seq)?;
+                offline_s += t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                ctx.op("input");
+                ctx.net.send(&inp.mask)?;
                 let logits = model.forward(&mut ctx, inp)?.expect("P1 gets the logits");
+                online_s += t.elapsed().as_secs_f64();
                 report.logits.extend(logits);
                 report.batches += 1;
             }
@@ -862,37 +915,47 @@ pub fn run_party(
         }
         Party::P0 => loop {
             ctx.op("input");
-            let meta = ctx.net.recv()?;
-            if meta.len() < 2 {
+            let shape = ctx.net.recv()?;
+            if shape.len() != 2 {
                 return Err(MpcError::FrameLength {
                     op: "input".into(),
                     expected: 2,
-                    got: meta.len(),
+                    got: shape.len(),
                 });
             }
-            let (b, s) = (meta[0] as usize, meta[1] as usize);
+            let (b, s) = (shape[0] as usize, shape[1] as usize);
             if b == 0 {
                 break;
             }
-            if meta.len() != 2 + b * s {
+            let t = Instant::now();
+            model.preprocess(&mut ctx, b, s)?;
+            offline_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            ctx.op("input");
+            let mask = ctx.net.recv()?;
+            if mask.len() != b * s {
                 return Err(MpcError::FrameLength {
                     op: "input".into(),
-                    expected: 2 + b * s,
-                    got: meta.len(),
+                    expected: b * s,
+                    got: mask.len(),
                 });
             }
             let inp = Input {
                 batch: b,
                 seq: s,
-                mask: meta[2..].to_vec(),
+                mask,
                 ids: None,
                 type_ids: None,
             };
             model.forward(&mut ctx, &inp)?;
+            online_s += t.elapsed().as_secs_f64();
             report.batches += 1;
         },
     }
-    report.forward_s = t1.elapsed().as_secs_f64();
+    report.forward_s = online_s;
+    report.offline_s = offline_s;
+    report.encoder_s = ctx.encoder_s;
+    report.encoder_offline_s = ctx.encoder_offline_s;
     report.ops = ctx.net.stats.snapshot();
     Ok(report)
 }

@@ -20,7 +20,7 @@
 
 use super::dealer::{DealerClient, Material, Req};
 use super::net::Net;
-use super::ring::{FixedPoint, RingTensor, matmul_shape};
+use super::ring::{FixedPoint, PackedRhs, RingTensor, matmul_shape, matmul_u64_packed};
 use super::share::AShare;
 use super::{MpcError, Party, Result};
 
@@ -30,6 +30,28 @@ use super::{MpcError, Party, Result};
 pub struct PrivWeight {
     pub id: u64,
     pub data: RingTensor,
+    /// A matrix's data packed for the ring matmul (once, at setup).
+    pub packed: Option<std::sync::Arc<PackedRhs>>,
+}
+
+impl PrivWeight {
+    /// `W` (P0) or `F` (P1) with its matrix form packed for products.
+    pub fn new(id: u64, data: RingTensor) -> Self {
+        let packed = match data.shape.as_slice() {
+            [k, n] => Some(std::sync::Arc::new(PackedRhs::new(&data.data, *k, *n))),
+            _ => None,
+        };
+        Self { id, data, packed }
+    }
+
+    /// `x · self` for `x` `[m, k]` (row-major words).
+    fn matmul_words(&self, x: &[u64]) -> Result<Vec<u64>> {
+        let p = self
+            .packed
+            .as_ref()
+            .ok_or_else(|| shape_err("weight_matmul", &[x.len()], &self.data.shape))?;
+        Ok(matmul_u64_packed(x, p, x.len() / p.k.max(1)))
+    }
 }
 
 impl std::fmt::Debug for PrivWeight {
@@ -128,6 +150,17 @@ impl Op<'_> {
         })
     }
 
+    /// Shape of the op's output.
+    fn out_shape(&self) -> Result<Vec<usize>> {
+        match self {
+            Op::Mul(x, _) | Op::MulRow(x, _) | Op::Square(x) | Op::WeightElem(x, _) => {
+                Ok(x.shape().to_vec())
+            }
+            Op::MatMul(x, y) => matmul_shape(x.shape(), y.shape()),
+            Op::WeightMatMul(x, w) => matmul_shape(x.shape(), &w.data.shape),
+        }
+    }
+
     /// Words `party` sends for this op.
     fn send_len(&self, party: Party) -> usize {
         match self {
@@ -151,12 +184,31 @@ fn add_vec(x: &[u64], y: &[u64]) -> Vec<u64> {
     x.iter().zip(y).map(|(p, q)| p.wrapping_add(*q)).collect()
 }
 
+/// Correlated randomness of one round, prepared offline ([`Ctx::begin_offline`]): the
+/// dealer's requests (checked against the online round), this party's material, and for P1
+/// the weight products that depend only on it (`a·F + c1`, `a∘F + c1`).
+struct PreRound {
+    answered: bool,
+    reqs: Vec<Req>,
+    mats: Vec<Material>,
+    weight_out: Vec<Option<Vec<u64>>>,
+}
+
 /// One party's protocol context.
 pub struct Ctx {
     pub party: Party,
     pub fp: FixedPoint,
     pub net: Net,
     pub dealer: DealerClient,
+    /// Offline (preprocessing) pass in progress: rounds prepare material instead of running.
+    recording: bool,
+    pre: std::collections::VecDeque<PreRound>,
+    /// Wall time of the encoder layers (no embedding, pooler or classifier), online and in
+    /// the offline pass, summed over forward passes.
+    pub encoder_s: f64,
+    pub encoder_offline_s: f64,
+    /// `(id, shape)` of every weight shared so far (for [`Ctx::warm_dealer`]).
+    weights: Vec<(u64, Vec<usize>)>,
 }
 
 impl Ctx {
@@ -166,7 +218,149 @@ impl Ctx {
             fp,
             net,
             dealer,
+            recording: false,
+            pre: std::collections::VecDeque::new(),
+            encoder_s: 0.0,
+            encoder_offline_s: 0.0,
+            weights: Vec::new(),
         }
+    }
+
+    /// End of the once-per-model setup: P1 asks the dealer for a zero-row product with every
+    /// weight shared so far (nothing is drawn, nothing comes back), so the dealer expands and
+    /// keeps each weight's mask `B0` now instead of during the first inference.
+    pub fn warm_dealer(&mut self) -> Result<()> {
+        let reqs: Vec<Req> = self
+            .weights
+            .iter()
+            .map(|(id, s)| match s.as_slice() {
+                [k, n] => Req::WeightMatMul {
+                    id: *id,
+                    m: 0,
+                    k: *k,
+                    n: *n,
+                },
+                _ => Req::WeightElem {
+                    id: *id,
+                    rows: 0,
+                    cols: s.iter().product(),
+                },
+            })
+            .collect();
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        let label = self.net.stats.label().to_string();
+        let mut mats = vec![Material::default(); reqs.len()];
+        let sent = self.dealer.request(&label, &reqs)?;
+        let got = self.dealer.receive(&label, &reqs, &mut mats)?;
+        self.net.stats.cur().dealer_bytes += sent + got;
+        Ok(())
+    }
+
+    /// Starts the offline phase: until [`Ctx::end_offline`], every round draws its material,
+    /// gets the dealer's answers (P1) and computes P1's weight products, stores them for the
+    /// online round with the same requests, and returns zero shares of the right shapes
+    /// without talking to the peer. Run the forward pass on dummy inputs of the online shape
+    /// in between (the requests depend on shapes only).
+    pub fn begin_offline(&mut self) {
+        self.recording = true;
+    }
+
+    /// Ends the offline phase: P1 sends the dealer every request of the pass in **one** frame
+    /// and gets every `c1` back in one frame (charged to the current label, with the bytes).
+    /// The next rounds consume the prepared material in order.
+    pub fn end_offline(&mut self) -> Result<()> {
+        self.fetch_offline()?;
+        self.recording = false;
+        Ok(())
+    }
+
+    /// During the offline phase: gets the dealer's answers for the rounds prepared so far (one
+    /// frame each way), so the dealer's work can be timed with a part of the model.
+    pub fn fetch_offline(&mut self) -> Result<()> {
+        let label = self.net.stats.label().to_string();
+        let reqs: Vec<Req> = self
+            .pre
+            .iter()
+            .filter(|p| !p.answered)
+            .flat_map(|p| p.reqs.iter().cloned())
+            .collect();
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        let mut mats: Vec<Material> = vec![Material::default(); reqs.len()];
+        let sent = self.dealer.request(&label, &reqs)?;
+        let got = self.dealer.receive(&label, &reqs, &mut mats)?;
+        self.net.stats.cur().dealer_bytes += sent + got;
+        if self.party == Party::P0 {
+            // P0's `c` comes from its own PRG (already drawn); nothing crossed.
+            for p in self.pre.iter_mut() {
+                p.answered = true;
+            }
+            return Ok(());
+        }
+        let mut answers = mats.into_iter();
+        for p in self.pre.iter_mut().filter(|p| !p.answered) {
+            for (m, z) in p.mats.iter_mut().zip(p.weight_out.iter_mut()) {
+                let c = answers.next().map(|a| a.c).unwrap_or_default();
+                if let Some(z) = z {
+                    for (v, ci) in z.iter_mut().zip(&c) {
+                        *v = v.wrapping_add(*ci);
+                    }
+                }
+                m.c = c;
+            }
+            p.answered = true;
+        }
+        Ok(())
+    }
+
+    /// Whether an offline pass is in progress (rounds are not executed).
+    pub fn is_offline(&self) -> bool {
+        self.recording
+    }
+
+    /// Rounds of prepared material not yet used.
+    pub fn prepared_rounds(&self) -> usize {
+        self.pre.len()
+    }
+
+    fn record(&mut self, ops: &[Op], reqs: Vec<Req>) -> Result<Vec<AShare>> {
+        let party = self.party;
+        let mats = self.dealer.draw(&reqs);
+        // P1's products with F (`c1` is added when the dealer's answers arrive).
+        let weight_out: Vec<Option<Vec<u64>>> = ops
+            .iter()
+            .zip(&mats)
+            .map(|(op, m)| -> Result<Option<Vec<u64>>> {
+                Ok(match (party, op) {
+                    (Party::P1, Op::WeightMatMul(_, w)) => Some(w.matmul_words(&m.a)?),
+                    (Party::P1, Op::WeightElem(_, w)) => {
+                        let cols = w.data.numel();
+                        Some(
+                            m.a.iter()
+                                .enumerate()
+                                .map(|(i, &v)| v.wrapping_mul(w.data.data[i % cols]))
+                                .collect(),
+                        )
+                    }
+                    _ => None,
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.pre.push_back(PreRound {
+            answered: false,
+            reqs,
+            mats,
+            weight_out,
+        });
+        ops.iter()
+            .map(|op| {
+                let shape = op.out_shape()?;
+                Ok(AShare::new(party, RingTensor::zeros(&shape)))
+            })
+            .collect()
     }
 
     /// Fractional bits.
@@ -176,6 +370,9 @@ impl Ctx {
 
     /// Charges what follows to op `label` (rounds, bytes, dealer bytes, wall time).
     pub fn op(&mut self, label: &str) {
+        if self.recording {
+            return; // the offline pass is charged to its own label
+        }
         self.net.stats.begin(label);
     }
 
@@ -192,8 +389,26 @@ impl Ctx {
         let party = self.party;
         let label = self.net.stats.label().to_string();
         let reqs: Vec<Req> = ops.iter().map(Op::req).collect::<Result<_>>()?;
-        let mut mats = self.dealer.draw(&reqs);
-        let sent_to_dealer = self.dealer.request(&label, &reqs)?;
+        if self.recording {
+            return self.record(ops, reqs);
+        }
+        let pre = match self.pre.pop_front() {
+            Some(p) if p.reqs == reqs && p.answered => Some(p),
+            Some(_) => {
+                return Err(MpcError::Dealer(format!(
+                    "op {label}: the online round does not match the offline material"
+                )));
+            }
+            None => None,
+        };
+        let (mut mats, weight_out, sent_to_dealer) = match pre {
+            Some(p) => (p.mats, p.weight_out, None),
+            None => {
+                let mats = self.dealer.draw(&reqs);
+                let sent = self.dealer.request(&label, &reqs)?;
+                (mats, vec![None; ops.len()], Some(sent))
+            }
+        };
         // My part of every opening.
         let mut out = Vec::with_capacity(ops.iter().map(|o| o.send_len(party)).sum());
         for (op, m) in ops.iter().zip(&mats) {
@@ -219,18 +434,23 @@ impl Ctx {
                 got: peer.len(),
             });
         }
-        let got_from_dealer = self.dealer.receive(&label, &reqs, &mut mats)?;
-        self.net.stats.cur().dealer_bytes += sent_to_dealer + got_from_dealer;
+        if let Some(sent) = sent_to_dealer {
+            let got_from_dealer = self.dealer.receive(&label, &reqs, &mut mats)?;
+            self.net.stats.cur().dealer_bytes += sent + got_from_dealer;
+        }
 
         let (mut pm, mut pp) = (0usize, 0usize);
         let mut res = Vec::with_capacity(ops.len());
-        for (op, m) in ops.iter().zip(&mats) {
+        for ((op, m), wo) in ops.iter().zip(&mats).zip(weight_out) {
             let (nm, np) = (op.send_len(party), op.send_len(party.peer()));
             let mine = &out[pm..pm + nm];
             let theirs = &peer[pp..pp + np];
             pm += nm;
             pp += np;
-            res.push(self.finish(op, m, mine, theirs)?);
+            res.push(match wo {
+                Some(z) => AShare::new(party, RingTensor::new(op.out_shape()?, z)?),
+                None => self.finish(op, m, mine, theirs)?,
+            });
         }
         Ok(res)
     }
@@ -295,17 +515,13 @@ impl Ctx {
             Op::WeightMatMul(x, w) => {
                 let out_shape = matmul_shape(x.shape(), &w.data.shape)?;
                 let mut z = match party {
-                    Party::P0 => {
-                        let xe = RingTensor::new(x.shape().to_vec(), add_vec(&x.t.data, theirs))?;
-                        xe.matmul(&w.data)?
-                    }
-                    Party::P1 => {
-                        let a = RingTensor::new(x.shape().to_vec(), m.a.clone())?;
-                        a.matmul(&w.data)?
-                    }
+                    Party::P0 => w.matmul_words(&add_vec(&x.t.data, theirs))?,
+                    Party::P1 => w.matmul_words(&m.a)?,
                 };
-                z.add_assign(&RingTensor::new(out_shape, m.c.clone())?)?;
-                AShare::new(party, z)
+                for (v, c) in z.iter_mut().zip(&m.c) {
+                    *v = v.wrapping_add(*c);
+                }
+                AShare::new(party, RingTensor::new(out_shape, z)?)
             }
             Op::WeightElem(x, w) => {
                 let cols = w.data.numel();
@@ -366,6 +582,9 @@ impl Ctx {
 
     /// Opens `x` to both parties (1 round).
     pub fn reveal(&mut self, x: &AShare) -> Result<RingTensor> {
+        if self.recording {
+            return Ok(RingTensor::zeros(x.shape()));
+        }
         let theirs = self.net.exchange(&x.t.data)?;
         if theirs.len() != x.numel() {
             return Err(MpcError::FrameLength {
@@ -379,6 +598,9 @@ impl Ctx {
 
     /// Opens `x` to `to` only (1 round, one direction): `Some(x)` there, `None` at the other.
     pub fn reveal_to(&mut self, x: &AShare, to: Party) -> Result<Option<RingTensor>> {
+        if self.recording {
+            return Ok((self.party == to).then(|| RingTensor::zeros(x.shape())));
+        }
         if self.party == to {
             let theirs = self.net.recv_exact(x.numel())?;
             Ok(Some(RingTensor::new(
@@ -400,6 +622,7 @@ impl Ctx {
         shape: &[usize],
     ) -> Result<PrivWeight> {
         let n: usize = shape.iter().product();
+        self.weights.push((id, shape.to_vec()));
         match self.party {
             Party::P0 => {
                 let w = w.ok_or_else(|| MpcError::Config("P0 must hold the weights".into()))?;
@@ -414,17 +637,11 @@ impl Ctx {
                     .map(|(x, b)| x.wrapping_sub(*b))
                     .collect();
                 self.net.send(&f)?;
-                Ok(PrivWeight {
-                    id,
-                    data: w.clone(),
-                })
+                Ok(PrivWeight::new(id, w.clone()))
             }
             Party::P1 => {
                 let f = self.net.recv_exact(n)?;
-                Ok(PrivWeight {
-                    id,
-                    data: RingTensor::new(shape.to_vec(), f)?,
-                })
+                Ok(PrivWeight::new(id, RingTensor::new(shape.to_vec(), f)?))
             }
         }
     }
