@@ -841,12 +841,18 @@ fn killing_a_party_ends_the_other_with_a_clear_error() {
             "--inputs",
         ])
         .arg(&inputs)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Setup sends MiniLM's masked weights (~180 MB): kill P1 in the middle of it.
-    std::thread::sleep(Duration::from_millis(2500));
+    // Once P1 is connected, setup sends MiniLM's masked weights (~180 MB): kill P1 then, in the
+    // middle of the session, however loaded the machine is.
+    let mut line = String::new();
+    std::io::BufReader::new(p1.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "MPC_CONNECTED");
+    std::thread::sleep(Duration::from_millis(200));
     p1.kill().unwrap();
     p1.wait().unwrap();
     let killed = Instant::now();

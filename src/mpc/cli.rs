@@ -275,6 +275,9 @@ fn party(a: PartyArgs) -> Result<()> {
             let path = a.inputs.as_deref().context("P1 needs --inputs")?;
             let inputs: Vec<Input> = read_inputs(path)?.iter().map(Input::from_host).collect();
             let chan = TcpChannel::connect(peer, timeout)?;
+            // For scripts and tests: the session with P0 has begun.
+            println!("MPC_CONNECTED");
+            std::io::Write::flush(&mut std::io::stdout())?;
             run_party(p, cfg, None, Some(&inputs), Box::new(chan), dealer)?
         }
     };
