@@ -21,6 +21,7 @@ use mpcformer::train::recipe::Recipe;
 use serde_json::{Value, json};
 
 use common::{fixtures, load};
+use datagen::{mnli_dev, sst2_dev, tiny_roberta};
 
 fn mpcformer() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mpcformer"))
@@ -56,58 +57,6 @@ fn no_dropout(o: Overrides) -> Overrides {
         no_dropout: true,
         ..o
     }
-}
-
-/// `tiny-roberta`'s weights with a byte-level BPE vocabulary (letters, `Ġ`, punctuation; no
-/// merges) that fits its 120 embeddings.
-fn tiny_roberta(dest: &Path) -> PathBuf {
-    let src = fixtures().join("tiny-roberta/model");
-    std::fs::create_dir_all(dest).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), dest.join(f)).unwrap();
-    }
-    let mut vocab = vec![
-        "<s>".to_string(),
-        "<pad>".into(),
-        "</s>".into(),
-        "<unk>".into(),
-        "Ġ".into(),
-    ];
-    vocab.extend(('a'..='z').map(|c| c.to_string()));
-    vocab.extend(['.', ',', '!', '?'].map(|c| c.to_string()));
-    vocab.extend(('0'..='9').map(|c| c.to_string()));
-    let map: serde_json::Map<String, Value> = vocab
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
-    std::fs::write(dest.join("vocab.json"), Value::Object(map).to_string()).unwrap();
-    std::fs::write(dest.join("merges.txt"), "#version: 0.2\n").unwrap();
-    dest.to_path_buf()
-}
-
-const MNLI_HEAD: &str = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label";
-
-fn mnli_dev(path: &Path, n: usize) {
-    let labels = ["contradiction", "entailment", "neutral"];
-    let mut s = format!("{MNLI_HEAD}\n");
-    for i in 0..n {
-        let l = labels[i % 3];
-        let extra = "the good dog ".repeat(i % 4);
-        s += &format!(
-            "{i}\t1\t1e\tfiction\t(\t(\t(\t(\tthe man played guitar {i} .\ta man {extra}plays music\t{l}\t{l}\n"
-        );
-    }
-    std::fs::write(path, s).unwrap();
-}
-
-fn sst2_dev(path: &Path, n: usize) {
-    let mut s = String::from("sentence\tlabel\n");
-    for i in 0..n {
-        let extra = "so very good and great ".repeat(i % 3);
-        s += &format!("this movie is {extra}bad number {i} .\t{}\n", i % 2);
-    }
-    std::fs::write(path, s).unwrap();
 }
 
 fn stsb_dev(path: &Path, n: usize) {

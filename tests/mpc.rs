@@ -24,7 +24,9 @@ use mpcformer::mpc::{MpcError, Party};
 use mpcformer::tokenize::HostBatch;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
-use serde_json::{Value, json};
+use serde_json::Value;
+
+use datagen::{mnli_dev, sst2_dev, tiny_roberta};
 
 fn fp() -> FixedPoint {
     FixedPoint::default()
@@ -542,56 +544,6 @@ fn shares_are_uniform_and_independent_of_the_secret() {
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn mnli_dev(path: &Path, n: usize) {
-    let head = "index\tpromptID\tpairiD\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label";
-    let labels = ["contradiction", "entailment", "neutral"];
-    let mut s = format!("{head}\n");
-    for i in 0..n {
-        let l = labels[i % 3];
-        let extra = "the good dog ".repeat(i % 4);
-        s += &format!(
-            "{i}\t1\t1e\tfiction\t(\t(\t(\t(\tthe man played guitar {i} .\ta man {extra}plays music\t{l}\t{l}\n"
-        );
-    }
-    std::fs::write(path, s).unwrap();
-}
-
-fn sst2_dev(path: &Path, n: usize) {
-    let mut s = String::from("sentence\tlabel\n");
-    for i in 0..n {
-        let extra = "so very good and great ".repeat(i % 3);
-        s += &format!("this movie is {extra}bad number {i} .\t{}\n", i % 2);
-    }
-    std::fs::write(path, s).unwrap();
-}
-
-/// `tiny-roberta`'s weights with a byte-level vocabulary that fits its embeddings.
-fn tiny_roberta(dest: &Path) -> PathBuf {
-    let src = fixtures().join("tiny-roberta/model");
-    std::fs::create_dir_all(dest).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), dest.join(f)).unwrap();
-    }
-    let mut vocab = vec![
-        "<s>".to_string(),
-        "<pad>".into(),
-        "</s>".into(),
-        "<unk>".into(),
-        "Ġ".into(),
-    ];
-    vocab.extend(('a'..='z').map(|c| c.to_string()));
-    vocab.extend(['.', ',', '!', '?'].map(|c| c.to_string()));
-    vocab.extend(('0'..='9').map(|c| c.to_string()));
-    let map: serde_json::Map<String, Value> = vocab
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
-    std::fs::write(dest.join("vocab.json"), Value::Object(map).to_string()).unwrap();
-    std::fs::write(dest.join("merges.txt"), "#version: 0.2\n").unwrap();
-    dest.to_path_buf()
 }
 
 /// Exports a tiny fixture as a student (`act`, `attn`) with value ranges from generated dev data.

@@ -6,6 +6,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde_json::{Value, json};
+
 use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType, FloatType, Int32Type, Int64Type};
 use parquet::file::properties::WriterProperties;
@@ -131,4 +133,58 @@ pub fn tiny_model(fixture: &str, dest: &Path) -> PathBuf {
     assert!(vocab.len() <= 120);
     std::fs::write(dest.join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
     dest.to_path_buf()
+}
+
+/// `tiny-roberta`'s weights with a byte-level BPE vocabulary (letters, `Ġ`, punctuation; no
+/// merges) that fits its 120 embeddings.
+pub fn tiny_roberta(dest: &Path) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-roberta/model");
+    std::fs::create_dir_all(dest).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dest.join(f)).unwrap();
+    }
+    let mut vocab = vec![
+        "<s>".to_string(),
+        "<pad>".into(),
+        "</s>".into(),
+        "<unk>".into(),
+        "Ġ".into(),
+    ];
+    vocab.extend(('a'..='z').map(|c| c.to_string()));
+    vocab.extend(['.', ',', '!', '?'].map(|c| c.to_string()));
+    vocab.extend(('0'..='9').map(|c| c.to_string()));
+    let map: serde_json::Map<String, Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    std::fs::write(dest.join("vocab.json"), Value::Object(map).to_string()).unwrap();
+    std::fs::write(dest.join("merges.txt"), "#version: 0.2\n").unwrap();
+    dest.to_path_buf()
+}
+
+/// An MNLI dev file in GLUE's layout, labels cycling, pairs of varied length.
+pub const MNLI_HEAD: &str = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label";
+
+pub fn mnli_dev(path: &Path, n: usize) {
+    let labels = ["contradiction", "entailment", "neutral"];
+    let mut s = format!("{MNLI_HEAD}\n");
+    for i in 0..n {
+        let l = labels[i % 3];
+        let extra = "the good dog ".repeat(i % 4);
+        s += &format!(
+            "{i}\t1\t1e\tfiction\t(\t(\t(\t(\tthe man played guitar {i} .\ta man {extra}plays music\t{l}\t{l}\n"
+        );
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+/// An SST-2 dev file in GLUE's layout, labels alternating, sentences of varied length.
+pub fn sst2_dev(path: &Path, n: usize) {
+    let mut s = String::from("sentence\tlabel\n");
+    for i in 0..n {
+        let extra = "so very good and great ".repeat(i % 3);
+        s += &format!("this movie is {extra}bad number {i} .\t{}\n", i % 2);
+    }
+    std::fs::write(path, s).unwrap();
 }
