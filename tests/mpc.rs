@@ -447,6 +447,48 @@ fn two_quad_and_layer_norm_match_plaintext() {
     assert!(e <= 2e-3, "layer norm: {e:.2e}");
 }
 
+/// LayerNorm of rows with MiniLM-like outliers (one dimension near ±800, σ² up to ~1900): with
+/// `x − μ` scaled by 2^−3 before squaring (the plan MpcConfig makes for such a range) the output
+/// matches plaintext, and the truncated row sums are 64× smaller.
+#[test]
+fn layer_norm_of_large_variance_rows_with_an_input_shift() {
+    let mut r = rng(51);
+    let (rows, d) = (12, 384);
+    let mut x = uniform(&mut r, rows * d, -2.0, 2.0);
+    for ri in 0..rows {
+        x[ri * d + 7] = if ri % 2 == 0 {
+            840.0
+        } else {
+            -35.0 * ri as f64
+        };
+    }
+    let g = uniform(&mut r, d, 0.5, 1.5);
+    let be = uniform(&mut r, d, -0.5, 0.5);
+    let sx = shares(&x, &[rows, d], 52);
+    let gt = RingTensor::from_f64(fp(), &[d], &g).unwrap();
+    let bt = RingTensor::from_f64(fp(), &[d], &be).unwrap();
+    let mut sp = NewtonPlan::new(NewtonKind::InvSqrt, 0.9 / 64.0, 7520.0 / 64.0, 1e-4).unwrap();
+    sp.input_shift = 3;
+    let (r0, r1) = two_party(|ctx| {
+        let p0 = ctx.party == Party::P0;
+        let gw: PrivWeight = ctx.share_weight(9, p0.then_some(&gt), &[d]).unwrap();
+        ctx.layer_norm(pick(&sx, ctx.party), &gw, p0.then_some(&bt), 1e-12, &sp)
+            .unwrap()
+    });
+    let mut want = vec![0.0; rows * d];
+    for ri in 0..rows {
+        let row = &x[ri * d..(ri + 1) * d];
+        let mu = row.iter().sum::<f64>() / d as f64;
+        let var = row.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / d as f64;
+        for c in 0..d {
+            want[ri * d + c] = (row[c] - mu) / (var + 1e-12).sqrt() * g[c] + be[c];
+        }
+    }
+    let e = max_err(&open((r0, r1)), &want);
+    eprintln!("layer norm, σ² up to ~1900, input shift 3: max error {e:.2e}");
+    assert!(e <= 3e-2, "layer norm with input shift: {e:.2e}");
+}
+
 /// Chi-square on 256 buckets (top byte, low byte) of one party's shares of two different
 /// secrets, and a two-sample test between them: the share is uniform and independent of the
 /// secret. 255 degrees of freedom: the 1e-4 quantile is about 361.

@@ -364,6 +364,8 @@ fn launch(model: &str, inputs: &[HostBatch], timeout: Duration) -> Result<Launch
         .args(["--peer", &addr])
         .arg("--inputs")
         .arg(&inputs_path)
+        // Its only stdout line is MPC_CONNECTED, for scripts; errors go to stderr.
+        .stdout(Stdio::null())
         .spawn()
     {
         Ok(c) => c,

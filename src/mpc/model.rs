@@ -88,6 +88,18 @@ fn newton(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
     Err(last.expect("targets tried"))
 }
 
+/// The inverse-square-root plan of a LayerNorm whose variances lie in `[lo, hi]`: above ~256,
+/// `x − μ` is scaled down by `2^k` before squaring (see [`Ctx::layer_norm`]) and the plan covers
+/// `[lo, hi] / 4^k`, which keeps `σ²/4^k ≤ 256` and every row's sum of squares far from the
+/// ring's limit.
+fn layer_norm_plan(lo: f64, hi: f64) -> Result<NewtonPlan> {
+    let k = ((hi.log2() / 2.0).ceil() - 4.0).max(0.0) as u32;
+    let s = 4f64.powi(k as i32);
+    let mut plan = newton(NewtonKind::InvSqrt, lo / s, hi / s)?;
+    plan.input_shift = k;
+    Ok(plan)
+}
+
 impl MpcConfig {
     /// Checks that every layer is Quad + 2Quad and plans the non-linear ops from `ranges`
     /// (the manifest's `value_ranges.ops`), or from defaults when `None`.
@@ -123,7 +135,7 @@ impl MpcConfig {
         let var_default = (1e-2, 1e2);
         let sum_default = (1.0, 1e4);
         let (lo, hi) = interval("embeddings.LayerNorm.inv_sqrt", var_default);
-        let emb_ln = newton(NewtonKind::InvSqrt, lo, hi)?;
+        let emb_ln = layer_norm_plan(lo, hi)?;
         let mut layers = Vec::new();
         for i in 0..model.num_hidden_layers {
             let p = format!("layer.{i}");
@@ -133,9 +145,9 @@ impl MpcConfig {
                 &format!("{p}.attention.output.LayerNorm.inv_sqrt"),
                 var_default,
             );
-            let attn_ln = newton(NewtonKind::InvSqrt, lo, hi)?;
+            let attn_ln = layer_norm_plan(lo, hi)?;
             let (lo, hi) = interval(&format!("{p}.output.LayerNorm.inv_sqrt"), var_default);
-            let out_ln = newton(NewtonKind::InvSqrt, lo, hi)?;
+            let out_ln = layer_norm_plan(lo, hi)?;
             layers.push(LayerPlans {
                 recip,
                 attn_ln,

@@ -785,6 +785,12 @@ impl Ctx {
     /// `μ` locally; then one round for both `(x − μ)²` (summed per row at 2f bits, truncated
     /// once) and `(x − μ)∘γ` (P0's γ, per-model mask); `σ² + eps` by one public product;
     /// [`Ctx::inv_sqrt`]; one row-broadcast product; P0 adds β.
+    ///
+    /// With `plan.input_shift = k > 0` (rows of large variance, e.g. MiniLM's outlier
+    /// dimensions: σ² up to 1880), `x − μ` is divided by `2^k` before squaring and `eps` by
+    /// `4^k` — LayerNorm is invariant to that scale, the output's product is truncated by
+    /// `f + k` to undo it. The row sum truncated at 2f bits is `4^k` times smaller, and so is
+    /// its chance of a truncation failure (`|X|/2^64`: 1.7·10⁻⁴ per row at σ² = 1880, d = 384).
     pub fn layer_norm(
         &mut self,
         x: &AShare,
@@ -813,14 +819,16 @@ impl Ctx {
                 .map(|(i, v)| v.wrapping_sub(mu.t.data[i / d]))
                 .collect();
         let dx = AShare::new(self.party, RingTensor::new(shape.clone(), centered)?);
-        let r = self.run(&[Op::Square(&dx), Op::WeightElem(&dx, gamma)])?;
+        let k = plan.input_shift;
+        let dxs = dx.truncate(k);
+        let r = self.run(&[Op::Square(&dxs), Op::WeightElem(&dx, gamma)])?;
         let s = AShare::new(self.party, RingTensor::new(vec![rows], row_sum(&r[0].t))?).truncate(f);
         let var = AShare::new(self.party, s.t.mul_public_int(inv_d as i64))
             .truncate(f)
-            .add_const(self.enc(eps));
+            .add_const(self.enc(eps / 4f64.powi(k as i32)));
         let g = r[1].truncate(f);
         let w = self.inv_sqrt(&var, plan)?;
-        let mut y = self.run(&[Op::MulRow(&g, &w)])?.remove(0).truncate(f);
+        let mut y = self.run(&[Op::MulRow(&g, &w)])?.remove(0).truncate(f + k);
         if let (Party::P0, Some(b)) = (self.party, beta) {
             add_row_vector(&mut y.t, b)?;
         }
@@ -943,6 +951,9 @@ pub struct NewtonPlan {
     pub iters: u32,
     /// Largest relative error over `[lo, hi]` in exact arithmetic.
     pub max_err: f64,
+    /// LayerNorm only: `x − μ` is scaled by `2^−input_shift` before it is squared, and this
+    /// plan covers the variance range divided by `4^input_shift` (see [`Ctx::layer_norm`]).
+    pub input_shift: u32,
 }
 
 impl NewtonPlan {
@@ -1097,6 +1108,7 @@ impl NewtonPlan {
             beta,
             iters,
             max_err,
+            input_shift: 0,
         })
     }
 
