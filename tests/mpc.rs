@@ -447,6 +447,41 @@ fn two_quad_and_layer_norm_match_plaintext() {
     assert!(e <= 2e-3, "layer norm: {e:.2e}");
 }
 
+/// 2Quad with `s + c` scaled by 2^−3 before squaring (what MpcConfig plans for row sums up to
+/// ~10⁵, e.g. MiniLM's first layer): the same probabilities, masked keys exactly 0.
+#[test]
+fn two_quad_with_an_input_shift_matches_plaintext() {
+    let mut r = rng(61);
+    let (b, h, l) = (2, 2, 24);
+    let scores = uniform(&mut r, b * h * l * l, -6.0, 60.0);
+    let mut mask = vec![1u64; b * l];
+    mask[l - 3..l].fill(0);
+    let ss = shares(&scores, &[b, h, l, l], 62);
+    let mut rp = NewtonPlan::new(NewtonKind::Reciprocal, 50.0 / 64.0, 1e5 / 64.0, 1e-4).unwrap();
+    rp.input_shift = 3;
+    let (r0, r1) = two_party(|ctx| ctx.two_quad(pick(&ss, ctx.party), &mask, 5.0, &rp).unwrap());
+    let got = open((r0, r1));
+    let mut want = vec![0.0; scores.len()];
+    for row in 0..b * h * l {
+        let bi = row / (h * l);
+        let e: Vec<f64> = (0..l)
+            .map(|k| (scores[row * l + k] + 5.0).powi(2) * mask[bi * l + k] as f64)
+            .collect();
+        let z: f64 = e.iter().sum();
+        for k in 0..l {
+            want[row * l + k] = e[k] / z;
+        }
+    }
+    let e = max_err(&got, &want);
+    eprintln!("2quad, row sums up to ~9·10⁴, input shift 3: max error {e:.2e}");
+    assert!(e <= 1e-3, "2quad with input shift: {e:.2e}");
+    for (g, w) in got.iter().zip(&want) {
+        if *w == 0.0 {
+            assert_eq!(*g, 0.0, "masked keys get exactly 0");
+        }
+    }
+}
+
 /// LayerNorm of rows with MiniLM-like outliers (one dimension near ±800, σ² up to ~1900): with
 /// `x − μ` scaled by 2^−3 before squaring (the plan MpcConfig makes for such a range) the output
 /// matches plaintext, and the truncated row sums are 64× smaller.

@@ -88,14 +88,14 @@ fn newton(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
     Err(last.expect("targets tried"))
 }
 
-/// The inverse-square-root plan of a LayerNorm whose variances lie in `[lo, hi]`: above ~256,
-/// `x − μ` is scaled down by `2^k` before squaring (see [`Ctx::layer_norm`]) and the plan covers
-/// `[lo, hi] / 4^k`, which keeps `σ²/4^k ≤ 256` and every row's sum of squares far from the
-/// ring's limit.
-fn layer_norm_plan(lo: f64, hi: f64) -> Result<NewtonPlan> {
+/// The plan of the reciprocal (2Quad) or inverse square root (LayerNorm) of a sum of squares
+/// lying in `[lo, hi]`: above ~256, the squared value is scaled down by `2^k` first (see
+/// [`Ctx::layer_norm`], [`Ctx::two_quad`]) and the plan covers `[lo, hi] / 4^k`, which keeps
+/// the sums ≤ 256 and every truncated square and sum far from the ring's limit.
+fn scaled_plan(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
     let k = ((hi.log2() / 2.0).ceil() - 4.0).max(0.0) as u32;
     let s = 4f64.powi(k as i32);
-    let mut plan = newton(NewtonKind::InvSqrt, lo / s, hi / s)?;
+    let mut plan = newton(kind, lo / s, hi / s)?;
     plan.input_shift = k;
     Ok(plan)
 }
@@ -135,19 +135,19 @@ impl MpcConfig {
         let var_default = (1e-2, 1e2);
         let sum_default = (1.0, 1e4);
         let (lo, hi) = interval("embeddings.LayerNorm.inv_sqrt", var_default);
-        let emb_ln = layer_norm_plan(lo, hi)?;
+        let emb_ln = scaled_plan(NewtonKind::InvSqrt, lo, hi)?;
         let mut layers = Vec::new();
         for i in 0..model.num_hidden_layers {
             let p = format!("layer.{i}");
             let (lo, hi) = interval(&format!("{p}.2quad.row_sum"), sum_default);
-            let recip = newton(NewtonKind::Reciprocal, lo, hi)?;
+            let recip = scaled_plan(NewtonKind::Reciprocal, lo, hi)?;
             let (lo, hi) = interval(
                 &format!("{p}.attention.output.LayerNorm.inv_sqrt"),
                 var_default,
             );
-            let attn_ln = layer_norm_plan(lo, hi)?;
+            let attn_ln = scaled_plan(NewtonKind::InvSqrt, lo, hi)?;
             let (lo, hi) = interval(&format!("{p}.output.LayerNorm.inv_sqrt"), var_default);
-            let out_ln = layer_norm_plan(lo, hi)?;
+            let out_ln = scaled_plan(NewtonKind::InvSqrt, lo, hi)?;
             layers.push(LayerPlans {
                 recip,
                 attn_ln,
@@ -744,6 +744,9 @@ impl MpcModel {
                 .add(&x1)?;
             ctx.op("layernorm");
             x = ctx.layer_norm(&down, &lw.ln2.gamma, lw.ln2.beta.as_ref(), eps, &lp.out_ln)?;
+            if ctx.is_offline() {
+                ctx.pipeline_offline()?; // the dealer works on this layer while P1 records the next
+            }
         }
         if ctx.is_offline() {
             ctx.fetch_offline()?; // the encoder's share of the dealer's work

@@ -188,6 +188,8 @@ fn add_vec(x: &[u64], y: &[u64]) -> Vec<u64> {
 /// dealer's requests (checked against the online round), this party's material, and for P1
 /// the weight products that depend only on it (`a·F + c1`, `a∘F + c1`).
 struct PreRound {
+    /// Its requests went to the dealer (offline pipelining).
+    sent: bool,
     answered: bool,
     reqs: Vec<Req>,
     mats: Vec<Material>,
@@ -203,6 +205,9 @@ pub struct Ctx {
     /// Offline (preprocessing) pass in progress: rounds prepare material instead of running.
     recording: bool,
     pre: std::collections::VecDeque<PreRound>,
+    /// Offline: frames of requests sent to the dealer whose answers are not read yet, oldest
+    /// first — the `pre` indices of each frame and its requests.
+    inflight: std::collections::VecDeque<(Vec<usize>, Vec<Req>)>,
     /// Wall time of the encoder layers (no embedding, pooler or classifier), online and in
     /// the offline pass, summed over forward passes.
     pub encoder_s: f64,
@@ -220,6 +225,7 @@ impl Ctx {
             dealer,
             recording: false,
             pre: std::collections::VecDeque::new(),
+            inflight: std::collections::VecDeque::new(),
             encoder_s: 0.0,
             encoder_offline_s: 0.0,
             weights: Vec::new(),
@@ -276,42 +282,72 @@ impl Ctx {
         Ok(())
     }
 
-    /// During the offline phase: gets the dealer's answers for the rounds prepared so far (one
-    /// frame each way), so the dealer's work can be timed with a part of the model.
+    /// During the offline phase: gets the dealer's answers for every round prepared so far, so
+    /// the dealer's work can be timed with a part of the model.
     pub fn fetch_offline(&mut self) -> Result<()> {
-        let label = self.net.stats.label().to_string();
-        let reqs: Vec<Req> = self
-            .pre
-            .iter()
-            .filter(|p| !p.answered)
-            .flat_map(|p| p.reqs.iter().cloned())
+        self.send_offline()?;
+        let frames = self.inflight.len();
+        self.receive_offline(frames)
+    }
+
+    /// During the offline phase: sends the dealer the requests of the rounds recorded since the
+    /// last call (one frame) and reads the answers of the frames sent **before** it, so the
+    /// dealer computes its part of one layer (`a·B0`, the bulk of its work) while this party
+    /// records the next (P1's `a·F`): the two halves of every weight product run on both cores.
+    pub fn pipeline_offline(&mut self) -> Result<()> {
+        let older = self.inflight.len();
+        self.send_offline()?;
+        self.receive_offline(older)
+    }
+
+    fn send_offline(&mut self) -> Result<()> {
+        let idx: Vec<usize> = (0..self.pre.len())
+            .filter(|&i| !self.pre[i].answered && !self.pre[i].sent)
             .collect();
-        if reqs.is_empty() {
+        if idx.is_empty() {
             return Ok(());
         }
-        let mut mats: Vec<Material> = vec![Material::default(); reqs.len()];
+        let reqs: Vec<Req> = idx
+            .iter()
+            .flat_map(|&i| self.pre[i].reqs.iter().cloned())
+            .collect();
+        let label = self.net.stats.label().to_string();
         let sent = self.dealer.request(&label, &reqs)?;
-        let got = self.dealer.receive(&label, &reqs, &mut mats)?;
-        self.net.stats.cur().dealer_bytes += sent + got;
-        if self.party == Party::P0 {
-            // P0's `c` comes from its own PRG (already drawn); nothing crossed.
-            for p in self.pre.iter_mut() {
-                p.answered = true;
-            }
-            return Ok(());
+        self.net.stats.cur().dealer_bytes += sent;
+        for &i in &idx {
+            self.pre[i].sent = true;
         }
-        let mut answers = mats.into_iter();
-        for p in self.pre.iter_mut().filter(|p| !p.answered) {
-            for (m, z) in p.mats.iter_mut().zip(p.weight_out.iter_mut()) {
-                let c = answers.next().map(|a| a.c).unwrap_or_default();
-                if let Some(z) = z {
-                    for (v, ci) in z.iter_mut().zip(&c) {
-                        *v = v.wrapping_add(*ci);
+        self.inflight.push_back((idx, reqs));
+        Ok(())
+    }
+
+    /// Reads the answers of the `frames` oldest frames in flight.
+    fn receive_offline(&mut self, frames: usize) -> Result<()> {
+        let label = self.net.stats.label().to_string();
+        for _ in 0..frames {
+            let Some((idx, reqs)) = self.inflight.pop_front() else {
+                break;
+            };
+            let mut mats: Vec<Material> = vec![Material::default(); reqs.len()];
+            let got = self.dealer.receive(&label, &reqs, &mut mats)?;
+            self.net.stats.cur().dealer_bytes += got;
+            // P0's `c` comes from its own PRG (already drawn); nothing crossed.
+            let mut answers = mats.into_iter();
+            for &i in &idx {
+                let p = &mut self.pre[i];
+                if self.party == Party::P1 {
+                    for (m, z) in p.mats.iter_mut().zip(p.weight_out.iter_mut()) {
+                        let c = answers.next().map(|a| a.c).unwrap_or_default();
+                        if let Some(z) = z {
+                            for (v, ci) in z.iter_mut().zip(&c) {
+                                *v = v.wrapping_add(*ci);
+                            }
+                        }
+                        m.c = c;
                     }
                 }
-                m.c = c;
+                p.answered = true;
             }
-            p.answered = true;
         }
         Ok(())
     }
@@ -350,6 +386,7 @@ impl Ctx {
             })
             .collect::<Result<_>>()?;
         self.pre.push_back(PreRound {
+            sent: false,
             answered: false,
             reqs,
             mats,
@@ -574,6 +611,10 @@ impl Ctx {
             .run(&[Op::WeightMatMul(x, w)])?
             .remove(0)
             .truncate(trunc);
+        if self.recording {
+            // Offline: the dealer computes this product's half while P1 records the next one.
+            self.pipeline_offline()?;
+        }
         if let (Party::P0, Some(b)) = (self.party, bias) {
             add_row_vector(&mut z.t, b)?;
         }
@@ -760,7 +801,10 @@ impl Ctx {
             .map(|i| key_mask[(i / (h * lq * lk)) * lk + i % lk])
             .collect();
         let mask_full = RingTensor::new(s.clone(), mask_full)?;
-        let t = scores.add_const(self.enc(c));
+        // (s + c)/2^k: every square, and every row sum truncated at 2f bits, is 4^k times
+        // smaller, and so is its chance of a truncation failure (|X|/2^64; ~10⁸ squares on one
+        // RTE dev pass of MiniLM made 1–2 failures with k = 0). The ratio is unchanged.
+        let t = scores.add_const(self.enc(c)).truncate(plan.input_shift);
         let sq = self
             .run(&[Op::Square(&t)])?
             .remove(0)
@@ -951,8 +995,10 @@ pub struct NewtonPlan {
     pub iters: u32,
     /// Largest relative error over `[lo, hi]` in exact arithmetic.
     pub max_err: f64,
-    /// LayerNorm only: `x − μ` is scaled by `2^−input_shift` before it is squared, and this
-    /// plan covers the variance range divided by `4^input_shift` (see [`Ctx::layer_norm`]).
+    /// LayerNorm and 2Quad: the value that is squared (`x − μ`, `s + c`) is scaled by
+    /// `2^−input_shift` first, and this plan covers the input range divided by
+    /// `4^input_shift` — both ops are invariant to that scale (see [`Ctx::layer_norm`],
+    /// [`Ctx::two_quad`]). 0 for a plain reciprocal or inverse square root.
     pub input_shift: u32,
 }
 
