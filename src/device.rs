@@ -26,7 +26,10 @@ pub enum Backend {
 impl Backend {
     pub fn device(self) -> anyhow::Result<Device> {
         match self {
-            Backend::Flex => Ok(Device::flex()),
+            Backend::Flex => {
+                keep_freed_memory();
+                Ok(Device::flex())
+            }
             #[cfg(feature = "wgpu")]
             Backend::Wgpu => Ok(Device::wgpu(Default::default())),
             #[cfg(not(feature = "wgpu"))]
@@ -34,5 +37,28 @@ impl Backend {
                 "this binary was built without wgpu support; rebuild with `cargo build --release --features wgpu`"
             ),
         }
+    }
+}
+
+/// Makes glibc's malloc keep and reuse freed blocks instead of returning them to the kernel.
+///
+/// Flex allocates a fresh buffer for almost every op's output (a MiniLM layer's activations are
+/// 3–13 MB each). Above glibc's default 128 KiB mmap threshold each of those is a new `mmap`, so
+/// every op pays page faults and the kernel zeroing the pages, and `free` unmaps them again: a
+/// third of an inference step here (BENCHMARKS.md, "allocator"). Serving them from the heap and
+/// never trimming it makes the buffers recycle. glibc caps the threshold at 32 MiB on 64-bit.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator tunables; it is called once, before the
+            // backend allocates, and glibc ignores values it does not accept (returns 0).
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+                libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+            }
+        });
     }
 }

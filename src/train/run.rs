@@ -421,7 +421,7 @@ fn with_dropout_config(m: SequenceClassifier) -> SequenceClassifier {
     let mut m = m;
     let p = c.hidden_dropout_prob;
     let a = c.attention_probs_dropout_prob;
-    let drop = |p: f64| burn::nn::DropoutConfig::new(p).init();
+    let drop = crate::model::dropout::Dropout::new;
     m.bert.embeddings.dropout = drop(p);
     for l in &mut m.bert.encoder.layer {
         l.attention.self_attn.dropout = drop(a);
