@@ -185,9 +185,10 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
         Case::Infer => {
             let model = config(Approx::exact()).init(device);
             let (inputs, _) = synthetic_batch(batch, seq, 30522, device);
+            let threads = crate::model::bert::inference_threads(device);
             for i in 0..warmup + steps {
                 time(i, &mut || {
-                    let logits = model.logits(&inputs);
+                    let logits = model.logits_threaded(&inputs, threads);
                     logits.sum().into_scalar::<f32>()
                 });
             }

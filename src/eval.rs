@@ -58,10 +58,11 @@ pub fn run_model(
         .expect("valid template"),
     );
     bar.set_message(title.to_string());
+    let threads = crate::model::bert::inference_threads(device);
     let start = Instant::now();
     for idx in data.plan(batch_size, Order::ByLength, false) {
         let batch = data.batch(&idx);
-        let out = model.logits(&batch.inputs.to_inputs(device));
+        let out = model.logits_threaded(&batch.inputs.to_inputs(device), threads);
         let values: Vec<f32> = out
             .into_data()
             .convert::<f32>()

@@ -87,6 +87,15 @@ fn forward_parity(fixture: &str) {
                 "logits".into(),
                 (HostTensor::from_float(out.logits.clone()), 1e-4),
             );
+            // Without captured weights the softmax layers take the backend's fused attention:
+            // the same logits, padded batches included (batch1 and batch2 are padded).
+            let lean = model.forward(&inputs, Capture::NONE);
+            assert_close(
+                &format!("{fixture} batch{b} {variant} logits, no capture"),
+                &HostTensor::from_float(lean.logits),
+                &reference[&format!("{variant}.logits")],
+                1e-4,
+            );
             let loss = task_loss(&model, out.logits, &reference["labels"], &device);
             ours.insert(
                 "loss".into(),

@@ -10,8 +10,9 @@ use burn::nn::{
 };
 use burn::prelude::*;
 use burn::tensor::activation;
+use burn::tensor::ops::AttentionModuleOptions;
 
-use super::approx::{Approx, LayerApprox};
+use super::approx::{Approx, Attn, LayerApprox};
 use super::config::{Arch, ModelConfig};
 use super::dropout::Dropout;
 
@@ -133,6 +134,26 @@ pub struct ClassifierOutput {
     pub logits: Tensor<2>,
 }
 
+impl ClassifierOutput {
+    /// Every tensor moved to `device` (a frozen teacher's outputs onto the student's autodiff
+    /// device, where they enter the loss as constants).
+    pub fn to_device(self, device: &Device) -> Self {
+        let all = |v: Vec<Tensor<3>>| v.into_iter().map(|t| t.to_device(device)).collect();
+        let all4 = |v: Vec<Tensor<4>>| v.into_iter().map(|t| t.to_device(device)).collect();
+        let e = self.encoder;
+        ClassifierOutput {
+            encoder: EncoderOutput {
+                last_hidden_state: e.last_hidden_state.to_device(device),
+                hidden_states: all(e.hidden_states),
+                attention_scores: all4(e.attention_scores),
+                attentions: all4(e.attentions),
+            },
+            pooled_output: self.pooled_output.to_device(device),
+            logits: self.logits.to_device(device),
+        }
+    }
+}
+
 /// `BertEmbeddings` / `RobertaEmbeddings`.
 #[derive(Module, Debug)]
 pub struct BertEmbeddings {
@@ -187,14 +208,16 @@ pub struct BertSelfAttention {
 }
 
 impl BertSelfAttention {
-    /// Returns the context, the raw scores and the weights ([B, H, S, S]).
+    /// Returns the context and, when `weights` is set, the raw scores and the weights
+    /// ([B, H, S, S]).
     fn forward(
         &self,
         x: Tensor<3>,
         key_mask: Tensor<2>,
         approx: LayerApprox,
         c: f64,
-    ) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
+        weights: bool,
+    ) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
         let [b, s, d] = x.dims();
         let h = self.num_heads;
         let dh = d / h;
@@ -204,15 +227,27 @@ impl BertSelfAttention {
         let q = heads(self.query.forward(x.clone()) * (1.0 / (dh as f64).sqrt()));
         let k = heads(self.key.forward(x.clone()));
         let v = heads(self.value.forward(x));
+        let merge = |t: Tensor<4>| t.swap_dims(1, 2).reshape([b, s, d]);
+        if approx.attn == Attn::Softmax && !weights && !q.device().is_autodiff() {
+            // Inference: the backend's fused attention (one pass per head, the scores never
+            // materialised as a tensor). Same values as the path below: a masked key gets
+            // exp(−10000 − max) = 0 there and exactly 0 here.
+            let masked = key_mask
+                .equal_elem(0.0)
+                .reshape([b, 1, 1, s])
+                .expand([b, 1, s, s]);
+            let options = AttentionModuleOptions {
+                scale: Some(1.0),
+                softcap: None,
+                is_causal: false,
+            };
+            let ctx = burn::tensor::module::attention(q, k, v, Some(masked), None, options);
+            return (merge(ctx), None);
+        }
         let scores = q.matmul(k.swap_dims(2, 3));
         let probs = approx.attn.apply(scores.clone(), key_mask, c);
-        let ctx = self
-            .dropout
-            .forward(probs.clone())
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, s, d]);
-        (ctx, scores, probs)
+        let ctx = merge(self.dropout.forward(probs.clone()).matmul(v));
+        (ctx, Some((scores, probs)))
     }
 }
 
@@ -265,11 +300,19 @@ pub struct BertLayer {
 }
 
 impl BertLayer {
-    fn forward(&self, x: Tensor<3>, key_mask: Tensor<2>) -> (Tensor<3>, Tensor<4>, Tensor<4>) {
-        let (ctx, scores, probs) =
-            self.attention
-                .self_attn
-                .forward(x.clone(), key_mask, self.approx, self.two_quad_c);
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        key_mask: Tensor<2>,
+        weights: bool,
+    ) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
+        let (ctx, weights) = self.attention.self_attn.forward(
+            x.clone(),
+            key_mask,
+            self.approx,
+            self.two_quad_c,
+            weights,
+        );
         let attn_out = self.attention.output.forward(ctx, x);
         let inter = self
             .approx
@@ -280,7 +323,7 @@ impl BertLayer {
             .output
             .layer_norm
             .forward(self.output.dropout.forward(y) + attn_out);
-        (y, scores, probs)
+        (y, weights)
     }
 }
 
@@ -319,15 +362,18 @@ impl BertModel {
             out.hidden_states.push(x.clone());
         }
         for layer in &self.encoder.layer {
-            let (y, scores, probs) = layer.forward(x, key_mask.clone());
+            let weights = capture.attention_scores || capture.attentions;
+            let (y, w) = layer.forward(x, key_mask.clone(), weights);
             if capture.hidden_states {
                 out.hidden_states.push(y.clone());
             }
-            if capture.attention_scores {
-                out.attention_scores.push(scores);
-            }
-            if capture.attentions {
-                out.attentions.push(probs);
+            if let Some((scores, probs)) = w {
+                if capture.attention_scores {
+                    out.attention_scores.push(scores);
+                }
+                if capture.attentions {
+                    out.attentions.push(probs);
+                }
             }
             x = y;
         }
@@ -454,4 +500,37 @@ impl SequenceClassifier {
     pub fn logits(&self, inputs: &Inputs) -> Tensor<2> {
         self.forward(inputs, Capture::NONE).logits
     }
+
+    /// [`Self::logits`] with the batch cut into `threads` groups of rows, each run on its own
+    /// thread. On the CPU backend only the matmuls use every core; the elementwise ops, norms and
+    /// the embedding run on the calling thread, so two half-batches side by side keep both cores
+    /// busy (BENCHMARKS.md: +15 % tokens/s on 2 cores). Rows are independent, so the logits are
+    /// those of one call up to the matmul's rounding.
+    pub fn logits_threaded(&self, inputs: &Inputs, threads: usize) -> Tensor<2> {
+        let parts = inputs.split(threads);
+        if parts.len() <= 1 {
+            return self.logits(inputs);
+        }
+        let outs: Vec<Tensor<2>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = parts
+                .iter()
+                .map(|p| scope.spawn(move || self.logits(p)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("inference thread panicked"))
+                .collect()
+        });
+        Tensor::cat(outs, 0)
+    }
+}
+
+/// Threads [`SequenceClassifier::logits_threaded`] should use on `device`: the available cores on
+/// the CPU backend (capped at 2, beyond which the matmuls' own threads already compete), 1 on a
+/// GPU or under autodiff.
+pub fn inference_threads(device: &Device) -> usize {
+    if device.is_autodiff() || *device != Device::flex() {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
 }

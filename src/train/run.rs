@@ -295,18 +295,24 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         if let Some(r) = report {
             eprintln!("student from teacher: {r}");
         }
-        // The teacher runs without gradients and (unlike the reference) without dropout.
-        let teacher_cfg = if recipe.teacher.dropout_during_distill {
-            teacher.config.clone()
+        // The teacher runs without gradients and (unlike the reference) without dropout: then on
+        // the plain device, where no autodiff bookkeeping happens and, when no attention scores
+        // are needed (stage 2), its softmax attention is the backend's fused kernel. Dropout
+        // needs the autodiff device (`teacher.dropout_during_distill`, the reference's fault).
+        let teacher_device = if recipe.teacher.dropout_during_distill {
+            ad.clone()
         } else {
-            teacher.config.clone().without_dropout()
+            device.clone()
         };
-        let frozen = SequenceClassifier {
-            config: teacher_cfg,
-            ..teacher.clone()
-        }
-        .no_grad();
-        let frozen = with_dropout_config(frozen);
+        let frozen = if recipe.teacher.dropout_during_distill {
+            with_dropout_config(teacher.clone().no_grad())
+        } else {
+            let plain = teacher.clone().valid();
+            SequenceClassifier {
+                config: plain.config.clone().without_dropout(),
+                ..plain
+            }
+        };
         let mut last = None;
         for &kind in recipe.stages.iter().filter(|k| **k != StageKind::Finetune) {
             let st = stage(kind);
@@ -324,7 +330,9 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                             attention_scores: true,
                             attentions: false,
                         };
-                        let t = frozen.forward(&inputs, capture);
+                        let t = frozen
+                            .forward(&b.inputs.to_inputs(&teacher_device), capture)
+                            .to_device(&ad);
                         let s = m.model.forward(&inputs, capture);
                         let (total, att, hid) = intermediate_loss(
                             m,
@@ -356,7 +364,9 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                             None
                         };
                         let t = if gold.is_none() {
-                            frozen.logits(&inputs)
+                            frozen
+                                .logits(&b.inputs.to_inputs(&teacher_device))
+                                .to_device(&ad)
                         } else {
                             s.clone().detach()
                         };
