@@ -42,6 +42,7 @@
 //! [`share::AShare`] print the shape, never the data.
 
 pub mod cli;
+pub mod compare;
 pub mod dealer;
 pub mod model;
 pub mod net;
