@@ -346,7 +346,12 @@ fn gelu_matches_erf_gelu_over_real_activation_ranges() {
 fn two_relu_matches_plaintext() {
     let mut r = rng(10);
     let (b, h, l) = (2, 2, 10);
-    let scores = uniform(&mut r, b * h * l * l, -3.0, 6.0);
+    let mut scores = uniform(&mut r, b * h * l * l, -3.0, 6.0);
+    // Row 3: all scores ≤ 0 → 1/L on every key (masked ones too), as the reference.
+    scores[3 * l..4 * l].iter_mut().for_each(|v| *v = -v.abs());
+    // Row 4: only masked keys positive → also a zero row.
+    scores[4 * l..5 * l].iter_mut().for_each(|v| *v = -v.abs());
+    scores[4 * l + 8] = 3.0;
     let mask: Vec<u64> = [vec![1; 7], vec![0; 3], vec![1; 10]].concat();
     let s = shares(&scores, &[b, h, l, l], 11);
     let plan = NewtonPlan::new(NewtonKind::Reciprocal, 0.25, 200.0, 1e-4).unwrap();
@@ -365,6 +370,7 @@ fn two_relu_matches_plaintext() {
     }
     let e = max_err(&got, &want);
     assert!(e <= 1e-3, "2relu: {e:.2e}");
+    assert!((got[3 * l] - 0.1).abs() < 1e-4 && (got[4 * l + 8] - 0.1).abs() < 1e-4);
 }
 
 /// The new rounds run from offline material (dealer traffic before the input, none after) and

@@ -42,9 +42,9 @@
 //!   come from one batched `ltz` of `x − T` and `x + T`. Exact outside `[−T, T]` up to
 //!   `|GeLU(x) − relu(x)| ≤ T·Φ(−T)` (1.3·10⁻⁴ at T = 4), for any `|x|` below the fixed-point
 //!   limit — unlike CrypTen's erf Taylor series, which diverges beyond `|x| ≈ 2.5`.
-//! - [`Ctx::two_relu`]: `relu(s)·m / Σ relu(s)·m` (the reference's `ε = 10⁻¹²` is below one
-//!   fixed-point unit and drops out; a row whose scores are all ≤ 0 comes out 0 instead of
-//!   `1/L` — see the method).
+//! - [`Ctx::two_relu`]: `(relu(s)·m + ε/L) / (Σ relu(s)·m + ε)`; the reference's `ε = 10⁻¹²` is
+//!   below one fixed-point unit, so a row with a nonzero sum gets `relu(s)·m / Σ` and a row whose
+//!   scores are all ≤ 0 gets `1/L` (one more comparison, on the row sums).
 
 use super::dealer::bit_words;
 use super::protocols::{Ctx, NewtonPlan, Op, cheb_eval, cheb_interp};
@@ -476,12 +476,13 @@ impl Ctx {
         r[0].add(&r[1])
     }
 
-    /// MPCFormer's 2ReLU: `relu(s)·m / Σ relu(s)·m` over the last dimension of `scores`
-    /// `[B, H, Lq, Lk]`, key mask `[B, Lk]`; `plan` covers the row sums' range. The reference
-    /// adds `ε/L` and `ε` (ε = 10⁻¹²), below one fixed-point unit: they drop out. A row whose
-    /// scores are all ≤ 0 (sum 0) gets 0 everywhere here, where the reference gives `1/L`:
-    /// the export's `2relu.row_sum` minimum says whether the dev data has such rows (it does not
-    /// when that minimum is above ε).
+    /// MPCFormer's 2ReLU, `(relu(s)·m + ε/L) / (Σ relu(s)·m + ε)` over the last dimension of
+    /// `scores` `[B, H, Lq, Lk]`, key mask `[B, Lk]`, as the plaintext model computes it;
+    /// `plan` covers the nonzero row sums' range. `ε = 10⁻¹²` is below one fixed-point unit: a
+    /// row whose sum is nonzero gets `relu(s)·m / Σ` (ε's effect is below 10⁻⁷), a row whose
+    /// scores are all ≤ 0 gets `1/L` everywhere (masked keys too, as the reference). That case is
+    /// told apart by one more comparison, on the row sums only (`[Σ < 1 unit]`, 8 rounds), which
+    /// also keeps the reciprocal's input ≥ 1. Rounds: 9 (ReLU) + 8 + reciprocal + 1.
     pub fn two_relu(
         &mut self,
         scores: &AShare,
@@ -506,12 +507,25 @@ impl Ctx {
                 .map(|c| c.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
                 .collect();
         let z = AShare::new(self.party, RingTensor::new(vec![rows], z)?);
+        // ζ = [z = 0] (z ≥ 0 exactly: ReLU and the mask are exact).
+        let zero = self.ltz(&z.add_const(1u64.wrapping_neg()))?;
+        let one = self.fp.one() as i64;
+        let z = z.add(&zero.mul_public_int(one))?;
         let w = self.reciprocal(&z, plan)?;
         let a_bits = plan.shift / 2;
         let e = r.truncate(a_bits).reshape(&[rows, lk])?;
         let w = w.truncate(plan.shift - a_bits);
         let p = self.run(&[Op::MulRow(&e, &w)])?.remove(0).truncate(f);
-        p.reshape(&s)?.mul_public(&mask)
+        // + ζ/L on every key of a zero row.
+        let inv_l = self.enc(1.0 / lk as f64) as i64;
+        let add = zero.mul_public_int(inv_l);
+        let data: Vec<u64> =
+            p.t.data
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.wrapping_add(add.t.data[i / lk]))
+                .collect();
+        AShare::new(self.party, RingTensor::new(s, data)?).reshape(scores.shape())
     }
 }
 

@@ -140,9 +140,7 @@ pub enum MpcError {
     Dealer(String),
     #[error("configuration: {0}")]
     Config(String),
-    #[error(
-        "{0}: unsupported under MPC (this engine runs Quad GeLU and 2Quad attention; 2ReLU, softmax and GeLU need comparisons or exp — see issue 9)"
-    )]
+    #[error("{0}: unsupported under MPC")]
     Unsupported(String),
 }
 
