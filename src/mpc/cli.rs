@@ -118,6 +118,11 @@ pub struct BenchArgs {
     /// Softmax exp iterations (default 8).
     #[arg(long)]
     pub exp_iters: Option<u32>,
+    /// No offline phase: every round draws its correlated randomness and P1 asks the dealer
+    /// during the round (as CrypTen's timing does); needed where one forward pass's material
+    /// does not fit in memory (the teacher at seq 512).
+    #[arg(long)]
+    pub no_offline: bool,
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
     #[arg(long)]
@@ -138,6 +143,9 @@ pub struct PartyArgs {
     /// Softmax exp iterations.
     #[arg(long)]
     pub exp_iters: Option<u32>,
+    /// No offline phase: correlated randomness drawn round by round (less memory).
+    #[arg(long)]
+    pub no_offline: bool,
     /// P0: address to listen on for P1 (port 0: any; the address is printed).
     #[arg(long)]
     pub listen: Option<String>,
@@ -601,7 +609,7 @@ const GROUPS: [(&str, &[&str]); 8] = [
     ("gelu | relu | quad", &["gelu", "relu", "quad"]),
     ("layernorm", &["layernorm"]),
     ("pooler + classifier", &["pooler", "classifier"]),
-    ("input + output", &["input", "output"]),
+    ("output (logits to P1)", &["output"]),
 ];
 
 /// (wall s, rounds, max bytes sent by one party) of a group of op labels in a summary.
@@ -744,12 +752,16 @@ fn bench(a: BenchArgs) -> Result<()> {
             if let Some(n) = a.exp_iters {
                 extra.extend(["--exp-iters".to_string(), n.to_string()]);
             }
+            if a.no_offline {
+                extra.push("--no-offline".to_string());
+            }
             let l = launch(&a.shape, &[hb], Duration::from_secs(a.timeout_s), &extra)?;
             let mut v = summary_json(&l);
             v["shape"] = json!(a.shape);
             v["variant"] = json!(name);
             v["seq"] = json!(seq);
             v["batch"] = json!(a.batch);
+            v["offline_phase"] = json!(!a.no_offline);
             v["plans"] = serde_json::to_value(&cfg)?;
             print_summary(&l, &v);
             row.push((name, v));

@@ -443,6 +443,34 @@ impl Ctx {
             .add_const(self.enc(coeffs[0])))
     }
 
+    /// `Σ_{j ≤ 8} a_j s^j` in 3 rounds and 5 products: `s²`; `s³`, `s⁴`; `s⁴·B(s)` with
+    /// `p = A(s) + s⁴·B(s)`, `A` of degree 3 and `B` of degree 4 summed locally (the Chebyshev
+    /// recurrence needs 9 products for degree 8). For `|s| ≤ 1` with modest coefficients.
+    pub fn poly8(&mut self, s: &AShare, a: &[f64]) -> Result<AShare> {
+        let f = self.f();
+        let mut a = a.to_vec();
+        a.resize(9, 0.0);
+        let s2 = self.square(s)?;
+        let r = self.run(&[Op::Mul(s, &s2), Op::Square(&s2)])?;
+        let (s3, s4) = (r[0].truncate(f), r[1].truncate(f));
+        let pw = [s, &s2, &s3, &s4];
+        let lin = |ctx: &Ctx, c: &[f64]| -> Result<AShare> {
+            let mut acc = RingTensor::zeros(s.shape());
+            for (j, &cj) in c.iter().enumerate().skip(1) {
+                if cj != 0.0 {
+                    acc.add_assign(&pw[j - 1].t.mul_public_int(ctx.enc(cj) as i64))?;
+                }
+            }
+            Ok(AShare::new(ctx.party, acc)
+                .truncate(f)
+                .add_const(ctx.enc(c[0])))
+        };
+        let lo = lin(self, &a[..4])?;
+        let hi = lin(self, &a[4..9])?;
+        let t = self.mul(&s4, &hi)?;
+        lo.add(&t)
+    }
+
     /// GeLU ([`GeluPlan`]): one batched `ltz` of `x − T` and `x + T` (8 rounds), the series of
     /// `h` in `2(x/T)² − 1` (1 + ⌈log2 degree⌉ rounds), and one round of two products with the
     /// integer indicators (no truncation).
@@ -470,7 +498,11 @@ impl Ctx {
         let u = AShare::new(party, x.t.mul_public_int(self.enc(1.0 / plan.t) as i64)).truncate(f);
         let u2 = self.run(&[Op::Square(&u)])?.remove(0).truncate(f);
         let s = u2.mul_public_int(2).add_const(self.fp.one().wrapping_neg());
-        let hs = self.cheb_series(&s, &plan.coeffs)?;
+        let hs = if plan.coeffs.len() <= 9 {
+            self.poly8(&s, &cheb_to_power(&plan.coeffs))?
+        } else {
+            self.cheb_series(&s, &plan.coeffs)?
+        };
         let q = hs.add(&x.truncate(1))?; // x/2 + h(x)
         let r = self.run(&[Op::Mul(x, &hi), Op::Mul(&q, &inside)])?;
         r[0].add(&r[1])
@@ -529,6 +561,38 @@ impl Ctx {
     }
 }
 
+/// Power-basis coefficients of `Σ c_k T_k(s)`.
+pub fn cheb_to_power(c: &[f64]) -> Vec<f64> {
+    let n = c.len();
+    let mut out = vec![0.0; n];
+    let mut prev = vec![0.0; n]; // T_{k−1}
+    let mut cur = vec![0.0; n]; // T_k
+    if n == 0 {
+        return out;
+    }
+    prev[0] = 1.0;
+    out[0] += c[0];
+    if n > 1 {
+        cur[1] = 1.0;
+        out[1] += c[1];
+    }
+    for ck in c.iter().skip(2) {
+        let mut next = vec![0.0; n];
+        for j in 0..n {
+            if j > 0 {
+                next[j] += 2.0 * cur[j - 1];
+            }
+            next[j] -= prev[j];
+        }
+        for j in 0..n {
+            out[j] += ck * next[j];
+        }
+        prev = cur;
+        cur = next;
+    }
+    out
+}
+
 fn shape_err(op: &str, lhs: &[usize], rhs: &[usize]) -> MpcError {
     MpcError::Shape {
         op: op.into(),
@@ -565,5 +629,14 @@ mod tests {
         assert!(p.max_err < 1.5e-4, "{}", p.max_err);
         let p = GeluPlan::new(GeluKind::Tanh);
         assert!(p.max_err < 1.5e-4, "{}", p.max_err);
+        let a = cheb_to_power(&p.coeffs);
+        for s in [-1.0, -0.3, 0.0, 0.7, 1.0] {
+            let pw: f64 = a
+                .iter()
+                .enumerate()
+                .map(|(j, c)| c * f64::powi(s, j as i32))
+                .sum();
+            assert!((pw - cheb_eval(&p.coeffs, s)).abs() < 1e-12);
+        }
     }
 }
