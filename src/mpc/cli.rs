@@ -316,7 +316,9 @@ pub fn read_inputs(path: &Path) -> Result<Vec<HostBatch>> {
 fn party(a: PartyArgs) -> Result<()> {
     let p = Party::from_index(a.party).context("--party must be 0 or 1")?;
     let timeout = Duration::from_secs(a.timeout_s);
-    let (cfg, weights) = load_spec(&a.model, p == Party::P0, a.variant.as_deref(), a.exp_iters)?;
+    let (mut cfg, weights) =
+        load_spec(&a.model, p == Party::P0, a.variant.as_deref(), a.exp_iters)?;
+    cfg.offline = !a.no_offline;
     let dealer_chan = TcpChannel::connect(&a.dealer, timeout)?;
     let dealer = DealerClient::connect(p, Box::new(dealer_chan))?;
     let report = match p {
