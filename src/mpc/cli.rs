@@ -41,8 +41,8 @@ pub struct MpcArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum MpcCommand {
-    /// Run an exported student under 2-party MPC on a task's data or a saved batch, and compare
-    /// with plaintext.
+    /// Run an exported model (a student or the teacher) under 2-party MPC on a task's data or a
+    /// saved batch, and compare with plaintext.
     #[command(after_help = "Examples:
   mpcformer mpc run --model exports/quickstart --task sst2 --data ../shared/data/glue --limit 200
   mpcformer mpc run --model exports/quickstart --batch tests/fixtures/tiny-bert/batch0.safetensors --output mpc.json")]
