@@ -5,8 +5,10 @@
 //!   this process) and the two parties (this binary re-executed as `mpc party --party 0|1`,
 //!   over TCP on loopback), and reports accuracy under MPC, agreement with plaintext, max
 //!   |logit difference| and per-op wall time / rounds / bytes.
-//! - `mpc bench --shape bert-base|minilm|<export> --seq 128 --batch 1`: one private forward on
-//!   random ids (random weights for a named shape), per-op table and LAN/WAN modelled times.
+//! - `mpc bench --shape bert-base|minilm|<export> --variants teacher,quad,quad+2relu,quad+2quad
+//!   --seq 128,512 --batch 1`: one private forward per variant and length on random ids (random
+//!   weights for a named shape), one per-op table per length (time, rounds, bytes per party),
+//!   totals, LAN/WAN modelled times and every variant's speedup over the teacher.
 //! - `mpc party` / `mpc dealer`: one party or the dealer, e.g. on separate machines.
 
 use std::collections::BTreeMap;
@@ -39,17 +41,21 @@ pub struct MpcArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum MpcCommand {
-    /// Run an exported student under 2-party MPC on a task's data or a saved batch, and compare
-    /// with plaintext.
+    /// Run an exported model (a student or the teacher) under 2-party MPC on a task's data or a
+    /// saved batch, and compare with plaintext.
     #[command(after_help = "Examples:
   mpcformer mpc run --model exports/quickstart --task sst2 --data ../shared/data/glue --limit 200
   mpcformer mpc run --model exports/quickstart --batch tests/fixtures/tiny-bert/batch0.safetensors --output mpc.json")]
     Run(RunArgs),
-    /// One private forward pass on random inputs: per-op wall time, rounds, bytes; LAN/WAN
-    /// modelled times.
+    /// Private forward passes on random inputs, one per variant and sequence length: per-op
+    /// wall time, rounds, bytes; LAN/WAN modelled times; speedups over the teacher.
     #[command(after_help = "Examples:
   mpcformer mpc bench --shape bert-base --seq 128 --batch 1 --output mpc-bench.json
-  mpcformer mpc bench --shape exports/quickstart --seq 64")]
+  mpcformer mpc bench --variants teacher,quad,quad+2relu,quad+2quad --seq 128,512 --output speedup.json
+  mpcformer mpc bench --shape exports/quickstart --seq 64
+
+Variants: teacher (= gelu+softmax), quad (= quad+softmax), quad+2relu, quad+2quad, or any
+<act>+<attn> with act gelu|gelu_tanh|relu|quad and attn softmax|2quad|2relu.")]
     Bench(BenchArgs),
     /// One party (P0 holds the model, P1 the inputs), e.g. on its own machine.
     #[command(after_help = "Example (three machines):
@@ -86,6 +92,10 @@ pub struct RunArgs {
     /// Seconds a party waits for a message before giving up.
     #[arg(long, default_value_t = 120)]
     pub timeout_s: u64,
+    /// Softmax exp iterations n of `(1 + x/2^n)^(2^n)` (default: 8, more if the export's range
+    /// needs it).
+    #[arg(long)]
+    pub exp_iters: Option<u32>,
     /// Write the report as JSON.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -96,10 +106,23 @@ pub struct BenchArgs {
     /// `bert-base`, `minilm` (random weights, default ranges) or an export directory.
     #[arg(long, default_value = "bert-base")]
     pub shape: String,
-    #[arg(long, default_value_t = 128)]
-    pub seq: usize,
+    /// Comma-separated approximation variants (default: the export's own, or quad+2quad for a
+    /// named shape).
+    #[arg(long, value_delimiter = ',')]
+    pub variants: Vec<String>,
+    /// Comma-separated sequence lengths.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    pub seq: Vec<usize>,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Softmax exp iterations (default 8).
+    #[arg(long)]
+    pub exp_iters: Option<u32>,
+    /// No offline phase: every round draws its correlated randomness and P1 asks the dealer
+    /// during the round (as CrypTen's timing does); needed where one forward pass's material
+    /// does not fit in memory (the teacher at seq 512).
+    #[arg(long)]
+    pub no_offline: bool,
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
     #[arg(long)]
@@ -114,6 +137,15 @@ pub struct PartyArgs {
     /// Export directory, or a shape name (`bert-base`, `minilm`: random weights).
     #[arg(long)]
     pub model: String,
+    /// Approximations to run instead of the model's own (`teacher`, `quad+2quad`, ...).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Softmax exp iterations.
+    #[arg(long)]
+    pub exp_iters: Option<u32>,
+    /// No offline phase: correlated randomness drawn round by round (less memory).
+    #[arg(long)]
+    pub no_offline: bool,
     /// P0: address to listen on for P1 (port 0: any; the address is printed).
     #[arg(long)]
     pub listen: Option<String>,
@@ -159,16 +191,42 @@ fn shape_of(spec: &str) -> Option<Shape> {
     }
 }
 
-fn load_spec(spec: &str, load_weights: bool) -> Result<(MpcConfig, Option<PlainWeights>)> {
+/// A variant name: `teacher` (GeLU + softmax), `quad` (Quad + softmax), or `<act>+<attn>`.
+pub fn parse_variant(name: &str) -> Result<Approx> {
+    let n = name.trim().to_ascii_lowercase();
+    let (act, attn) = match n.as_str() {
+        "teacher" => ("gelu", "softmax"),
+        _ => match n.split_once('+') {
+            Some((a, b)) => (a, b),
+            None => (n.as_str(), "softmax"),
+        },
+    };
+    let act: Act = act
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("variant `{name}`: {e}"))?;
+    let attn: Attn = attn
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("variant `{name}`: {e}"))?;
+    Ok(Approx::new(act, attn))
+}
+
+fn load_spec(
+    spec: &str,
+    load_weights: bool,
+    variant: Option<&str>,
+    exp_iters: Option<u32>,
+) -> Result<(MpcConfig, Option<PlainWeights>)> {
+    let approx = variant.map(parse_variant).transpose()?;
     match shape_of(spec) {
         Some(shape) => {
-            let mc = shape.config(Approx::new(Act::Quad, Attn::TwoQuad));
+            let mc = shape.config(approx.unwrap_or(Approx::new(Act::Quad, Attn::TwoQuad)));
             let w = load_weights.then(|| PlainWeights::random(&mc, 0));
-            Ok((MpcConfig::new(mc, super::DEFAULT_FRAC_BITS, None)?, w))
+            let cfg = MpcConfig::with_exp_iters(mc, super::DEFAULT_FRAC_BITS, None, exp_iters)?;
+            Ok((cfg, w))
         }
         None => {
             let dir = Path::new(spec);
-            let cfg = MpcConfig::from_export(dir)
+            let cfg = MpcConfig::from_export_with(dir, approx, exp_iters)
                 .with_context(|| format!("{}: reading the export", dir.display()))?;
             let w = if load_weights {
                 Some(PlainWeights::from_export(dir)?)
@@ -258,7 +316,9 @@ pub fn read_inputs(path: &Path) -> Result<Vec<HostBatch>> {
 fn party(a: PartyArgs) -> Result<()> {
     let p = Party::from_index(a.party).context("--party must be 0 or 1")?;
     let timeout = Duration::from_secs(a.timeout_s);
-    let (cfg, weights) = load_spec(&a.model, p == Party::P0)?;
+    let (mut cfg, weights) =
+        load_spec(&a.model, p == Party::P0, a.variant.as_deref(), a.exp_iters)?;
+    cfg.offline = !a.no_offline;
     let dealer_chan = TcpChannel::connect(&a.dealer, timeout)?;
     let dealer = DealerClient::connect(p, Box::new(dealer_chan))?;
     let report = match p {
@@ -326,8 +386,14 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Starts the dealer (thread) and both parties (processes) on loopback.
-fn launch(model: &str, inputs: &[HostBatch], timeout: Duration) -> Result<Launched> {
+/// Starts the dealer (thread) and both parties (processes) on loopback; `extra` goes to both
+/// parties' command lines (`--variant`, `--exp-iters`).
+fn launch(
+    model: &str,
+    inputs: &[HostBatch],
+    timeout: Duration,
+    extra: &[String],
+) -> Result<Launched> {
     let tmp = tempfile::tempdir()?;
     let inputs_path = tmp.path().join("inputs.safetensors");
     write_inputs(&inputs_path, inputs)?;
@@ -341,6 +407,7 @@ fn launch(model: &str, inputs: &[HostBatch], timeout: Duration) -> Result<Launch
         c.args(["mpc", "party", "--party", &p.to_string(), "--model", model])
             .args(["--dealer", &dealer_addr])
             .args(["--timeout-s", &timeout.as_secs().to_string()])
+            .args(extra)
             .arg("--report")
             .arg(tmp.path().join(format!("p{p}.json")));
         c
@@ -487,6 +554,8 @@ fn summary_json(l: &Launched) -> Value {
         "ops": ops_json(&l.p0, &l.p1),
         "lan": model(LAN),
         "wan": model(WAN),
+        "lan_s": LAN.total_time(forward_s, rounds, max_dir),
+        "wan_s": WAN.total_time(forward_s, rounds, max_dir),
         "matmul_kernel": matmul_kernel_name(),
         "threads": rayon::current_num_threads(),
     })
@@ -533,49 +602,207 @@ fn write_json(path: &Option<PathBuf>, v: &Value) -> Result<()> {
 // mpc bench / mpc run.
 // ---------------------------------------------------------------------------------------------
 
-fn bench(a: BenchArgs) -> Result<()> {
-    let (cfg, _) = load_spec(&a.shape, false)?;
-    let m = &cfg.model;
-    if a.seq == 0 || a.batch == 0 || a.seq > m.max_position_embeddings {
-        bail!(
-            "--seq must be 1..={} and --batch at least 1",
-            m.max_position_embeddings
+/// Rows of the bench table: op labels grouped by what they compute.
+const GROUPS: [(&str, &[&str]); 8] = [
+    ("embedding", &["embedding"]),
+    ("linear", &["linear"]),
+    ("attention matmuls", &["attention_matmul"]),
+    ("softmax | 2relu | 2quad", &["softmax", "2relu", "2quad"]),
+    ("gelu | relu | quad", &["gelu", "relu", "quad"]),
+    ("layernorm", &["layernorm"]),
+    ("pooler + classifier", &["pooler", "classifier"]),
+    ("output (logits to P1)", &["output"]),
+];
+
+/// (wall s, rounds, max bytes sent by one party) of a group of op labels in a summary.
+fn group_stats(v: &Value, labels: &[&str]) -> (f64, u64, u64) {
+    let (mut w, mut r, mut b0, mut b1) = (0.0, 0, 0, 0);
+    for l in labels {
+        let o = &v["ops"][*l];
+        w += o["wall_s"].as_f64().unwrap_or(0.0);
+        r += o["rounds"].as_u64().unwrap_or(0);
+        b0 += o["bytes_sent_p0"].as_u64().unwrap_or(0);
+        b1 += o["bytes_sent_p1"].as_u64().unwrap_or(0);
+    }
+    (w, r, b0.max(b1))
+}
+
+/// One table per sequence length: a column per variant (`s / rounds / MiB`, MiB the larger of
+/// the two parties' sent bytes), totals, LAN/WAN, speedups over the teacher.
+fn bench_table(seq: usize, runs: &[(String, Value)]) -> String {
+    let cell = |w: f64, r: u64, b: u64| format!("{w:>7.2} {r:>6} {:>9.1}", mib(b));
+    let mut s = format!(
+        "seq {seq}: per party, online (s / rounds / MiB sent)\n{:<24}",
+        "op"
+    );
+    for (name, _) in runs {
+        s += &format!(" | {name:>24}");
+    }
+    s += "\n";
+    for (row, labels) in GROUPS {
+        s += &format!("{row:<24}");
+        for (_, v) in runs {
+            let (w, r, b) = group_stats(v, labels);
+            s += &format!(" | {}", cell(w, r, b));
+        }
+        s += "\n";
+    }
+    let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let bytes = |v: &Value| {
+        let b = &v["bytes_per_party"];
+        b[0].as_u64().unwrap_or(0).max(b[1].as_u64().unwrap_or(0))
+    };
+    s += &format!("{:<24}", "total (online)");
+    for (_, v) in runs {
+        s += &format!(
+            " | {}",
+            cell(
+                num(v, "wall_s"),
+                v["rounds"].as_u64().unwrap_or(0),
+                bytes(v)
+            )
         );
     }
-    use rand_core::RngCore;
-    let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_os_rng();
-    let n = a.batch * a.seq;
-    let ids: Vec<i64> = (0..n)
-        .map(|_| (rng.next_u64() % m.vocab_size as u64) as i64)
-        .collect();
-    let hb = HostBatch {
-        input_ids: ids,
-        attention_mask: vec![1; n],
-        token_type_ids: vec![0; n],
-        batch: a.batch,
-        seq: a.seq,
+    s += "\n";
+    let line = |s: &mut String, name: &str, f: &dyn Fn(&Value) -> f64| {
+        *s += &format!("{name:<24}");
+        for (_, v) in runs {
+            *s += &format!(" | {:>24.2}", f(v));
+        }
+        *s += "\n";
     };
-    println!(
-        "mpc bench: {} ({} layers, hidden {}, {} heads, FFN {}), batch {}, seq {}, f = {}, ring matmul kernel {}, {} threads per party",
-        a.shape,
-        m.num_hidden_layers,
-        m.hidden_size,
-        m.num_attention_heads,
-        m.intermediate_size,
-        a.batch,
-        a.seq,
-        cfg.frac_bits,
-        matmul_kernel_name(),
-        rayon::current_num_threads()
-    );
-    let l = launch(&a.shape, &[hb], Duration::from_secs(a.timeout_s))?;
-    let mut v = summary_json(&l);
-    v["shape"] = json!(a.shape);
-    v["seq"] = json!(a.seq);
-    v["batch"] = json!(a.batch);
-    v["plans"] = serde_json::to_value(&cfg)?;
-    print_summary(&l, &v);
-    write_json(&a.output, &v)
+    line(&mut s, "offline s", &|v| num(v, "offline_s"));
+    line(&mut s, "online + offline s", &|v| num(v, "total_s"));
+    line(&mut s, "encoder online+offline s", &|v| {
+        num(v, "encoder_total_s")
+    });
+    line(&mut s, "dealer MiB", &|v| {
+        mib(v["dealer_bytes"].as_u64().unwrap_or(0))
+    });
+    line(&mut s, "modelled LAN s", &|v| num(v, "lan_s"));
+    line(&mut s, "modelled WAN s", &|v| num(v, "wan_s"));
+    if let Some((_, t)) = runs.iter().find(|(n, _)| n == "teacher") {
+        for (name, key) in [
+            ("speedup online", "wall_s"),
+            ("speedup online+offline", "total_s"),
+            ("speedup LAN", "lan_s"),
+            ("speedup WAN", "wan_s"),
+        ] {
+            line(&mut s, name, &|v| num(t, key) / num(v, key).max(1e-12));
+        }
+    }
+    s
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let variants: Vec<Option<String>> = if a.variants.is_empty() {
+        vec![None]
+    } else {
+        a.variants
+            .iter()
+            .map(|v| {
+                parse_variant(v)?;
+                Ok(Some(v.trim().to_ascii_lowercase()))
+            })
+            .collect::<Result<_>>()?
+    };
+    if a.seq.is_empty() || a.batch == 0 {
+        bail!("give at least one --seq and --batch ≥ 1");
+    }
+    let mut runs = Vec::new();
+    for &seq in &a.seq {
+        let mut row: Vec<(String, Value)> = Vec::new();
+        for variant in &variants {
+            let (cfg, _) = load_spec(&a.shape, false, variant.as_deref(), a.exp_iters)?;
+            let m = &cfg.model;
+            if seq == 0 || seq > m.max_position_embeddings {
+                bail!("--seq must be 1..={}", m.max_position_embeddings);
+            }
+            use rand_core::RngCore;
+            let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_os_rng();
+            let n = a.batch * seq;
+            let ids: Vec<i64> = (0..n)
+                .map(|_| (rng.next_u64() % m.vocab_size as u64) as i64)
+                .collect();
+            let hb = HostBatch {
+                input_ids: ids,
+                attention_mask: vec![1; n],
+                token_type_ids: vec![0; n],
+                batch: a.batch,
+                seq,
+            };
+            let name = variant.clone().unwrap_or_else(|| {
+                let l = m.approx.layer(0);
+                format!("{}+{}", l.act, l.attn)
+            });
+            println!(
+                "mpc bench: {} ({} layers, hidden {}, {} heads, FFN {}), {name}, batch {}, seq {seq}, f = {}, ring matmul kernel {}, {} threads per party",
+                a.shape,
+                m.num_hidden_layers,
+                m.hidden_size,
+                m.num_attention_heads,
+                m.intermediate_size,
+                a.batch,
+                cfg.frac_bits,
+                matmul_kernel_name(),
+                rayon::current_num_threads()
+            );
+            let mut extra = Vec::new();
+            if let Some(v) = variant {
+                extra.extend(["--variant".to_string(), v.clone()]);
+            }
+            if let Some(n) = a.exp_iters {
+                extra.extend(["--exp-iters".to_string(), n.to_string()]);
+            }
+            if a.no_offline {
+                extra.push("--no-offline".to_string());
+            }
+            let l = launch(&a.shape, &[hb], Duration::from_secs(a.timeout_s), &extra)?;
+            let mut v = summary_json(&l);
+            v["shape"] = json!(a.shape);
+            v["variant"] = json!(name);
+            v["seq"] = json!(seq);
+            v["batch"] = json!(a.batch);
+            v["offline_phase"] = json!(!a.no_offline);
+            v["plans"] = serde_json::to_value(&cfg)?;
+            print_summary(&l, &v);
+            row.push((name, v));
+        }
+        println!();
+        print!("{}", bench_table(seq, &row));
+        println!();
+        runs.extend(row);
+    }
+    if a.output.is_none() {
+        return Ok(());
+    }
+    // A single run keeps the single-run layout; several runs are listed with the speedups.
+    let out = if runs.len() == 1 {
+        runs.pop().expect("one run").1
+    } else {
+        let mut speedups = Vec::new();
+        for &seq in &a.seq {
+            let at = |n: &str| runs.iter().find(|(v, r)| v == n && r["seq"] == json!(seq));
+            if let Some((_, t)) = at("teacher") {
+                for (name, v) in runs.iter().filter(|(_, r)| r["seq"] == json!(seq)) {
+                    let ratio =
+                        |k: &str| t[k].as_f64().unwrap_or(0.0) / v[k].as_f64().unwrap_or(1.0);
+                    speedups.push(json!({
+                        "variant": name, "seq": seq,
+                        "online": ratio("wall_s"), "online_offline": ratio("total_s"),
+                        "lan": ratio("lan_s"), "wan": ratio("wan_s"),
+                    }));
+                }
+            }
+        }
+        json!({
+            "shape": a.shape,
+            "batch": a.batch,
+            "runs": runs.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
+            "speedup_over_teacher": speedups,
+        })
+    };
+    write_json(&a.output, &out)
 }
 
 fn argmax(row: &[f64]) -> usize {
@@ -586,7 +813,7 @@ fn argmax(row: &[f64]) -> usize {
 
 fn run(a: RunArgs) -> Result<()> {
     let model_s = a.model.to_string_lossy().to_string();
-    let (cfg, _) = load_spec(&model_s, false)?;
+    let (cfg, _) = load_spec(&model_s, false, None, a.exp_iters)?;
     let device = burn::prelude::Device::flex();
     let k = cfg.model.num_labels;
     // Batches, plaintext logits, gold labels (per example, in batch order).
@@ -656,7 +883,11 @@ fn run(a: RunArgs) -> Result<()> {
         cfg.frac_bits,
         cfg.ranges_from
     );
-    let l = launch(&model_s, &batches, Duration::from_secs(a.timeout_s))?;
+    let extra: Vec<String> = a
+        .exp_iters
+        .map(|n| vec!["--exp-iters".to_string(), n.to_string()])
+        .unwrap_or_default();
+    let l = launch(&model_s, &batches, Duration::from_secs(a.timeout_s), &extra)?;
     let mpc = &l.p1.logits;
     if mpc.len() != plain.len() {
         bail!("P1 returned {} logits, expected {}", mpc.len(), plain.len());

@@ -15,6 +15,17 @@
 //! | matrix triple `[m, k]·[k, n]` (batched) | request | `m·n` words (per batch) |
 //! | weight product `a·B0(id)`, `a[m, k]` | request | `m·n` words |
 //! | weight elementwise `a ∘ B0(id)` | request | `r·c` words |
+//! | AND triple over `n` words (XOR shares, `c = a & b`) | request | `n` words |
+//! | owned AND triple (`a` P0's alone, `b` P1's alone) | request | `n` words |
+//! | shared random bits, `n` of them, binary and arithmetic | request | `n` words |
+//!
+//! Binary material (issue 9) is XOR-shared: `a = a0 ⊕ a1`. An **AND triple** gives
+//! `c1 = ((a0 ⊕ a1) & (b0 ⊕ b1)) ⊕ c0`. An **owned AND triple** serves the first AND of a
+//! comparison, whose operands are each known to one party (`x0 & x1` for an arithmetic sharing
+//! `x = x0 + x1`): P0 draws `a` and `c0`, P1 draws `b`, `c1 = (a & b) ⊕ c0`, and each party opens
+//! only its own operand. **Shared random bits** (CrypTen's B2A of a single bit) are `n` bits
+//! `r = r0 ⊕ r1`, packed 64 to a word, together with an additive sharing of the same bits as ring
+//! integers: P0 draws `r0` and `rA0`, P1 draws `r1`, the dealer sends `rA1 = r − rA0`.
 //!
 //! Requests of one round travel in one frame (a few words per item) and their answers in one
 //! frame back, while the parties exchange their own round.
@@ -60,6 +71,14 @@ pub enum Req {
     },
     /// P1's `a[rows, cols]` times P0's weight mask `B0(id)[cols]` broadcast over rows.
     WeightElem { id: u64, rows: usize, cols: usize },
+    /// Binary AND triple over `n` words: `c = a & b`, all XOR-shared.
+    And { n: usize },
+    /// Owned AND triple over `n` words: `a` drawn by P0 alone, `b` by P1 alone, `c = a & b`
+    /// XOR-shared.
+    AndOwned { n: usize },
+    /// `n` shared random bits: binary (`ceil(n/64)` words, XOR-shared) and arithmetic (`n`
+    /// ring integers 0/1, additively shared).
+    Bits { n: usize },
 }
 
 const K_MUL: u64 = 1;
@@ -68,6 +87,14 @@ const K_SQUARE: u64 = 3;
 const K_MATMUL: u64 = 4;
 const K_WMATMUL: u64 = 5;
 const K_WELEM: u64 = 6;
+const K_AND: u64 = 7;
+const K_ANDOWN: u64 = 8;
+const K_BITS: u64 = 9;
+
+/// Words holding `n` packed bits.
+pub fn bit_words(n: usize) -> usize {
+    n.div_ceil(64)
+}
 
 impl Req {
     fn encode(&self, out: &mut Vec<u64>) {
@@ -79,6 +106,9 @@ impl Req {
             Req::MatMul { batch, m, k, n } => out.extend([K_MATMUL, u(batch), u(m), u(k), u(n)]),
             Req::WeightMatMul { id, m, k, n } => out.extend([K_WMATMUL, id, u(m), u(k), u(n)]),
             Req::WeightElem { id, rows, cols } => out.extend([K_WELEM, id, u(rows), u(cols)]),
+            Req::And { n } => out.extend([K_AND, u(n)]),
+            Req::AndOwned { n } => out.extend([K_ANDOWN, u(n)]),
+            Req::Bits { n } => out.extend([K_BITS, u(n)]),
         }
     }
 
@@ -127,6 +157,9 @@ impl Req {
                     cols: z(v[2]),
                 }
             }
+            K_AND => Req::And { n: z(take(1)?[0]) },
+            K_ANDOWN => Req::AndOwned { n: z(take(1)?[0]) },
+            K_BITS => Req::Bits { n: z(take(1)?[0]) },
             _ => return Err(bad()),
         })
     }
@@ -143,6 +176,8 @@ impl Req {
             }
             Req::WeightMatMul { m, k, n, .. } => (m * k, 0, m * n),
             Req::WeightElem { rows, cols, .. } => (rows * cols, 0, rows * cols),
+            Req::And { n } | Req::AndOwned { n } => (n, n, n),
+            Req::Bits { n } => (bit_words(n), 0, n),
         }
     }
 
@@ -169,6 +204,24 @@ fn random_vec(rng: &mut ChaCha20Rng, n: usize) -> Vec<u64> {
 /// the dealer, which keeps them in step.
 fn draw(rng: &mut ChaCha20Rng, party: Party, req: &Req) -> Material {
     let (la, lb, lc) = req.lens();
+    if let Req::AndOwned { n } = *req {
+        // P0 owns `a` (and draws `c0`), P1 owns `b`.
+        return match party {
+            Party::P0 => {
+                let a = random_vec(rng, n);
+                let c = random_vec(rng, n);
+                Material {
+                    a,
+                    b: Vec::new(),
+                    c,
+                }
+            }
+            Party::P1 => Material {
+                b: random_vec(rng, n),
+                ..Material::default()
+            },
+        };
+    }
     let weight = matches!(req, Req::WeightMatMul { .. } | Req::WeightElem { .. });
     match (party, weight) {
         (Party::P0, false) => {
@@ -485,6 +538,29 @@ impl Dealer {
                         .map(|(i, p)| p.wrapping_mul(b0[i % cols]))
                         .collect()
                 }
+                Req::And { .. } => {
+                    // XOR-shared: c1 = (a & b) ⊕ c0.
+                    out.extend(
+                        m0.a.iter()
+                            .zip(&m1.a)
+                            .zip(m0.b.iter().zip(&m1.b))
+                            .zip(&m0.c)
+                            .map(|(((a0, a1), (b0, b1)), c0)| ((a0 ^ a1) & (b0 ^ b1)) ^ c0),
+                    );
+                    continue;
+                }
+                Req::AndOwned { .. } => {
+                    out.extend(
+                        m0.a.iter()
+                            .zip(&m1.b)
+                            .zip(&m0.c)
+                            .map(|((a, b), c0)| (a & b) ^ c0),
+                    );
+                    continue;
+                }
+                Req::Bits { n } => (0..n)
+                    .map(|j| ((m0.a[j / 64] ^ m1.a[j / 64]) >> (j % 64)) & 1)
+                    .collect(),
             };
             out.extend(c.iter().zip(&m0.c).map(|(x, y)| x.wrapping_sub(*y)));
         }
@@ -536,6 +612,9 @@ mod tests {
                 rows: 2,
                 cols: 3,
             },
+            Req::And { n: 3 },
+            Req::AndOwned { n: 2 },
+            Req::Bits { n: 70 },
         ];
         let m0 = p0.draw(&reqs);
         let mut m1 = p1.draw(&reqs);
@@ -547,7 +626,33 @@ mod tests {
         let add = |x: &[u64], y: &[u64]| -> Vec<u64> {
             x.iter().zip(y).map(|(p, q)| p.wrapping_add(*q)).collect()
         };
+        let xor =
+            |x: &[u64], y: &[u64]| -> Vec<u64> { x.iter().zip(y).map(|(p, q)| p ^ q).collect() };
         for (i, r) in reqs.iter().enumerate() {
+            match *r {
+                Req::And { .. } => {
+                    let (a, b) = (xor(&m0[i].a, &m1[i].a), xor(&m0[i].b, &m1[i].b));
+                    let want: Vec<u64> = a.iter().zip(&b).map(|(p, q)| p & q).collect();
+                    assert_eq!(xor(&m0[i].c, &m1[i].c), want, "item {i}");
+                    continue;
+                }
+                Req::AndOwned { n } => {
+                    assert!(m0[i].b.is_empty() && m1[i].a.is_empty() && m1[i].b.len() == n);
+                    let want: Vec<u64> = m0[i].a.iter().zip(&m1[i].b).map(|(p, q)| p & q).collect();
+                    assert_eq!(xor(&m0[i].c, &m1[i].c), want, "item {i}");
+                    continue;
+                }
+                Req::Bits { n } => {
+                    let rb = xor(&m0[i].a, &m1[i].a);
+                    assert_eq!(rb.len(), bit_words(n));
+                    let ra = add(&m0[i].c, &m1[i].c);
+                    for (j, v) in ra.iter().enumerate() {
+                        assert_eq!(*v, (rb[j / 64] >> (j % 64)) & 1, "bit {j}");
+                    }
+                    continue;
+                }
+                _ => {}
+            }
             let c = add(&m0[i].c, &m1[i].c);
             let want: Vec<u64> = match *r {
                 Req::Mul { .. } => {
@@ -589,6 +694,7 @@ mod tests {
                         .map(|j| m1[i].a[j].wrapping_mul(b0[j % cols]))
                         .collect()
                 }
+                Req::And { .. } | Req::AndOwned { .. } | Req::Bits { .. } => unreachable!(),
             };
             assert_eq!(c, want, "item {i}");
         }

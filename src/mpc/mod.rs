@@ -1,4 +1,5 @@
-//! Two-party secure inference: the engine's foundation layers (issue 8).
+//! Two-party secure inference: the engine's foundation layers (issue 8) and the comparison-based
+//! functions of the teacher (issue 9).
 //!
 //! # Setting
 //!
@@ -30,10 +31,18 @@
 //! 4. [`net`]: the [`net::Channel`] trait, an in-process pair and TCP with length-prefixed frames and
 //!    timeouts; rounds and bytes counted per op; LAN/WAN time model.
 //! 5. [`protocols`]: Beaver multiply, square and matmul (one round each), reveal; weight
-//!    products with per-model masks; Quad, 2Quad, reciprocal, inverse square root, LayerNorm,
-//!    tanh.
-//! 6. [`model`]: the exported student (BERT / RoBERTa, Quad + 2Quad) under MPC, sessions
-//!    in-process or over TCP; [`cli`]: `mpcformer mpc run` / `mpc bench`.
+//!    products with per-model masks; binary AND (AND triples, owned AND triples) and B2A of bits
+//!    (shared random bits) as rounds of the same kind; Quad, 2Quad, reciprocal, inverse square
+//!    root, LayerNorm, tanh.
+//!    [`compare`]: comparison on binary shares (`ltz`: free A2B of the two additive shares, a
+//!    packed log-depth carry tree, B2A; 8 rounds, ≈ 40 bytes per element per party), ReLU, row
+//!    max, exp (`(1 + x/2^n)^(2^n)`), BERT's masked softmax, GeLU (piecewise: exact tails,
+//!    a degree-16 even polynomial inside ±4), 2ReLU. Every new round runs from offline
+//!    material like the others.
+//! 6. [`model`]: an exported model under MPC — the teacher (GeLU + softmax) or any student
+//!    (Quad / ReLU, 2Quad / 2ReLU / softmax, per layer), BERT or RoBERTa; sessions in-process
+//!    or over TCP; [`cli`]: `mpcformer mpc run` / `mpc bench` (`--variants`, `--seq` lists:
+//!    per-op table and speedups over the teacher).
 //!
 //! # What may be printed
 //!
@@ -42,6 +51,7 @@
 //! [`share::AShare`] print the shape, never the data.
 
 pub mod cli;
+pub mod compare;
 pub mod dealer;
 pub mod model;
 pub mod net;
@@ -139,9 +149,7 @@ pub enum MpcError {
     Dealer(String),
     #[error("configuration: {0}")]
     Config(String),
-    #[error(
-        "{0}: unsupported under MPC (this engine runs Quad GeLU and 2Quad attention; 2ReLU, softmax and GeLU need comparisons or exp — see issue 9)"
-    )]
+    #[error("{0}: unsupported under MPC")]
     Unsupported(String),
 }
 

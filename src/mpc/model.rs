@@ -1,4 +1,5 @@
-//! The exported student under MPC: BERT or RoBERTa with Quad GeLU and 2Quad attention.
+//! An exported model under MPC: BERT or RoBERTa, the teacher (GeLU + softmax) or a student
+//! (Quad / ReLU; 2Quad / 2ReLU), any mix per layer.
 //!
 //! # Who holds what
 //!
@@ -25,7 +26,7 @@
 //!
 //! `setup` (weights, once), `input` (shape and mask), `embedding`, `layernorm`, `linear`
 //! (Q/K/V as one `[d, 3d]` product, attention output, FFN), `attention_matmul` (`QKᵀ`, `P·V`),
-//! `2quad`, `quad`, `pooler` (dense + tanh; RoBERTa's `classifier.dense` + tanh), `classifier`,
+//! `2quad` / `2relu` / `softmax`, `quad` / `gelu` / `relu`, `pooler` (dense + tanh; RoBERTa's `classifier.dense` + tanh), `classifier`,
 //! `output` (logits to P1). The `1/√d_head` of the scores is folded into P0's query weights.
 
 use std::path::Path;
@@ -37,6 +38,7 @@ use rand_core::SeedableRng;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::compare::{GeluKind, GeluPlan, SoftmaxPlan};
 use super::dealer::{Dealer, DealerClient, DealerStats};
 use super::net::{Channel, Net, OpStats, mem_pair};
 use super::protocols::{ChebPlan, Ctx, NewtonKind, NewtonPlan, PrivWeight};
@@ -56,10 +58,22 @@ pub const NEWTON_TARGETS: [f64; 4] = [1e-4, 1e-3, 1e-2, 5e-2];
 /// Absolute error the tanh series aims for.
 pub const TANH_TARGET: f64 = 2e-4;
 
+/// CrypTen's exp iterations (`(1 + x/2^8)^(2^8)`), the least the softmax plan uses.
+pub const DEFAULT_EXP_ITERS: u32 = 8;
+
 /// Plans of one encoder layer.
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerPlans {
+    pub act: Act,
+    pub attn: Attn,
+    /// Reciprocal of the attention row sums (2Quad, 2ReLU; softmax: `softmax.recip`).
     pub recip: NewtonPlan,
+    /// Softmax only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub softmax: Option<SoftmaxPlan>,
+    /// GeLU (erf or tanh form) only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gelu: Option<GeluPlan>,
     pub attn_ln: NewtonPlan,
     pub out_ln: NewtonPlan,
 }
@@ -75,6 +89,12 @@ pub struct MpcConfig {
     pub tanh: ChebPlan,
     /// Where the ranges came from (`manifest` or `defaults`).
     pub ranges_from: String,
+    /// Prepare each forward pass's correlated randomness in an offline phase before the input
+    /// (default). Without it, every round draws its material and P1 asks the dealer during the
+    /// round (what CrypTen's timing includes): the same results with far less memory — the
+    /// teacher at BERT-base shapes and seq 512 needs more than 20 GB of material for one
+    /// forward pass.
+    pub offline: bool,
 }
 
 fn newton(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
@@ -101,24 +121,27 @@ fn scaled_plan(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
 }
 
 impl MpcConfig {
-    /// Checks that every layer is Quad + 2Quad and plans the non-linear ops from `ranges`
-    /// (the manifest's `value_ranges.ops`), or from defaults when `None`.
+    /// Plans every layer's non-linear ops (Quad or GeLU or ReLU; 2Quad, 2ReLU or softmax) from
+    /// `ranges` (the manifest's `value_ranges.ops`), or from defaults when `None`. `exp_iters`
+    /// forces the softmax's exp iterations (default: [`DEFAULT_EXP_ITERS`], more when the
+    /// manifest's range of `x − max` goes below `−2^8 / RANGE_MARGIN`).
     pub fn new(model: ModelConfig, frac_bits: u32, ranges: Option<&[OpRange]>) -> Result<Self> {
+        Self::with_exp_iters(model, frac_bits, ranges, None)
+    }
+
+    pub fn with_exp_iters(
+        model: ModelConfig,
+        frac_bits: u32,
+        ranges: Option<&[OpRange]>,
+        exp_iters: Option<u32>,
+    ) -> Result<Self> {
         FixedPoint::new(frac_bits)?;
-        for i in 0..model.num_hidden_layers {
-            let l = model.approx.layer(i);
-            if l.act != Act::Quad {
-                return Err(MpcError::Unsupported(format!(
-                    "layer {i}: FFN activation `{}`",
-                    l.act
-                )));
-            }
-            if l.attn != Attn::TwoQuad {
-                return Err(MpcError::Unsupported(format!(
-                    "layer {i}: attention `{}`",
-                    l.attn
-                )));
-            }
+        if let Some(n) = exp_iters
+            && !(1..=16).contains(&n)
+        {
+            return Err(MpcError::Config(format!(
+                "exp iterations must be 1..=16, got {n}"
+            )));
         }
         let find = |op: &str| ranges.and_then(|r| r.iter().find(|x| x.op == op));
         let interval = |op: &str, default: (f64, f64)| -> (f64, f64) {
@@ -139,8 +162,40 @@ impl MpcConfig {
         let mut layers = Vec::new();
         for i in 0..model.num_hidden_layers {
             let p = format!("layer.{i}");
-            let (lo, hi) = interval(&format!("{p}.2quad.row_sum"), sum_default);
-            let recip = scaled_plan(NewtonKind::Reciprocal, lo, hi)?;
+            let la = model.approx.layer(i);
+            let mut softmax = None;
+            let recip = match la.attn {
+                Attn::TwoQuad => {
+                    let (lo, hi) = interval(&format!("{p}.2quad.row_sum"), sum_default);
+                    scaled_plan(NewtonKind::Reciprocal, lo, hi)?
+                }
+                Attn::TwoRelu => {
+                    // Sums of ReLUs: no scaling (nothing is squared); a lower bound of 1/64
+                    // at least (the reference's ε = 10⁻¹² is below one fixed-point unit).
+                    let (lo, hi) = interval(&format!("{p}.2relu.row_sum"), sum_default);
+                    newton(NewtonKind::Reciprocal, lo.max(1.0 / 64.0), hi)?
+                }
+                Attn::Softmax => {
+                    // Σ exp(x − max) over real keys lies in [1, L] (the max's own term is 1).
+                    let hi = model.max_position_embeddings as f64 + 1.0;
+                    let plan = newton(NewtonKind::Reciprocal, 0.5, hi)?;
+                    let n = exp_iters.unwrap_or_else(|| {
+                        let r = find(&format!("{p}.softmax.exp")).map_or(0.0, |r| r.max_abs);
+                        let need = (r * RANGE_MARGIN).max(1.0).log2().ceil() as u32;
+                        need.clamp(DEFAULT_EXP_ITERS, 16)
+                    });
+                    softmax = Some(SoftmaxPlan {
+                        exp_iters: n,
+                        recip: plan.clone(),
+                    });
+                    plan
+                }
+            };
+            let gelu = match la.act {
+                Act::Gelu => Some(GeluPlan::new(GeluKind::Erf)),
+                Act::GeluTanh => Some(GeluPlan::new(GeluKind::Tanh)),
+                Act::Quad | Act::Relu => None,
+            };
             let (lo, hi) = interval(
                 &format!("{p}.attention.output.LayerNorm.inv_sqrt"),
                 var_default,
@@ -149,7 +204,11 @@ impl MpcConfig {
             let (lo, hi) = interval(&format!("{p}.output.LayerNorm.inv_sqrt"), var_default);
             let out_ln = scaled_plan(NewtonKind::InvSqrt, lo, hi)?;
             layers.push(LayerPlans {
+                act: la.act,
+                attn: la.attn,
                 recip,
+                softmax,
+                gelu,
                 attn_ln,
                 out_ln,
             });
@@ -166,6 +225,7 @@ impl MpcConfig {
             emb_ln,
             layers,
             tanh,
+            offline: true,
             ranges_from: if ranges.is_some() {
                 "manifest".into()
             } else {
@@ -176,7 +236,20 @@ impl MpcConfig {
 
     /// `config.json` and `mpc_manifest.json` of an export (what both parties read).
     pub fn from_export(dir: &Path) -> anyhow::Result<Self> {
-        let model = ModelConfig::from_file(&dir.join("config.json"))?;
+        Self::from_export_with(dir, None, None)
+    }
+
+    /// [`MpcConfig::from_export`] with the approximations replaced by `approx` (benchmarks of
+    /// other variants on the same weights) and the exp iterations forced.
+    pub fn from_export_with(
+        dir: &Path,
+        approx: Option<crate::model::Approx>,
+        exp_iters: Option<u32>,
+    ) -> anyhow::Result<Self> {
+        let mut model = ModelConfig::from_file(&dir.join("config.json"))?;
+        if let Some(a) = approx {
+            model.approx = a;
+        }
         let text = std::fs::read_to_string(dir.join(MANIFEST))
             .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MANIFEST).display()))?;
         let manifest: Manifest = serde_json::from_str(&text)
@@ -187,10 +260,11 @@ impl MpcConfig {
             .and_then(|v| v.get("ops"))
             .map(|ops| serde_json::from_value(ops.clone()))
             .transpose()?;
-        Ok(Self::new(
+        Ok(Self::with_exp_iters(
             model,
             manifest.fixed_point.fractional_bits,
             ranges.as_deref(),
+            exp_iters,
         )?)
     }
 
@@ -198,14 +272,28 @@ impl MpcConfig {
         FixedPoint::new(self.frac_bits).expect("checked")
     }
 
-    /// Rounds of one forward pass, from the plans (setup and input excluded).
-    pub fn rounds_per_forward(&self) -> u64 {
+    /// Rounds of one forward pass at sequence length `seq`, from the plans (setup and input
+    /// excluded).
+    pub fn rounds_per_forward(&self, seq: usize) -> u64 {
         let ln = |p: &NewtonPlan| 2 + p.rounds() as u64;
+        let levels = (seq.max(1) as f64).log2().ceil() as u64;
         let mut r = 1 + ln(&self.emb_ln);
         for l in &self.layers {
-            // qkv, QKᵀ, square, reciprocal, ·w, P·V, out, ln, ffn up, quad, ffn down, ln
-            r += 1 + 1 + 1 + l.recip.rounds() as u64 + 1 + 1 + 1 + ln(&l.attn_ln);
-            r += 1 + 1 + 1 + ln(&l.out_ln);
+            // qkv, QKᵀ, attention weights, P·V, out, ln, ffn up, activation, ffn down, ln
+            let attn = match (l.attn, &l.softmax) {
+                (Attn::Softmax, Some(sp)) => {
+                    9 * levels + sp.exp_iters as u64 + sp.recip.rounds() as u64 + 1
+                }
+                (Attn::TwoRelu, _) => 9 + 8 + l.recip.rounds() as u64 + 1,
+                _ => 1 + l.recip.rounds() as u64 + 1,
+            };
+            let act = match (&l.gelu, l.act) {
+                (Some(g), _) => g.rounds() as u64,
+                (None, Act::Relu) => 9,
+                _ => 1,
+            };
+            r += 1 + 1 + attn + 1 + 1 + ln(&l.attn_ln);
+            r += 1 + act + 1 + ln(&l.out_ln);
         }
         r + 1 + self.tanh.rounds() as u64 + 1 + 1
     }
@@ -724,8 +812,20 @@ impl MpcModel {
             );
             ctx.op("attention_matmul");
             let scores = ctx.matmul(&q, &kt)?.reshape(&[b, h, s, s])?;
-            ctx.op("2quad");
-            let probs = ctx.two_quad(&scores, &input.mask, m.approx.c, &lp.recip)?;
+            let probs = match (lp.attn, &lp.softmax) {
+                (Attn::Softmax, Some(sp)) => {
+                    ctx.op("softmax");
+                    ctx.softmax(&scores, &input.mask, sp)?
+                }
+                (Attn::TwoRelu, _) => {
+                    ctx.op("2relu");
+                    ctx.two_relu(&scores, &input.mask, &lp.recip)?
+                }
+                _ => {
+                    ctx.op("2quad");
+                    ctx.two_quad(&scores, &input.mask, m.approx.c, &lp.recip)?
+                }
+            };
             ctx.op("attention_matmul");
             let probs = probs.reshape(&[b * h, s, s])?;
             let c = ctx.matmul(&probs, &v)?;
@@ -736,8 +836,20 @@ impl MpcModel {
             let x1 = ctx.layer_norm(&ao, &lw.ln1.gamma, lw.ln1.beta.as_ref(), eps, &lp.attn_ln)?;
             ctx.op("linear");
             let up = ctx.linear(&x1, &lw.up, lw.up_b.as_ref(), f)?;
-            ctx.op("quad");
-            let act = ctx.quad(&up, QUAD_A, QUAD_B, QUAD_C)?;
+            let act = match (&lp.gelu, lp.act) {
+                (Some(g), _) => {
+                    ctx.op("gelu");
+                    ctx.gelu(&up, g)?
+                }
+                (None, Act::Relu) => {
+                    ctx.op("relu");
+                    ctx.relu(&up)?
+                }
+                _ => {
+                    ctx.op("quad");
+                    ctx.quad(&up, QUAD_A, QUAD_B, QUAD_C)?
+                }
+            };
             ctx.op("linear");
             let down = ctx
                 .linear(&act, &lw.down, lw.down_b.as_ref(), f)?
@@ -914,7 +1026,9 @@ pub fn run_party(
                 ctx.op("input");
                 ctx.net.send(&[inp.batch as u64, inp.seq as u64])?;
                 let t = Instant::now();
-                model.preprocess(&mut ctx, inp.batch, inp.seq)?;
+                if model.cfg.offline {
+                    model.preprocess(&mut ctx, inp.batch, inp.seq)?;
+                }
                 offline_s += t.elapsed().as_secs_f64();
                 let t = Instant::now();
                 ctx.op("input");
@@ -943,7 +1057,9 @@ pub fn run_party(
                 break;
             }
             let t = Instant::now();
-            model.preprocess(&mut ctx, b, s)?;
+            if model.cfg.offline {
+                model.preprocess(&mut ctx, b, s)?;
+            }
             offline_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
             ctx.op("input");

@@ -18,10 +18,10 @@
 //! linear initial guess from [`NewtonPlan`]), [`Ctx::two_quad`], [`Ctx::layer_norm`],
 //! [`Ctx::tanh`] (Chebyshev series, [`ChebPlan`]).
 
-use super::dealer::{DealerClient, Material, Req};
+use super::dealer::{DealerClient, Material, Req, bit_words};
 use super::net::Net;
 use super::ring::{FixedPoint, PackedRhs, RingTensor, matmul_shape, matmul_u64_packed};
-use super::share::AShare;
+use super::share::{AShare, BShare};
 use super::{MpcError, Party, Result};
 
 /// A weight private to P0 with its per-model mask opened to P1: P0 holds `W`, P1 holds
@@ -76,6 +76,15 @@ pub enum Op<'a> {
     WeightMatMul(&'a AShare, &'a PrivWeight),
     /// `x ∘ W`, `x` `[.., c]`, `W` `[c]` broadcast over rows.
     WeightElem(&'a AShare, &'a PrivWeight),
+    /// `x & y` of XOR-shared words (AND triple); the result's words are a binary share
+    /// (returned in an [`AShare`] of shape `[words]`, see [`Ctx::and`]).
+    And(&'a BShare, &'a BShare),
+    /// `x0 & x1` where P0 passes its own words `x0` and P1 its own `x1` (each known to one
+    /// party; owned AND triple): each party opens only its operand, one word per word.
+    AndOwned(&'a BShare),
+    /// B2A of `n` packed bits (XOR-shared): the bits as additively shared ring integers 0/1,
+    /// with the dealer's shared random bits (open `b ⊕ r`, then `b = c + r − 2cr`).
+    B2A(&'a BShare, usize),
 }
 
 fn shape_err(op: &str, lhs: &[usize], rhs: &[usize]) -> MpcError {
@@ -147,6 +156,19 @@ impl Op<'_> {
                     cols: ws[0],
                 }
             }
+            Op::And(x, y) => {
+                if x.len() != y.len() {
+                    return Err(shape_err("and", &[x.len()], &[y.len()]));
+                }
+                Req::And { n: x.len() }
+            }
+            Op::AndOwned(x) => Req::AndOwned { n: x.len() },
+            Op::B2A(x, n) => {
+                if x.len() != bit_words(*n) {
+                    return Err(shape_err("b2a", &[x.len()], &[*n]));
+                }
+                Req::Bits { n: *n }
+            }
         })
     }
 
@@ -158,6 +180,8 @@ impl Op<'_> {
             }
             Op::MatMul(x, y) => matmul_shape(x.shape(), y.shape()),
             Op::WeightMatMul(x, w) => matmul_shape(x.shape(), &w.data.shape),
+            Op::And(x, _) | Op::AndOwned(x) => Ok(vec![x.len()]),
+            Op::B2A(_, n) => Ok(vec![*n]),
         }
     }
 
@@ -172,8 +196,19 @@ impl Op<'_> {
                 Party::P0 => 0,
                 Party::P1 => x.numel(),
             },
+            Op::And(x, y) => x.len() + y.len(),
+            Op::AndOwned(x) => x.len(),
+            Op::B2A(x, _) => x.len(),
         }
     }
+}
+
+fn xor_into(out: &mut Vec<u64>, x: &[u64], a: &[u64]) {
+    out.extend(x.iter().zip(a).map(|(p, q)| p ^ q));
+}
+
+fn xor_vec(x: &[u64], y: &[u64]) -> Vec<u64> {
+    x.iter().zip(y).map(|(p, q)| p ^ q).collect()
 }
 
 fn sub_into(out: &mut Vec<u64>, x: &[u64], a: &[u64]) {
@@ -460,6 +495,15 @@ impl Ctx {
                         sub_into(&mut out, &x.t.data, &m.a);
                     }
                 }
+                Op::And(x, y) => {
+                    xor_into(&mut out, &x.words, &m.a);
+                    xor_into(&mut out, &y.words, &m.b);
+                }
+                Op::AndOwned(x) => match party {
+                    Party::P0 => xor_into(&mut out, &x.words, &m.a),
+                    Party::P1 => xor_into(&mut out, &x.words, &m.b),
+                },
+                Op::B2A(x, _) => xor_into(&mut out, &x.words, &m.a),
             }
         }
         let peer = self.net.exchange(&out)?;
@@ -572,6 +616,50 @@ impl Ctx {
                     .map(|(i, &v)| v.wrapping_mul(w.data.data[i % cols]).wrapping_add(m.c[i]))
                     .collect();
                 AShare::new(party, RingTensor::new(x.shape().to_vec(), data)?)
+            }
+            Op::And(x, _) => {
+                let n = x.len();
+                let d = xor_vec(&mine[..n], &theirs[..n]);
+                let e = xor_vec(&mine[n..], &theirs[n..]);
+                let p0 = party == Party::P0;
+                let data = (0..n)
+                    .map(|i| {
+                        let z = (d[i] & m.b[i]) ^ (e[i] & m.a[i]) ^ m.c[i];
+                        if p0 { z ^ (d[i] & e[i]) } else { z }
+                    })
+                    .collect();
+                AShare::new(party, RingTensor::new(vec![n], data)?)
+            }
+            Op::AndOwned(x) => {
+                // d = x0 ⊕ a (P0's message), e = x1 ⊕ b (P1's); x0 & x1 = d&e ⊕ a&e ⊕ d&b ⊕ c.
+                let n = x.len();
+                let data = match party {
+                    Party::P0 => (0..n)
+                        .map(|i| (mine[i] & theirs[i]) ^ (m.a[i] & theirs[i]) ^ m.c[i])
+                        .collect(),
+                    Party::P1 => (0..n).map(|i| (theirs[i] & m.b[i]) ^ m.c[i]).collect(),
+                };
+                AShare::new(party, RingTensor::new(vec![n], data)?)
+            }
+            Op::B2A(_, n) => {
+                let c = xor_vec(mine, theirs);
+                let p0 = party == Party::P0;
+                let data = (0..*n)
+                    .map(|j| {
+                        let r = m.c[j];
+                        if (c[j / 64] >> (j % 64)) & 1 == 1 {
+                            // b = 1 − r
+                            if p0 {
+                                1u64.wrapping_sub(r)
+                            } else {
+                                r.wrapping_neg()
+                            }
+                        } else {
+                            r
+                        }
+                    })
+                    .collect();
+                AShare::new(party, RingTensor::new(vec![*n], data)?)
             }
         })
     }

@@ -216,6 +216,103 @@ impl AShare {
     }
 }
 
+/// One party's XOR (binary) share of packed words: `w = w0 ⊕ w1`. Used inside comparisons
+/// (issue 9): a word holds one 64-bit ring element, or 64/k elements of k bits each, or 64 bits.
+///
+/// `Debug` prints the party and length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BShare {
+    pub party: Party,
+    pub words: Vec<u64>,
+}
+
+impl fmt::Debug for BShare {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "BShare {{ party: {:?}, words: {}, data: <redacted> }}",
+            self.party,
+            self.words.len()
+        )
+    }
+}
+
+impl BShare {
+    pub fn new(party: Party, words: Vec<u64>) -> Self {
+        Self { party, words }
+    }
+
+    /// Splits `secret` words into two XOR shares (`w0` uniform from `rng`).
+    pub fn share<R: RngCore + ?Sized>(secret: &[u64], rng: &mut R) -> (BShare, BShare) {
+        let w0: Vec<u64> = secret.iter().map(|_| rng.next_u64()).collect();
+        let w1 = secret.iter().zip(&w0).map(|(s, r)| s ^ r).collect();
+        (BShare::new(Party::P0, w0), BShare::new(Party::P1, w1))
+    }
+
+    /// `w0 ⊕ w1`.
+    pub fn reconstruct(a: &BShare, b: &BShare) -> Result<Vec<u64>> {
+        if a.party == b.party {
+            return Err(MpcError::PartyMismatch {
+                op: "reconstruct (binary)".into(),
+            });
+        }
+        if a.words.len() != b.words.len() {
+            return Err(MpcError::Shape {
+                op: "reconstruct (binary)".into(),
+                lhs: vec![a.words.len()],
+                rhs: vec![b.words.len()],
+            });
+        }
+        Ok(a.words.iter().zip(&b.words).map(|(x, y)| x ^ y).collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// Share of `x ⊕ y` (local).
+    pub fn xor(&self, other: &BShare) -> BShare {
+        debug_assert_eq!(self.words.len(), other.words.len());
+        BShare::new(
+            self.party,
+            self.words
+                .iter()
+                .zip(&other.words)
+                .map(|(a, b)| a ^ b)
+                .collect(),
+        )
+    }
+
+    /// Share of `x ⊕ p` for public words `p` (P0 applies it).
+    pub fn xor_public(&self, p: &[u64]) -> BShare {
+        match self.party {
+            Party::P0 => BShare::new(
+                self.party,
+                self.words.iter().zip(p).map(|(a, b)| a ^ b).collect(),
+            ),
+            Party::P1 => self.clone(),
+        }
+    }
+
+    /// Share of `x & p` for public words `p` (both apply it).
+    pub fn and_public(&self, p: &[u64]) -> BShare {
+        BShare::new(
+            self.party,
+            self.words.iter().zip(p).map(|(a, b)| a & b).collect(),
+        )
+    }
+
+    /// Applies a local bit permutation/compression to every word of the share (`f` must be
+    /// linear over XOR, e.g. a shift, mask or bit gather).
+    pub fn map(&self, f: impl Fn(u64) -> u64) -> BShare {
+        BShare::new(self.party, self.words.iter().map(|&w| f(w)).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
