@@ -838,7 +838,8 @@ fn killing_a_party_ends_the_other_with_a_clear_error() {
     let dl = TcpListener::bind("127.0.0.1:0").unwrap();
     let daddr = dl.local_addr().unwrap().to_string();
     let dealer = std::thread::spawn(move || {
-        let t = Duration::from_secs(30);
+        // Generous: under load (a full `cargo test` on 2 cores) the parties take long to start.
+        let t = Duration::from_secs(120);
         let mut d = Dealer::new();
         let mut a = TcpChannel::accept(&dl, t).unwrap();
         let pa = d.hello(&mut a).unwrap();
