@@ -356,8 +356,9 @@ impl RangeStats {
 
         let emb = embedding_sum(&model.bert.embeddings, inputs);
         self.layer_norm("embeddings.LayerNorm", emb.clone(), eps);
-        let mut err =
-            max_abs(model.bert.embeddings.layer_norm.forward(emb) - enc.hidden_states[0].clone());
+        let mut err = max_abs(
+            model.bert.embeddings.layer_norm.forward(emb, None) - enc.hidden_states[0].clone(),
+        );
 
         for (l, layer) in model.bert.encoder.layer.iter().enumerate() {
             let x = enc.hidden_states[l].clone();
@@ -432,7 +433,7 @@ impl RangeStats {
             let ctx = probs.matmul(v).swap_dims(1, 2).reshape([b, s, d]);
             let pre = layer.attention.output.dense.forward(ctx) + x;
             self.layer_norm(&format!("{p}.attention.output.LayerNorm"), pre.clone(), eps);
-            let a = layer.attention.output.layer_norm.forward(pre);
+            let a = layer.attention.output.layer_norm.forward(pre, None);
             let hidden = layer.intermediate.dense.forward(a.clone());
             let (name, kind) = match layer.approx.act {
                 Act::Quad => ("quad.square", OpKind::Square),
@@ -448,7 +449,7 @@ impl RangeStats {
             );
             let pre = layer.output.dense.forward(layer.approx.act.apply(hidden)) + a;
             self.layer_norm(&format!("{p}.output.LayerNorm"), pre.clone(), eps);
-            let y = layer.output.layer_norm.forward(pre);
+            let y = layer.output.layer_norm.forward(pre, None);
             err = err.max(max_abs(y - enc.hidden_states[l + 1].clone()));
         }
 

@@ -10,6 +10,8 @@ use std::str::FromStr;
 
 use burn::tensor::Tensor;
 use burn::tensor::activation;
+
+use super::kernels;
 use serde::{Deserialize, Serialize};
 
 /// Quad coefficients: `QUAD_A·x² + QUAD_B·x + QUAD_C` (MPCFormer's training code; its CrypTen
@@ -63,12 +65,15 @@ impl Act {
 
     pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         match self {
-            Act::Gelu => activation::gelu(x),
+            Act::Gelu => {
+                kernels::elementwise::<kernels::Gelu, D>(x).unwrap_or_else(activation::gelu)
+            }
             Act::GeluTanh => activation::gelu_approximate(x),
             Act::Relu => activation::relu(x),
             // Horner form: one multiply fewer than the textbook polynomial, same values in f32
             // to within rounding; the fixtures hold us to 1e-4.
-            Act::Quad => (x.clone() * QUAD_A + QUAD_B) * x + QUAD_C,
+            Act::Quad => kernels::elementwise::<kernels::Quad, D>(x)
+                .unwrap_or_else(|x| (x.clone() * QUAD_A + QUAD_B) * x + QUAD_C),
         }
     }
 }
@@ -133,6 +138,23 @@ impl Attn {
     /// ([B, Lk], 1 = real token). A masked key gets exactly 0 under 2Quad, `ε/L`-small mass
     /// under 2ReLU (as the reference), and `exp(-10000)` = 0 under softmax.
     pub fn apply(self, scores: Tensor<4>, key_mask: Tensor<2>, c: f64) -> Tensor<4> {
+        let fused = match self {
+            Attn::Softmax => Some(kernels::Normaliser::Softmax),
+            Attn::TwoQuad => Some(kernels::Normaliser::TwoQuad(c as f32)),
+            Attn::TwoRelu => None,
+        };
+        let (scores, key_mask) = match fused {
+            Some(kind) => match kernels::normalise(kind, scores, key_mask) {
+                Ok(p) => return p,
+                Err(inputs) => inputs,
+            },
+            None => (scores, key_mask),
+        };
+        self.composite(scores, key_mask, c)
+    }
+
+    /// [`Self::apply`] as Burn ops: the definition, and the path on backends without kernels.
+    pub fn composite(self, scores: Tensor<4>, key_mask: Tensor<2>, c: f64) -> Tensor<4> {
         let [b, _, _, lk] = scores.dims();
         let m = key_mask.reshape([b, 1, 1, lk]);
         match self {

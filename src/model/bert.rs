@@ -5,16 +5,14 @@
 //! (`LayerNorm` ↔ `layer_norm`, `self` ↔ `self_attn`, the `bert.`/`roberta.` prefix).
 
 use burn::module::Param;
-use burn::nn::{
-    Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation;
-use burn::tensor::ops::AttentionModuleOptions;
 
-use super::approx::{Approx, Attn, LayerApprox};
+use super::approx::{Approx, LayerApprox};
 use super::config::{Arch, ModelConfig};
 use super::dropout::Dropout;
+use super::kernels;
 
 /// HF's `initializer_range`: every weight N(0, 0.02²), biases 0, LayerNorm (1, 0).
 const INIT_STD: f64 = 0.02;
@@ -40,7 +38,44 @@ fn embedding(n: usize, d: usize, device: &Device) -> Embedding {
 }
 
 fn layer_norm(d: usize, eps: f64, device: &Device) -> LayerNorm {
-    LayerNormConfig::new(d).with_epsilon(eps).init(device)
+    LayerNorm {
+        gamma: Initializer::Ones.init([d], device),
+        beta: Initializer::Zeros.init([d], device),
+        epsilon: eps,
+    }
+}
+
+/// `nn.LayerNorm` (HF name `LayerNorm`), over the last axis.
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub gamma: Param<Tensor<1>>,
+    pub beta: Param<Tensor<1>>,
+    #[module(skip)]
+    pub epsilon: f64,
+}
+
+impl LayerNorm {
+    /// `LayerNorm(x + residual)`: BERT adds the residual right before every LayerNorm but the
+    /// embeddings', and the fused kernel does both in one pass.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, residual: Option<Tensor<D>>) -> Tensor<D> {
+        match kernels::layer_norm(x, residual, self.gamma.val(), self.beta.val(), self.epsilon) {
+            Ok(y) => y,
+            Err((x, residual, gamma, beta)) => {
+                let x = residual.map_or(x.clone(), |r| x + r);
+                burn::tensor::module::layer_norm(x, gamma, Some(beta), self.epsilon)
+            }
+        }
+    }
+}
+
+/// A Linear layer over [B, S, D] as one [B·S, D] product: Burn keeps a 128-row batch as a
+/// batched matmul that packs the weight again for every sequence; one tall product packs it once
+/// and splits the rows over the cores.
+fn dense(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let [b, s, d] = x.dims();
+    let y = layer.forward(x.reshape([b * s, d]));
+    let out = y.dims()[1];
+    y.reshape([b, s, out])
 }
 
 fn dropout(p: f64) -> Dropout {
@@ -192,7 +227,7 @@ impl BertEmbeddings {
         let x = embed(&self.word_embeddings, ids, Some(pad))
             + embed(&self.position_embeddings, position_ids, position_padding)
             + self.token_type_embeddings.forward(token_type_ids);
-        self.dropout.forward(self.layer_norm.forward(x))
+        self.dropout.forward(self.layer_norm.forward(x, None))
     }
 }
 
@@ -224,27 +259,17 @@ impl BertSelfAttention {
         let heads = |t: Tensor<3>| t.reshape([b, s, h, dh]).swap_dims(1, 2);
         // Scaling q ([B, H, S, dh]) instead of the scores ([B, H, S, S]) is the same product
         // for a quarter of the elementwise work at S = 128, dh = 32, in the forward and backward.
-        let q = heads(self.query.forward(x.clone()) * (1.0 / (dh as f64).sqrt()));
-        let k = heads(self.key.forward(x.clone()));
-        let v = heads(self.value.forward(x));
+        let q = heads(dense(&self.query, x.clone()) * (1.0 / (dh as f64).sqrt()));
+        let k = heads(dense(&self.key, x.clone()));
+        let v = heads(dense(&self.value, x));
         let merge = |t: Tensor<4>| t.swap_dims(1, 2).reshape([b, s, d]);
-        if approx.attn == Attn::Softmax && !weights && !q.device().is_autodiff() {
-            // Inference: the backend's fused attention (one pass per head, the scores never
-            // materialised as a tensor). Same values as the path below: a masked key gets
-            // exp(−10000 − max) = 0 there and exactly 0 here.
-            let masked = key_mask
-                .equal_elem(0.0)
-                .reshape([b, 1, 1, s])
-                .expand([b, 1, s, s]);
-            let options = AttentionModuleOptions {
-                scale: Some(1.0),
-                softcap: None,
-                is_causal: false,
-            };
-            let ctx = burn::tensor::module::attention(q, k, v, Some(masked), None, options);
-            return (merge(ctx), None);
-        }
+        // Scores, then the normaliser's fused kernel, then the context: on Flex this beats the
+        // backend's one-pass attention op (its softmax is a scalar loop; BENCHMARKS.md).
         let scores = q.matmul(k.swap_dims(2, 3));
+        if !weights {
+            let probs = approx.attn.apply(scores, key_mask, c);
+            return (merge(self.dropout.forward(probs).matmul(v)), None);
+        }
         let probs = approx.attn.apply(scores.clone(), key_mask, c);
         let ctx = merge(self.dropout.forward(probs.clone()).matmul(v));
         (ctx, Some((scores, probs)))
@@ -262,7 +287,7 @@ pub struct BertSelfOutput {
 impl BertSelfOutput {
     fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
         self.layer_norm
-            .forward(self.dropout.forward(self.dense.forward(x)) + residual)
+            .forward(self.dropout.forward(dense(&self.dense, x)), Some(residual))
     }
 }
 
@@ -317,12 +342,12 @@ impl BertLayer {
         let inter = self
             .approx
             .act
-            .apply(self.intermediate.dense.forward(attn_out.clone()));
-        let y = self.output.dense.forward(inter);
+            .apply(dense(&self.intermediate.dense, attn_out.clone()));
+        let y = dense(&self.output.dense, inter);
         let y = self
             .output
             .layer_norm
-            .forward(self.output.dropout.forward(y) + attn_out);
+            .forward(self.output.dropout.forward(y), Some(attn_out));
         (y, weights)
     }
 }

@@ -4,6 +4,7 @@ pub mod approx;
 pub mod bert;
 pub mod config;
 pub mod dropout;
+pub mod kernels;
 pub mod load;
 pub mod names;
 pub mod save;

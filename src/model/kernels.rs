@@ -1,0 +1,746 @@
+//! Fused CPU kernels for the Flex backend, forward and backward.
+//!
+//! Burn runs the elementwise parts of the encoder — Quad, GeLU, 2Quad, the masked softmax and,
+//! under autodiff, LayerNorm — as chains of separate ops, most of them on one core, and keeps an
+//! intermediate tensor per op for the backward pass (BENCHMARKS.md, "Performance work"). Here each
+//! is one parallel pass over memory with a hand-written autodiff node, so a distillation step
+//! spends its time in the matmuls.
+//!
+//! The kernels run only for f32 tensors on Flex, plain or tracked by autodiff (without gradient
+//! checkpointing). Every entry point returns `Err(inputs)` otherwise — on wgpu, say — and the
+//! caller runs its composite Burn formulation, which stays the definition: the tests in
+//! `tests/kernels.rs` hold the two to each other, values and gradients. `MPCFORMER_KERNELS=0`
+//! switches the kernels off (A/B timing, debugging).
+
+use std::sync::OnceLock;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{
+    Autodiff, BackendTensor, DispatchAutodiffContext, DispatchTensorKind, Flex,
+    GradientCheckpointingStrategy,
+};
+use burn::tensor::{Bytes, DType, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::approx::{MASK_NEG, QUAD_A, QUAD_B, QUAD_C};
+
+type AdTensor = FloatTensor<Autodiff<Flex>>;
+
+/// Whether the kernels are on (`MPCFORMER_KERNELS=0` turns them off).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MPCFORMER_KERNELS").map_or(true, |v| v != "0"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Primitives: Tensor ↔ Flex tensor, plain or autodiff.
+
+/// A float tensor's Flex primitive.
+enum Prim {
+    Plain(FlexTensor),
+    Ad(AdTensor),
+}
+
+impl Prim {
+    fn flex(&self) -> FlexTensor {
+        match self {
+            Prim::Plain(t) => t.clone(),
+            Prim::Ad(t) => t.primitive().clone(),
+        }
+    }
+
+    fn into_ad(self) -> AdTensor {
+        match self {
+            Prim::Plain(t) => AdTensor::new(t),
+            Prim::Ad(t) => t,
+        }
+    }
+}
+
+fn is_flex_f32<const D: usize>(t: &Tensor<D>) -> bool {
+    let d = t.clone().into_dispatch();
+    match (&d.kind, d.autodiff) {
+        (DispatchTensorKind::Flex(BackendTensor::Float(x)), DispatchAutodiffContext::Disabled) => {
+            x.dtype() == DType::F32
+        }
+        (
+            DispatchTensorKind::Autodiff(inner),
+            DispatchAutodiffContext::Enabled(GradientCheckpointingStrategy::Disabled),
+        ) => matches!(&**inner,
+            DispatchTensorKind::Flex(BackendTensor::Autodiff(x)) if x.primitive().dtype() == DType::F32),
+        _ => false,
+    }
+}
+
+/// Call only after [`is_flex_f32`] said yes.
+fn prim<const D: usize>(t: Tensor<D>) -> Prim {
+    match t.into_dispatch().kind {
+        DispatchTensorKind::Flex(BackendTensor::Float(x)) => Prim::Plain(x),
+        DispatchTensorKind::Autodiff(inner) => match *inner {
+            DispatchTensorKind::Flex(BackendTensor::Autodiff(x)) => Prim::Ad(x),
+            _ => unreachable!("checked by is_flex_f32"),
+        },
+        _ => unreachable!("checked by is_flex_f32"),
+    }
+}
+
+fn plain<const D: usize>(t: FlexTensor) -> Tensor<D> {
+    Tensor::from_primitive::<Flex>(t)
+}
+
+fn tracked<const D: usize>(t: AdTensor) -> Tensor<D> {
+    Tensor::from_primitive::<Autodiff<Flex>>(t)
+}
+
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn data(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("contiguous f32 (made so by `contiguous`)")
+}
+
+fn flex(values: Vec<f32>, shape: Shape) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(shape),
+        DType::F32,
+    )
+}
+
+fn shape(t: &FlexTensor) -> Shape {
+    t.layout().shape().clone()
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMD: the loops below are written to auto-vectorise; on x86-64 they are compiled a second time
+// for AVX2 + FMA and picked at run time (the crate itself targets baseline x86-64).
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static YES: OnceLock<bool> = OnceLock::new();
+        *YES.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Defines `$name(args)` that runs `$body` compiled for AVX2 + FMA when the CPU has them.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* fn $name:ident$(<$g:ident: $b:path>)?($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        fn $name$(<$g: $b>)?($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            fn imp$(<$g: $b>)?($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2$(<$g: $b>)?($($a: $t),*) $(-> $r)? { imp$(::<$g>)?($($a),*) }
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+                return unsafe { avx2$(::<$g>)?($($a),*) };
+            }
+            imp$(::<$g>)?($($a),*)
+        }
+    };
+}
+
+/// `eˣ`, branch-free (Cephes' polynomial; ≤ 2 ulp on [−87, 88]); exactly 0 below −87.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5·2²³ rounds to the nearest integer without a rounding instruction.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    p = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 { 0.0 } else { p * scale }
+}
+
+/// `erf(x)`, Abramowitz–Stegun 7.1.26 (absolute error ≤ 1.5·10⁻⁷, as PyTorch's vectorised erf).
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    (1.0 - poly * exp(-a * a)).copysign(x)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise activations.
+
+/// An elementwise function with its derivative.
+pub trait Elementwise: Send + Sync + 'static {
+    fn f(x: f32) -> f32;
+    fn df(x: f32) -> f32;
+}
+
+/// MPCFormer's Quad, `0.125x² + 0.25x + 0.5` (same Horner form as [`super::approx::Act`]).
+#[derive(Debug)]
+pub struct Quad;
+
+impl Elementwise for Quad {
+    #[inline(always)]
+    fn f(x: f32) -> f32 {
+        (x * QUAD_A as f32 + QUAD_B as f32) * x + QUAD_C as f32
+    }
+    #[inline(always)]
+    fn df(x: f32) -> f32 {
+        x * (2.0 * QUAD_A) as f32 + QUAD_B as f32
+    }
+}
+
+/// Exact GeLU, `x·Φ(x)`.
+#[derive(Debug)]
+pub struct Gelu;
+
+impl Elementwise for Gelu {
+    #[inline(always)]
+    fn f(x: f32) -> f32 {
+        0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    }
+    #[inline(always)]
+    fn df(x: f32) -> f32 {
+        const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+        0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+            + x * FRAC_1_SQRT_2PI * exp(-0.5 * x * x)
+    }
+}
+
+const CHUNK: usize = 1 << 14;
+
+simd_fn! {
+    fn map_chunk<E: Elementwise>(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = E::f(x);
+        }
+    }
+}
+
+simd_fn! {
+    fn map_in_place<E: Elementwise>(x: &mut [f32]) {
+        for x in x.iter_mut() {
+            *x = E::f(*x);
+        }
+    }
+}
+
+simd_fn! {
+    fn grad_chunk<E: Elementwise>(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+            *dx = dy * E::df(x);
+        }
+    }
+}
+
+fn forward_map<E: Elementwise>(x: &FlexTensor) -> FlexTensor {
+    let xs = data(x);
+    let mut y = vec![0f32; xs.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK))
+        .for_each(|(y, x)| map_chunk::<E>(x, y));
+    flex(y, shape(x))
+}
+
+#[derive(Debug)]
+struct ElementwiseBackward<E>(std::marker::PhantomData<E>);
+
+impl<E: Elementwise + std::fmt::Debug> Backward<Flex, 1> for ElementwiseBackward<E> {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let Some(parent) = parent else { return };
+        let (x, dys) = (data(&ops.state), data(&dy));
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(dys.par_chunks(CHUNK)))
+            .for_each(|(dx, (x, dy))| grad_chunk::<E>(x, dy, dx));
+        grads.register::<Flex>(parent.id, flex(dx, shape(&ops.state)));
+    }
+}
+
+/// `E::f(x)` elementwise in one parallel pass.
+#[allow(clippy::result_large_err)]
+pub fn elementwise<E: Elementwise + std::fmt::Debug, const D: usize>(
+    x: Tensor<D>,
+) -> Result<Tensor<D>, Tensor<D>> {
+    if !enabled() || !is_flex_f32(&x) {
+        return Err(x);
+    }
+    match prim(x) {
+        Prim::Plain(x) => {
+            let mut x = contiguous(x);
+            // Inference: overwrite the input when nothing else holds it.
+            if let Some(xs) = x.try_storage_mut::<f32>() {
+                xs.par_chunks_mut(CHUNK).for_each(map_in_place::<E>);
+                return Ok(plain(x));
+            }
+            Ok(plain(forward_map::<E>(&x)))
+        }
+        Prim::Ad(x) => {
+            let node = ElementwiseBackward::<E>(std::marker::PhantomData);
+            let input = contiguous(x.primitive().clone());
+            let y = forward_map::<E>(&input);
+            Ok(tracked(
+                match <_ as Backward<Flex, 1>>::prepare::<NoCheckpointing>(node, [x.node()])
+                    .compute_bound()
+                    .stateful()
+                {
+                    OpsKind::Tracked(prep) => prep.finish(input, y),
+                    OpsKind::UnTracked(prep) => prep.finish(y),
+                },
+            ))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention normalisers over the last axis of [B, H, Lq, Lk] scores with a [B, Lk] 0/1 key mask.
+
+/// Which normaliser, with its constant.
+#[derive(Clone, Copy, Debug)]
+pub enum Normaliser {
+    /// `softmax(s + (1 − m)·MASK_NEG)` (HF BERT's additive mask).
+    Softmax,
+    /// `(s + c)²·m / Σ (s + c)²·m`.
+    TwoQuad(f32),
+}
+
+/// Rows of scores per parallel task.
+const ROWS: usize = 32;
+
+simd_fn! {
+    /// In place: `p` holds the scores on entry.
+    fn softmax_row(m: &[f32], p: &mut [f32]) {
+        let mut max = [f32::NEG_INFINITY; 8];
+        for (pc, mc) in p.chunks_mut(8).zip(m.chunks(8)) {
+            for ((l, p), &m) in max.iter_mut().zip(pc.iter_mut()).zip(mc) {
+                let v = *p + (1.0 - m) * MASK_NEG as f32;
+                *p = v;
+                *l = if v > *l { v } else { *l };
+            }
+        }
+        let max = max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut lanes = [0f32; 8];
+        for c in p.chunks_mut(8) {
+            for (l, p) in lanes.iter_mut().zip(c.iter_mut()) {
+                *p = exp(*p - max);
+                *l += *p;
+            }
+        }
+        let inv = 1.0 / lanes.iter().sum::<f32>();
+        for p in p.iter_mut() {
+            *p *= inv;
+        }
+    }
+}
+
+simd_fn! {
+    /// In place: `p` holds the scores on entry.
+    fn two_quad_row(m: &[f32], c: f32, p: &mut [f32]) {
+        let mut lanes = [0f32; 8];
+        for (pc, mc) in p.chunks_mut(8).zip(m.chunks(8)) {
+            for ((l, p), &m) in lanes.iter_mut().zip(pc.iter_mut()).zip(mc) {
+                let e = (*p + c) * (*p + c) * m;
+                *p = e;
+                *l += e;
+            }
+        }
+        let inv = 1.0 / lanes.iter().sum::<f32>();
+        for p in p.iter_mut() {
+            *p *= inv;
+        }
+    }
+}
+
+/// `⟨dp, p⟩` of one row.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    for (ac, bc) in a.chunks(8).zip(b.chunks(8)) {
+        for ((l, &a), &b) in lanes.iter_mut().zip(ac).zip(bc) {
+            *l += a * b;
+        }
+    }
+    lanes.iter().sum()
+}
+
+simd_fn! {
+    /// softmax: `ds = p·(dp − ⟨dp, p⟩)`.
+    fn softmax_grad_row(p: &[f32], dp: &[f32], ds: &mut [f32]) {
+        let g = dot(dp, p);
+        for ((ds, &p), &dp) in ds.iter_mut().zip(p).zip(dp) {
+            *ds = p * (dp - g);
+        }
+    }
+}
+
+simd_fn! {
+    /// 2Quad, from the scores: `ds_j = 2(s_j + c)·m_j·(dp_j − ⟨dp, p⟩)/z`, `p = e/z`.
+    fn two_quad_grad_row(s: &[f32], m: &[f32], c: f32, dp: &[f32], ds: &mut [f32]) {
+        let (mut z, mut ge) = ([0f32; 8], [0f32; 8]);
+        for ((sc, mc), dc) in s.chunks(8).zip(m.chunks(8)).zip(dp.chunks(8)) {
+            for ((((z, ge), &s), &m), &dp) in z.iter_mut().zip(ge.iter_mut()).zip(sc).zip(mc).zip(dc) {
+                let e = (s + c) * (s + c) * m;
+                *z += e;
+                *ge += e * dp;
+            }
+        }
+        let inv_z = 1.0 / z.iter().sum::<f32>();
+        let g = ge.iter().sum::<f32>() * inv_z;
+        for (((ds, &s), &m), &dp) in ds.iter_mut().zip(s).zip(m).zip(dp) {
+            *ds = 2.0 * (s + c) * m * (dp - g) * inv_z;
+        }
+    }
+}
+
+/// Runs `row(a_row, b_row, mask_row, out_row)` over every row of [B, H, Lq, Lk], in parallel.
+fn over_rows(
+    dims: [usize; 4],
+    (a, b): (&[f32], &[f32]),
+    mask: &[f32],
+    out: &mut [f32],
+    row: impl Fn(&[f32], &[f32], &[f32], &mut [f32]) + Sync,
+) {
+    let [_, h, lq, lk] = dims;
+    out.par_chunks_mut(ROWS * lk)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            for (i, out) in out.chunks_mut(lk).enumerate() {
+                let r = chunk * ROWS + i;
+                let (span, batch) = (r * lk..(r + 1) * lk, r / (h * lq));
+                row(
+                    &a[span.clone()],
+                    &b[span],
+                    &mask[batch * lk..(batch + 1) * lk],
+                    out,
+                );
+            }
+        });
+}
+
+#[derive(Debug)]
+struct NormaliserBackward(Normaliser);
+
+#[derive(Clone, Debug)]
+struct NormaliserState {
+    /// Softmax: the output `p`; 2Quad: the scores `s`.
+    saved: FlexTensor,
+    mask: FlexTensor,
+}
+
+impl Backward<Flex, 1> for NormaliserBackward {
+    type State = NormaliserState;
+
+    fn backward(self, ops: Ops<NormaliserState, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let dp = contiguous(grads.consume::<Flex>(&ops.node));
+        let Some(parent) = parent else { return };
+        let NormaliserState { saved, mask } = ops.state;
+        let dims: [usize; 4] = shape(&saved).dims();
+        let mut ds = vec![0f32; data(&saved).len()];
+        let inputs = (data(&saved), data(&dp));
+        match self.0 {
+            Normaliser::Softmax => over_rows(dims, inputs, data(&mask), &mut ds, |p, dp, _, ds| {
+                softmax_grad_row(p, dp, ds)
+            }),
+            Normaliser::TwoQuad(c) => {
+                over_rows(dims, inputs, data(&mask), &mut ds, |s, dp, m, ds| {
+                    two_quad_grad_row(s, m, c, dp, ds)
+                })
+            }
+        }
+        grads.register::<Flex>(parent.id, flex(ds, shape(&saved)));
+    }
+}
+
+/// Normalises every row of `p` ([B, H, Lq, Lk] scores on entry) in place, in parallel.
+fn normalise_rows(kind: Normaliser, dims: [usize; 4], mask: &[f32], p: &mut [f32]) {
+    let [_, h, lq, lk] = dims;
+    p.par_chunks_mut(ROWS * lk)
+        .enumerate()
+        .for_each(|(chunk, rows)| {
+            for (i, row) in rows.chunks_mut(lk).enumerate() {
+                let b = (chunk * ROWS + i) / (h * lq);
+                let m = &mask[b * lk..(b + 1) * lk];
+                match kind {
+                    Normaliser::Softmax => softmax_row(m, row),
+                    Normaliser::TwoQuad(c) => two_quad_row(m, c, row),
+                }
+            }
+        });
+}
+
+/// Attention weights from scores [B, H, Lq, Lk] and the 0/1 key mask [B, Lk], one parallel pass.
+#[allow(clippy::result_large_err)]
+pub fn normalise(
+    kind: Normaliser,
+    scores: Tensor<4>,
+    key_mask: Tensor<2>,
+) -> Result<Tensor<4>, (Tensor<4>, Tensor<2>)> {
+    if !enabled() || !is_flex_f32(&scores) || !is_flex_f32(&key_mask) {
+        return Err((scores, key_mask));
+    }
+    let mask = contiguous(prim(key_mask).flex());
+    let x = match prim(scores) {
+        Prim::Plain(s) => {
+            // Inference: overwrite the scores when nothing else holds them.
+            let mut s = contiguous(s);
+            let dims: [usize; 4] = shape(&s).dims();
+            match s.try_storage_mut::<f32>() {
+                Some(p) => normalise_rows(kind, dims, data(&mask), p),
+                None => {
+                    let mut p = data(&s).to_vec();
+                    normalise_rows(kind, dims, data(&mask), &mut p);
+                    s = flex(p, shape(&s));
+                }
+            }
+            return Ok(plain(s));
+        }
+        Prim::Ad(x) => x,
+    };
+    let s = contiguous(x.primitive().clone());
+    let dims: [usize; 4] = shape(&s).dims();
+    let mut p = data(&s).to_vec();
+    normalise_rows(kind, dims, data(&mask), &mut p);
+    let p = flex(p, shape(&s));
+    Ok(tracked(
+        match <_ as Backward<Flex, 1>>::prepare::<NoCheckpointing>(
+            NormaliserBackward(kind),
+            [x.node()],
+        )
+        .compute_bound()
+        .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let saved = match kind {
+                    Normaliser::Softmax => p.clone(),
+                    Normaliser::TwoQuad(_) => s,
+                };
+                prep.finish(NormaliserState { saved, mask }, p)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(p),
+        },
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm over the last axis, optionally of `x + residual` (the encoder's every use).
+
+simd_fn! {
+    /// One row: writes `x̂ = (x − μ)·rstd` to `xhat`, `x̂·γ + β` to `y`; returns rstd.
+    fn layer_norm_row(x: &[f32], r: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32,
+                      xhat: &mut [f32], y: &mut [f32]) -> f32 {
+        match r {
+            Some(r) => for ((h, &x), &r) in xhat.iter_mut().zip(x).zip(r) { *h = x + r },
+            None => xhat.copy_from_slice(x),
+        }
+        let n = x.len() as f32;
+        let mut lanes = [0f32; 8];
+        for c in xhat.chunks(8) {
+            for (l, &v) in lanes.iter_mut().zip(c) { *l += v }
+        }
+        let mean = lanes.iter().sum::<f32>() / n;
+        let mut lanes = [0f32; 8];
+        for c in xhat.chunks(8) {
+            for (l, &v) in lanes.iter_mut().zip(c) { *l += (v - mean) * (v - mean) }
+        }
+        let rstd = 1.0 / (lanes.iter().sum::<f32>() / n + eps).sqrt();
+        for (((h, y), &g), &b) in xhat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
+            *h = (*h - mean) * rstd;
+            *y = *h * g + b;
+        }
+        rstd
+    }
+}
+
+simd_fn! {
+    /// One row of the input gradient; accumulates `dy·x̂` and `dy` into `dg`, `db`.
+    fn layer_norm_grad_row(xhat: &[f32], dy: &[f32], gamma: &[f32], rstd: f32,
+                           dx: &mut [f32], dg: &mut [f32], db: &mut [f32]) {
+        let n = xhat.len() as f32;
+        let (mut s1, mut s2) = ([0f32; 8], [0f32; 8]);
+        for ((hc, dc), gc) in xhat.chunks(8).zip(dy.chunks(8)).zip(gamma.chunks(8)) {
+            for ((((a, b), &h), &d), &g) in s1.iter_mut().zip(s2.iter_mut()).zip(hc).zip(dc).zip(gc) {
+                let dh = d * g;
+                *a += dh;
+                *b += dh * h;
+            }
+        }
+        let m1 = s1.iter().sum::<f32>() / n;
+        let m2 = s2.iter().sum::<f32>() / n;
+        for (((((dx, &h), &d), &g), dg), db) in
+            dx.iter_mut().zip(xhat).zip(dy).zip(gamma).zip(dg.iter_mut()).zip(db.iter_mut())
+        {
+            *dx = rstd * (d * g - m1 - h * m2);
+            *dg += d * h;
+            *db += d;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+#[derive(Clone, Debug)]
+struct LayerNormState {
+    xhat: FlexTensor,
+    rstd: std::sync::Arc<Vec<f32>>,
+    gamma: FlexTensor,
+}
+
+/// Parents: `[x, γ, β, residual]`; the residual gets the same gradient as `x`.
+impl Backward<Flex, 4> for LayerNormBackward {
+    type State = LayerNormState;
+
+    fn backward(self, ops: Ops<LayerNormState, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pg, pb, pr] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let LayerNormState { xhat, rstd, gamma } = ops.state;
+        let (h, dys, g) = (data(&xhat), data(&dy), data(&gamma));
+        let d = g.len();
+        let mut dx = vec![0f32; h.len()];
+        let (dg, db) = dx
+            .par_chunks_mut(ROWS * d)
+            .enumerate()
+            .map(|(chunk, dx)| {
+                let (mut dg, mut db) = (vec![0f32; d], vec![0f32; d]);
+                for (i, dx) in dx.chunks_mut(d).enumerate() {
+                    let r = chunk * ROWS + i;
+                    let span = r * d..(r + 1) * d;
+                    layer_norm_grad_row(
+                        &h[span.clone()],
+                        &dys[span],
+                        g,
+                        rstd[r],
+                        dx,
+                        &mut dg,
+                        &mut db,
+                    );
+                }
+                (dg, db)
+            })
+            .reduce(
+                || (vec![0f32; d], vec![0f32; d]),
+                |(mut ga, mut ba), (gb, bb)| {
+                    ga.iter_mut().zip(gb).for_each(|(a, b)| *a += b);
+                    ba.iter_mut().zip(bb).for_each(|(a, b)| *a += b);
+                    (ga, ba)
+                },
+            );
+        let dx = flex(dx, shape(&xhat));
+        if let Some(p) = pr {
+            grads.register::<Flex>(p.id, dx.clone());
+        }
+        if let Some(p) = px {
+            grads.register::<Flex>(p.id, dx);
+        }
+        if let Some(p) = pg {
+            grads.register::<Flex>(p.id, flex(dg, Shape::new([d])));
+        }
+        if let Some(p) = pb {
+            grads.register::<Flex>(p.id, flex(db, Shape::new([d])));
+        }
+    }
+}
+
+/// `LayerNorm(x [+ residual])·γ + β` over the last axis, in one parallel pass.
+#[allow(clippy::type_complexity, clippy::result_large_err)]
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    residual: Option<Tensor<D>>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> Result<Tensor<D>, (Tensor<D>, Option<Tensor<D>>, Tensor<1>, Tensor<1>)> {
+    let ok = enabled()
+        && is_flex_f32(&x)
+        && residual
+            .as_ref()
+            .is_none_or(|r| is_flex_f32(r) && r.dims() == x.dims())
+        && is_flex_f32(&gamma)
+        && is_flex_f32(&beta);
+    if !ok {
+        return Err((x, residual, gamma, beta));
+    }
+    let (x, residual, gamma, beta) = (prim(x), residual.map(prim), prim(gamma), prim(beta));
+    let xs = contiguous(x.flex());
+    let rs = residual.as_ref().map(|r| contiguous(r.flex()));
+    let (g, b) = (contiguous(gamma.flex()), contiguous(beta.flex()));
+    let d = data(&g).len();
+    let n = data(&xs).len();
+    let (mut xhat, mut y, mut rstd) = (vec![0f32; n], vec![0f32; n], vec![0f32; n / d]);
+    xhat.par_chunks_mut(ROWS * d)
+        .zip(y.par_chunks_mut(ROWS * d))
+        .zip(rstd.par_chunks_mut(ROWS))
+        .enumerate()
+        .for_each(|(chunk, ((xhat, y), rstd))| {
+            for (i, ((xhat, y), rstd)) in xhat
+                .chunks_mut(d)
+                .zip(y.chunks_mut(d))
+                .zip(rstd)
+                .enumerate()
+            {
+                let span = (chunk * ROWS + i) * d..(chunk * ROWS + i + 1) * d;
+                let r = rs.as_ref().map(|r| &data(r)[span.clone()]);
+                *rstd =
+                    layer_norm_row(&data(&xs)[span], r, data(&g), data(&b), eps as f32, xhat, y);
+            }
+        });
+    let y = flex(y, shape(&xs));
+    let any_ad = [Some(&x), residual.as_ref(), Some(&gamma), Some(&beta)]
+        .into_iter()
+        .flatten()
+        .any(|p| matches!(p, Prim::Ad(_)));
+    if !any_ad {
+        return Ok(plain(y));
+    }
+    let (x, gamma, beta) = (x.into_ad(), gamma.into_ad(), beta.into_ad());
+    // Without a residual its parent slot holds an untracked stand-in (no gradient flows to it).
+    let residual = residual.map_or_else(|| AdTensor::new(g.clone()), Prim::into_ad);
+    let nodes = [x.node(), gamma.node(), beta.node(), residual.node()];
+    Ok(tracked(
+        match <_ as Backward<Flex, 4>>::prepare::<NoCheckpointing>(LayerNormBackward, nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                LayerNormState {
+                    xhat: flex(xhat, shape(&xs)),
+                    rstd: std::sync::Arc::new(rstd),
+                    gamma: g,
+                },
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        },
+    ))
+}

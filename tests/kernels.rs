@@ -1,0 +1,204 @@
+//! The fused Flex kernels against the composite Burn formulations they replace: values and
+//! gradients, on shapes that are not multiples of the SIMD width or of the rows per task, with
+//! padded keys.
+
+use burn::prelude::*;
+use burn::tensor::activation;
+use mpcformer::model::Attn;
+use mpcformer::model::approx::{QUAD_A, QUAD_B, QUAD_C, TWO_QUAD_C};
+use mpcformer::model::kernels::{self, Gelu, Normaliser, Quad};
+
+/// Deterministic values in about [-scale, scale].
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn tensor<const D: usize>(dims: [usize; D], seed: u64, scale: f32, device: &Device) -> Tensor<D> {
+    let n = dims.iter().product();
+    Tensor::<1>::from_floats(values(n, seed, scale).as_slice(), device).reshape(dims)
+}
+
+/// `t` as a leaf on another device (the autodiff one, and back).
+fn on<const D: usize>(t: &Tensor<D>, device: &Device) -> Tensor<D> {
+    Tensor::from_data(t.to_data(), device)
+}
+
+fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    (a - b).abs().max().into_scalar::<f32>()
+}
+
+fn max_abs<const D: usize>(a: Tensor<D>) -> f32 {
+    a.abs().max().into_scalar::<f32>()
+}
+
+/// The 0/1 key mask [B, Lk] with `real[b]` real tokens in row b.
+fn key_mask(real: &[usize], lk: usize, device: &Device) -> Tensor<2> {
+    let m: Vec<f32> = real
+        .iter()
+        .flat_map(|&r| (0..lk).map(move |j| if j < r { 1.0 } else { 0.0 }))
+        .collect();
+    Tensor::<1>::from_floats(m.as_slice(), device).reshape([real.len(), lk])
+}
+
+/// Gradient of `Σ f(x)·w` with respect to `x`, on the autodiff device.
+fn grad<const D: usize>(
+    x: &Tensor<D>,
+    w: &Tensor<D>,
+    f: impl Fn(Tensor<D>) -> Tensor<D>,
+) -> Tensor<D> {
+    let ad = Device::flex().autodiff();
+    let xa = on(x, &ad).require_grad();
+    let loss = (f(xa.clone()) * on(w, &ad)).sum();
+    let g = loss.backward();
+    on(&xa.grad(&g).expect("x gets a gradient"), &Device::flex())
+}
+
+#[test]
+fn elementwise_kernels_run_on_flex_and_match_the_composite_ops() {
+    let device = Device::flex();
+    let x = tensor([3, 37, 29], 1, 6.0, &device);
+    let w = tensor([3, 37, 29], 2, 1.0, &device);
+
+    let quad = |x: Tensor<3>| (x.clone() * QUAD_A + QUAD_B) * x + QUAD_C;
+    let fused_quad = |x: Tensor<3>| {
+        kernels::elementwise::<Quad, 3>(x).unwrap_or_else(|_| panic!("Quad kernel on Flex f32"))
+    };
+    assert!(max_diff(fused_quad(x.clone()), quad(x.clone())) < 1e-5);
+    let (gk, gc) = (grad(&x, &w, fused_quad), grad(&x, &w, quad));
+    assert!(max_diff(gk, gc) < 1e-5);
+
+    let fused_gelu = |x: Tensor<3>| {
+        kernels::elementwise::<Gelu, 3>(x).unwrap_or_else(|_| panic!("GeLU kernel on Flex f32"))
+    };
+    // Burn's GeLU uses libm's erff; ours the A&S polynomial (|error| ≤ 1.5e-7 in erf).
+    let d = max_diff(fused_gelu(x.clone()), activation::gelu(x.clone()));
+    assert!(d < 5e-6, "GeLU forward differs by {d}");
+    let d = max_diff(grad(&x, &w, fused_gelu), grad(&x, &w, activation::gelu));
+    assert!(d < 5e-6, "GeLU gradient differs by {d}");
+    // Far tails: exactly 0 and x.
+    let tails = Tensor::<1>::from_floats([-30.0, -12.0, 12.0, 30.0], &device);
+    let y: Vec<f32> = fused_gelu(tails.unsqueeze::<3>())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert_eq!(y, vec![-0.0, -0.0, 12.0, 30.0]);
+}
+
+#[test]
+fn attention_normalisers_match_the_composite_ops_with_padded_keys() {
+    let device = Device::flex();
+    // 3·4·13 = 156 rows: several parallel tasks and a partial one; Lk = 19 is not a multiple of 8.
+    let (b, h, lq, lk) = (3, 4, 13, 19);
+    let s = tensor([b, h, lq, lk], 3, 4.0, &device);
+    let w = tensor([b, h, lq, lk], 4, 1.0, &device);
+    let mask = key_mask(&[19, 7, 1], lk, &device);
+    for (attn, kind) in [
+        (Attn::Softmax, Normaliser::Softmax),
+        (Attn::TwoQuad, Normaliser::TwoQuad(TWO_QUAD_C as f32)),
+    ] {
+        let fused = |s: Tensor<4>| {
+            let m = on(&mask, &s.device());
+            kernels::normalise(kind, s, m).unwrap_or_else(|_| panic!("{attn} kernel on Flex f32"))
+        };
+        let composite = |s: Tensor<4>| {
+            let m = on(&mask, &s.device());
+            attn.composite(s, m, TWO_QUAD_C)
+        };
+        let (pk, pc) = (fused(s.clone()), composite(s.clone()));
+        assert!(max_diff(pk.clone(), pc) < 1e-6, "{attn} forward");
+        // Rows sum to 1; padded keys get exactly 0.
+        let sums = pk.clone().sum_dim(3);
+        assert!(
+            max_diff(sums.clone(), sums.ones_like()) < 1e-5,
+            "{attn} row sums"
+        );
+        let padded = pk.slice([1..2, 0..h, 0..lq, 7..lk]);
+        assert_eq!(max_abs(padded), 0.0, "{attn}: a padded key gets weight");
+        let (gk, gc) = (grad(&s, &w, fused), grad(&s, &w, composite));
+        let scale = max_abs(gc.clone());
+        assert!(max_diff(gk, gc) < 1e-5 * scale.max(1.0), "{attn} gradient");
+    }
+    // Through the public entry point, the kernel is what `Attn::apply` runs on Flex.
+    let applied = Attn::TwoQuad.apply(s.clone(), mask.clone(), TWO_QUAD_C);
+    let composite = Attn::TwoQuad.composite(s, mask, TWO_QUAD_C);
+    assert!(max_diff(applied, composite) < 1e-6);
+}
+
+#[test]
+fn layer_norm_kernel_matches_the_composite_with_and_without_residual() {
+    let device = Device::flex();
+    let (rows, d) = (70, 45);
+    let x = tensor([2, rows / 2, d], 5, 3.0, &device) + 0.7;
+    let r = tensor([2, rows / 2, d], 6, 2.0, &device);
+    let gamma = tensor([d], 7, 1.0, &device) + 1.0;
+    let beta = tensor([d], 8, 0.5, &device);
+    let w = tensor([2, rows / 2, d], 9, 1.0, &device);
+    let eps = 1e-12;
+    for residual in [false, true] {
+        let fused = |x: Tensor<3>, r: Tensor<3>, g: Tensor<1>, b: Tensor<1>| {
+            kernels::layer_norm(x, residual.then_some(r), g, b, eps)
+                .unwrap_or_else(|_| panic!("LayerNorm kernel on Flex f32"))
+        };
+        let composite = |x: Tensor<3>, r: Tensor<3>, g: Tensor<1>, b: Tensor<1>| {
+            let x = if residual { x + r } else { x };
+            burn::tensor::module::layer_norm(x, g, Some(b), eps)
+        };
+        let d_fwd = max_diff(
+            fused(x.clone(), r.clone(), gamma.clone(), beta.clone()),
+            composite(x.clone(), r.clone(), gamma.clone(), beta.clone()),
+        );
+        assert!(
+            d_fwd < 1e-5,
+            "forward (residual {residual}) differs by {d_fwd}"
+        );
+
+        // Gradients of every input.
+        let ad = device.clone().autodiff();
+        let grads = |f: &dyn Fn(Tensor<3>, Tensor<3>, Tensor<1>, Tensor<1>) -> Tensor<3>| {
+            let xa = on(&x, &ad).require_grad();
+            let ra = on(&r, &ad).require_grad();
+            let ga = on(&gamma, &ad).require_grad();
+            let ba = on(&beta, &ad).require_grad();
+            let loss = (f(xa.clone(), ra.clone(), ga.clone(), ba.clone())
+                * w.clone().to_device(&ad))
+            .sum();
+            let g = loss.backward();
+            (
+                on(&xa.grad(&g).unwrap(), &device),
+                ra.grad(&g).map(|t| on(&t, &device)),
+                on(&ga.grad(&g).unwrap(), &device),
+                on(&ba.grad(&g).unwrap(), &device),
+            )
+        };
+        let (fx, fr, fg, fb) = grads(&fused);
+        let (cx, cr, cg, cb) = grads(&composite);
+        assert!(max_diff(fx, cx) < 1e-4, "dx (residual {residual})");
+        assert!(max_diff(fg, cg) < 1e-4, "dγ (residual {residual})");
+        assert!(max_diff(fb, cb) < 1e-4, "dβ (residual {residual})");
+        match (fr, cr) {
+            (Some(fr), Some(cr)) => assert!(max_diff(fr, cr) < 1e-4, "d residual"),
+            (None, None) => assert!(!residual),
+            (f, c) => panic!(
+                "residual gradient: fused {:?} composite {:?}",
+                f.is_some(),
+                c.is_some()
+            ),
+        }
+    }
+}
+
+#[test]
+fn kernels_decline_what_they_do_not_cover() {
+    // f64 tensors take the composite path (the caller's `Err` branch).
+    let device = Device::flex();
+    let x = tensor([4, 8], 10, 1.0, &device).cast(burn::tensor::DType::F64);
+    assert!(kernels::elementwise::<Quad, 2>(x).is_err());
+}
