@@ -202,3 +202,29 @@ fn kernels_decline_what_they_do_not_cover() {
     let x = tensor([4, 8], 10, 1.0, &device).cast(burn::tensor::DType::F64);
     assert!(kernels::elementwise::<Quad, 2>(x).is_err());
 }
+
+#[test]
+fn dropout_kernel_applies_and_regenerates_the_seeded_mask() {
+    use mpcformer::model::dropout::{MaskStream, keep_mask};
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    // Not a multiple of the kernel's chunk, so the last chunk is partial and odd-sized.
+    let dims = [3, 11_111];
+    let n = 3 * 11_111;
+    let x = tensor(dims, 12, 2.0, &device);
+    let w = tensor(dims, 13, 1.0, &device);
+    let (seed, keep) = (99, 0.9);
+    let mask = Tensor::<1>::from_floats(keep_mask(seed, n, keep).as_slice(), &device).reshape(dims);
+
+    let xa = on(&x, &ad).require_grad();
+    let y = kernels::dropout(xa.clone(), MaskStream::new(seed, keep))
+        .unwrap_or_else(|_| panic!("dropout kernel on autodiff Flex f32"));
+    let expected = x * mask.clone();
+    assert_eq!(
+        on(&y, &device).into_data().try_to_vec::<f32>().unwrap(),
+        expected.into_data().try_to_vec::<f32>().unwrap()
+    );
+    let g = (y * on(&w, &ad)).sum().backward();
+    let dx = on(&xa.grad(&g).unwrap(), &device);
+    assert_eq!(max_diff(dx, w * mask), 0.0);
+}

@@ -14,6 +14,8 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use rayon::prelude::*;
 
+use super::kernels;
+
 /// `nn.Dropout(p)` (HF `hidden_dropout_prob`, `attention_probs_dropout_prob`).
 #[derive(Module, Debug)]
 pub struct Dropout {
@@ -40,9 +42,15 @@ impl Dropout {
             let mask = x.random_like(Distribution::Bernoulli(keep));
             return x * mask * (1.0 / keep);
         }
-        let shape = x.shape();
-        let mask = keep_mask(draw_seed(&device), shape.num_elements(), keep);
-        x * Tensor::<D>::from_data(TensorData::new(mask, shape), &device)
+        let seed = draw_seed(&device);
+        match kernels::dropout(x, MaskStream::new(seed, keep)) {
+            Ok(y) => y,
+            Err(x) => {
+                let shape = x.shape();
+                let mask = keep_mask(seed, shape.num_elements(), keep);
+                x * Tensor::<D>::from_data(TensorData::new(mask, shape), &device)
+            }
+        }
     }
 }
 
@@ -68,27 +76,58 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// `n` values, each `1 / keep` with probability `keep` and 0 otherwise; element `i` depends only
-/// on `(seed, i)`, so the mask is the same however the work is split across threads.
-pub fn keep_mask(seed: u64, n: usize, keep: f64) -> Vec<f32> {
-    const CHUNK: usize = 1 << 14;
-    let scale = (1.0 / keep) as f32;
-    // keep probability as a 32-bit threshold: P(u < t) = t / 2^32 for u uniform on 32 bits.
-    let threshold = (keep * 4_294_967_296.0).round().min(u32::MAX as f64) as u64;
-    let base = mix(seed);
-    let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-        let start = (c * CHUNK) as u64;
-        for (pair, m) in out.chunks_mut(2).enumerate() {
+/// The keep decisions of one dropout call: element `i`'s depends only on `(seed, i)`, so a mask
+/// is the same however the work is split across threads.
+#[derive(Clone, Copy, Debug)]
+pub struct MaskStream {
+    base: u64,
+    /// keep probability as a 32-bit threshold: P(u < t) = t / 2^32 for u uniform on 32 bits.
+    threshold: u64,
+    scale: f32,
+}
+
+impl MaskStream {
+    pub fn new(seed: u64, keep: f64) -> Self {
+        Self {
+            base: mix(seed),
+            threshold: (keep * 4_294_967_296.0).round().min(u32::MAX as f64) as u64,
+            scale: (1.0 / keep) as f32,
+        }
+    }
+
+    /// The scale of kept elements, `1 / keep`.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// `out[k] = f(k, m)` for the mask values `m` (`1 / keep` or 0) of elements
+    /// `start + k`; `start` must be even.
+    #[inline(always)]
+    pub fn for_each(&self, start: usize, n: usize, mut f: impl FnMut(usize, f32)) {
+        debug_assert!(start.is_multiple_of(2));
+        for pair in 0..n.div_ceil(2) {
             // One hash gives two 32-bit draws.
-            let r =
-                mix(base
-                    .wrapping_add((start / 2 + pair as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-            for (j, v) in m.iter_mut().enumerate() {
+            let r = mix(self.base.wrapping_add(
+                (start as u64 / 2 + pair as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ));
+            for j in 0..2.min(n - 2 * pair) {
                 let u = (r >> (32 * j)) & 0xFFFF_FFFF;
-                *v = if u < threshold { scale } else { 0.0 };
+                f(
+                    2 * pair + j,
+                    if u < self.threshold { self.scale } else { 0.0 },
+                );
             }
         }
+    }
+}
+
+/// `n` values, each `1 / keep` with probability `keep` and 0 otherwise (see [`MaskStream`]).
+pub fn keep_mask(seed: u64, n: usize, keep: f64) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let stream = MaskStream::new(seed, keep);
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+        stream.for_each(c * CHUNK, out.len(), |k, m| out[k] = m);
     });
     mask
 }

@@ -28,6 +28,7 @@ use burn::tensor::{Bytes, DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::approx::{MASK_NEG, QUAD_A, QUAD_B, QUAD_C};
+use super::dropout::MaskStream;
 
 type AdTensor = FloatTensor<Autodiff<Flex>>;
 
@@ -168,7 +169,8 @@ fn exp(x: f32) -> f32 {
     // Adding 1.5·2²³ rounds to the nearest integer without a rounding instruction.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -177,7 +179,10 @@ fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     p = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2ⁿ from n's bits in t's mantissa: integer ops only, so the loop vectorises (an `as i32`
+    // cast saturates and does not).
+    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     if x < -87.0 { 0.0 } else { p * scale }
 }
 
@@ -320,6 +325,78 @@ pub fn elementwise<E: Elementwise + std::fmt::Debug, const D: usize>(
             ))
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout: the mask is applied as it is drawn, and kept as one byte per element for the backward
+// pass (a quarter of an f32 mask; drawing it again costs more than reading it).
+
+/// `y = x·m` over CHUNK-aligned chunks (the mask's elements are numbered from 0); `kept[i]` = 1
+/// where `m[i]` ≠ 0.
+fn apply_mask(stream: MaskStream, x: &[f32]) -> (Vec<f32>, Vec<u8>) {
+    let (mut y, mut kept) = (vec![0f32; x.len()], vec![0u8; x.len()]);
+    y.par_chunks_mut(CHUNK)
+        .zip(kept.par_chunks_mut(CHUNK))
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, ((y, kept), x))| {
+            stream.for_each(c * CHUNK, x.len(), |k, m| {
+                y[k] = x[k] * m;
+                kept[k] = (m != 0.0) as u8;
+            })
+        });
+    (y, kept)
+}
+
+simd_fn! {
+    fn masked_chunk(dy: &[f32], kept: &[u8], scale: f32, dx: &mut [f32]) {
+        for ((dx, &dy), &k) in dx.iter_mut().zip(dy).zip(kept) {
+            *dx = dy * (k as f32 * scale);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DropoutBackward;
+
+impl Backward<Flex, 1> for DropoutBackward {
+    type State = (std::sync::Arc<Vec<u8>>, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let Some(parent) = parent else { return };
+        let ((kept, scale), dys) = (ops.state, data(&dy));
+        let mut dx = vec![0f32; dys.len()];
+        dx.par_chunks_mut(CHUNK)
+            .zip(dys.par_chunks(CHUNK).zip(kept.par_chunks(CHUNK)))
+            .for_each(|(dx, (dy, k))| masked_chunk(dy, k, scale, dx));
+        grads.register::<Flex>(parent.id, flex(dx, shape(&dy)));
+    }
+}
+
+/// `x·m` for the dropout mask `m` of `stream`, on an autodiff Flex tensor, in one parallel pass.
+#[allow(clippy::result_large_err)]
+pub fn dropout<const D: usize>(x: Tensor<D>, stream: MaskStream) -> Result<Tensor<D>, Tensor<D>> {
+    if !enabled() || !is_flex_f32(&x) {
+        return Err(x);
+    }
+    let x = match prim(x) {
+        Prim::Ad(x) => x,
+        Prim::Plain(x) => return Err(plain(x)),
+    };
+    let xs = contiguous(x.primitive().clone());
+    let (y, kept) = apply_mask(stream, data(&xs));
+    let y = flex(y, shape(&xs));
+    Ok(tracked(
+        match <_ as Backward<Flex, 1>>::prepare::<NoCheckpointing>(DropoutBackward, [x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((std::sync::Arc::new(kept), stream.scale()), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        },
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -556,27 +633,33 @@ pub fn normalise(
 // LayerNorm over the last axis, optionally of `x + residual` (the encoder's every use).
 
 simd_fn! {
-    /// One row: writes `x̂ = (x − μ)·rstd` to `xhat`, `x̂·γ + β` to `y`; returns rstd.
+    /// One row: writes `x̂·γ + β` to `y` and, when asked, `x̂ = (x − μ)·rstd` to `xhat`;
+    /// returns rstd.
     fn layer_norm_row(x: &[f32], r: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32,
-                      xhat: &mut [f32], y: &mut [f32]) -> f32 {
+                      xhat: Option<&mut [f32]>, y: &mut [f32]) -> f32 {
         match r {
-            Some(r) => for ((h, &x), &r) in xhat.iter_mut().zip(x).zip(r) { *h = x + r },
-            None => xhat.copy_from_slice(x),
+            Some(r) => for ((y, &x), &r) in y.iter_mut().zip(x).zip(r) { *y = x + r },
+            None => y.copy_from_slice(x),
         }
         let n = x.len() as f32;
         let mut lanes = [0f32; 8];
-        for c in xhat.chunks(8) {
+        for c in y.chunks(8) {
             for (l, &v) in lanes.iter_mut().zip(c) { *l += v }
         }
         let mean = lanes.iter().sum::<f32>() / n;
         let mut lanes = [0f32; 8];
-        for c in xhat.chunks(8) {
+        for c in y.chunks(8) {
             for (l, &v) in lanes.iter_mut().zip(c) { *l += (v - mean) * (v - mean) }
         }
         let rstd = 1.0 / (lanes.iter().sum::<f32>() / n + eps).sqrt();
-        for (((h, y), &g), &b) in xhat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
-            *h = (*h - mean) * rstd;
-            *y = *h * g + b;
+        match xhat {
+            Some(xhat) => for (((h, y), &g), &b) in xhat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
+                *h = (*y - mean) * rstd;
+                *y = *h * g + b;
+            },
+            None => for ((y, &g), &b) in y.iter_mut().zip(gamma).zip(beta) {
+                *y = (*y - mean) * rstd * g + b;
+            },
         }
         rstd
     }
@@ -697,29 +780,33 @@ pub fn layer_norm<const D: usize>(
     let (g, b) = (contiguous(gamma.flex()), contiguous(beta.flex()));
     let d = data(&g).len();
     let n = data(&xs).len();
-    let (mut xhat, mut y, mut rstd) = (vec![0f32; n], vec![0f32; n], vec![0f32; n / d]);
-    xhat.par_chunks_mut(ROWS * d)
-        .zip(y.par_chunks_mut(ROWS * d))
-        .zip(rstd.par_chunks_mut(ROWS))
-        .enumerate()
-        .for_each(|(chunk, ((xhat, y), rstd))| {
-            for (i, ((xhat, y), rstd)) in xhat
-                .chunks_mut(d)
-                .zip(y.chunks_mut(d))
-                .zip(rstd)
-                .enumerate()
-            {
-                let span = (chunk * ROWS + i) * d..(chunk * ROWS + i + 1) * d;
-                let r = rs.as_ref().map(|r| &data(r)[span.clone()]);
-                *rstd =
-                    layer_norm_row(&data(&xs)[span], r, data(&g), data(&b), eps as f32, xhat, y);
-            }
-        });
-    let y = flex(y, shape(&xs));
     let any_ad = [Some(&x), residual.as_ref(), Some(&gamma), Some(&beta)]
         .into_iter()
         .flatten()
         .any(|p| matches!(p, Prim::Ad(_)));
+    // x̂ is kept only for a backward pass.
+    let mut xhat = if any_ad { vec![0f32; n] } else { Vec::new() };
+    let (mut y, mut rstd) = (vec![0f32; n], vec![0f32; n / d]);
+    let block = |chunk: usize, y: &mut [f32], rstd: &mut [f32], mut xhat: Option<&mut [f32]>| {
+        for (i, (y, rstd)) in y.chunks_mut(d).zip(rstd).enumerate() {
+            let span = (chunk * ROWS + i) * d..(chunk * ROWS + i + 1) * d;
+            let r = rs.as_ref().map(|r| &data(r)[span.clone()]);
+            let h = xhat.as_mut().map(|h| &mut h[i * d..(i + 1) * d]);
+            *rstd = layer_norm_row(&data(&xs)[span], r, data(&g), data(&b), eps as f32, h, y);
+        }
+    };
+    let (ys, rs_) = (y.par_chunks_mut(ROWS * d), rstd.par_chunks_mut(ROWS));
+    if any_ad {
+        ys.zip(rs_)
+            .zip(xhat.par_chunks_mut(ROWS * d))
+            .enumerate()
+            .for_each(|(c, ((y, r), h))| block(c, y, r, Some(h)));
+    } else {
+        ys.zip(rs_)
+            .enumerate()
+            .for_each(|(c, (y, r))| block(c, y, r, None));
+    }
+    let y = flex(y, shape(&xs));
     if !any_ad {
         return Ok(plain(y));
     }
