@@ -414,26 +414,61 @@ pub enum Normaliser {
 /// Rows of scores per parallel task.
 const ROWS: usize = 32;
 
+/// `Σ f(a_i, b_i)` in 8 lanes over exact chunks of 8, then the tail: the form that vectorises
+/// (a float sum is not reassociated otherwise).
+#[inline(always)]
+fn sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len());
+    let (ac, bc) = (a[..n].chunks_exact(8), b[..n].chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    let mut lanes = [0f32; 8];
+    for (x, y) in ac.zip(bc) {
+        let (x, y): (&[f32; 8], &[f32; 8]) = (x.try_into().unwrap(), y.try_into().unwrap());
+        for j in 0..8 {
+            lanes[j] += f(x[j], y[j]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn sum1(a: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    sum2(a, a, |x, _| f(x))
+}
+
+#[inline(always)]
+fn max1(a: &[f32]) -> f32 {
+    let c = a.chunks_exact(8);
+    let tail = c
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    for x in c {
+        let x: &[f32; 8] = x.try_into().unwrap();
+        for j in 0..8 {
+            lanes[j] = if x[j] > lanes[j] { x[j] } else { lanes[j] };
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| if v > m { v } else { m })
+}
+
 simd_fn! {
     /// In place: `p` holds the scores on entry.
     fn softmax_row(m: &[f32], p: &mut [f32]) {
-        let mut max = [f32::NEG_INFINITY; 8];
-        for (pc, mc) in p.chunks_mut(8).zip(m.chunks(8)) {
-            for ((l, p), &m) in max.iter_mut().zip(pc.iter_mut()).zip(mc) {
-                let v = *p + (1.0 - m) * MASK_NEG as f32;
-                *p = v;
-                *l = if v > *l { v } else { *l };
-            }
+        for (p, &m) in p.iter_mut().zip(m) {
+            *p += (1.0 - m) * MASK_NEG as f32;
         }
-        let max = max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut lanes = [0f32; 8];
-        for c in p.chunks_mut(8) {
-            for (l, p) in lanes.iter_mut().zip(c.iter_mut()) {
-                *p = exp(*p - max);
-                *l += *p;
-            }
+        let max = max1(p);
+        for p in p.iter_mut() {
+            *p = exp(*p - max);
         }
-        let inv = 1.0 / lanes.iter().sum::<f32>();
+        let inv = 1.0 / sum1(p, |v| v);
         for p in p.iter_mut() {
             *p *= inv;
         }
@@ -443,37 +478,20 @@ simd_fn! {
 simd_fn! {
     /// In place: `p` holds the scores on entry.
     fn two_quad_row(m: &[f32], c: f32, p: &mut [f32]) {
-        let mut lanes = [0f32; 8];
-        for (pc, mc) in p.chunks_mut(8).zip(m.chunks(8)) {
-            for ((l, p), &m) in lanes.iter_mut().zip(pc.iter_mut()).zip(mc) {
-                let e = (*p + c) * (*p + c) * m;
-                *p = e;
-                *l += e;
-            }
+        for (p, &m) in p.iter_mut().zip(m) {
+            *p = (*p + c) * (*p + c) * m;
         }
-        let inv = 1.0 / lanes.iter().sum::<f32>();
+        let inv = 1.0 / sum1(p, |v| v);
         for p in p.iter_mut() {
             *p *= inv;
         }
     }
 }
 
-/// `⟨dp, p⟩` of one row.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    for (ac, bc) in a.chunks(8).zip(b.chunks(8)) {
-        for ((l, &a), &b) in lanes.iter_mut().zip(ac).zip(bc) {
-            *l += a * b;
-        }
-    }
-    lanes.iter().sum()
-}
-
 simd_fn! {
     /// softmax: `ds = p·(dp − ⟨dp, p⟩)`.
     fn softmax_grad_row(p: &[f32], dp: &[f32], ds: &mut [f32]) {
-        let g = dot(dp, p);
+        let g = sum2(dp, p, |a, b| a * b);
         for ((ds, &p), &dp) in ds.iter_mut().zip(p).zip(dp) {
             *ds = p * (dp - g);
         }
@@ -483,16 +501,11 @@ simd_fn! {
 simd_fn! {
     /// 2Quad, from the scores: `ds_j = 2(s_j + c)·m_j·(dp_j − ⟨dp, p⟩)/z`, `p = e/z`.
     fn two_quad_grad_row(s: &[f32], m: &[f32], c: f32, dp: &[f32], ds: &mut [f32]) {
-        let (mut z, mut ge) = ([0f32; 8], [0f32; 8]);
-        for ((sc, mc), dc) in s.chunks(8).zip(m.chunks(8)).zip(dp.chunks(8)) {
-            for ((((z, ge), &s), &m), &dp) in z.iter_mut().zip(ge.iter_mut()).zip(sc).zip(mc).zip(dc) {
-                let e = (s + c) * (s + c) * m;
-                *z += e;
-                *ge += e * dp;
-            }
+        for ((e, &s), &m) in ds.iter_mut().zip(s).zip(m) {
+            *e = (s + c) * (s + c) * m;
         }
-        let inv_z = 1.0 / z.iter().sum::<f32>();
-        let g = ge.iter().sum::<f32>() * inv_z;
+        let inv_z = 1.0 / sum1(ds, |e| e);
+        let g = sum2(ds, dp, |e, d| e * d) * inv_z;
         for (((ds, &s), &m), &dp) in ds.iter_mut().zip(s).zip(m).zip(dp) {
             *ds = 2.0 * (s + c) * m * (dp - g) * inv_z;
         }
@@ -633,25 +646,18 @@ pub fn normalise(
 // LayerNorm over the last axis, optionally of `x + residual` (the encoder's every use).
 
 simd_fn! {
-    /// One row: writes `x̂·γ + β` to `y` and, when asked, `x̂ = (x − μ)·rstd` to `xhat`;
-    /// returns rstd.
-    fn layer_norm_row(x: &[f32], r: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32,
-                      xhat: Option<&mut [f32]>, y: &mut [f32]) -> f32 {
-        match r {
-            Some(r) => for ((y, &x), &r) in y.iter_mut().zip(x).zip(r) { *y = x + r },
-            None => y.copy_from_slice(x),
+    /// One row, in place: `y` holds x on entry and `(x [+ r] − μ)·rstd·γ + β` on return; `xhat`,
+    /// when asked, gets `(x [+ r] − μ)·rstd`. Returns rstd.
+    fn layer_norm_row(y: &mut [f32], r: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32,
+                      xhat: Option<&mut [f32]>) -> f32 {
+        if let Some(r) = r {
+            for (y, &r) in y.iter_mut().zip(r) {
+                *y += r;
+            }
         }
-        let n = x.len() as f32;
-        let mut lanes = [0f32; 8];
-        for c in y.chunks(8) {
-            for (l, &v) in lanes.iter_mut().zip(c) { *l += v }
-        }
-        let mean = lanes.iter().sum::<f32>() / n;
-        let mut lanes = [0f32; 8];
-        for c in y.chunks(8) {
-            for (l, &v) in lanes.iter_mut().zip(c) { *l += (v - mean) * (v - mean) }
-        }
-        let rstd = 1.0 / (lanes.iter().sum::<f32>() / n + eps).sqrt();
+        let n = y.len() as f32;
+        let mean = sum1(y, |v| v) / n;
+        let rstd = 1.0 / (sum1(y, |v| (v - mean) * (v - mean)) / n + eps).sqrt();
         match xhat {
             Some(xhat) => for (((h, y), &g), &b) in xhat.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
                 *h = (*y - mean) * rstd;
@@ -670,20 +676,15 @@ simd_fn! {
     fn layer_norm_grad_row(xhat: &[f32], dy: &[f32], gamma: &[f32], rstd: f32,
                            dx: &mut [f32], dg: &mut [f32], db: &mut [f32]) {
         let n = xhat.len() as f32;
-        let (mut s1, mut s2) = ([0f32; 8], [0f32; 8]);
-        for ((hc, dc), gc) in xhat.chunks(8).zip(dy.chunks(8)).zip(gamma.chunks(8)) {
-            for ((((a, b), &h), &d), &g) in s1.iter_mut().zip(s2.iter_mut()).zip(hc).zip(dc).zip(gc) {
-                let dh = d * g;
-                *a += dh;
-                *b += dh * h;
-            }
+        for ((dh, &d), &g) in dx.iter_mut().zip(dy).zip(gamma) {
+            *dh = d * g;
         }
-        let m1 = s1.iter().sum::<f32>() / n;
-        let m2 = s2.iter().sum::<f32>() / n;
-        for (((((dx, &h), &d), &g), dg), db) in
-            dx.iter_mut().zip(xhat).zip(dy).zip(gamma).zip(dg.iter_mut()).zip(db.iter_mut())
+        let m1 = sum1(dx, |v| v) / n;
+        let m2 = sum2(dx, xhat, |a, b| a * b) / n;
+        for (((dx, &h), &d), (dg, db)) in
+            dx.iter_mut().zip(xhat).zip(dy).zip(dg.iter_mut().zip(db.iter_mut()))
         {
-            *dx = rstd * (d * g - m1 - h * m2);
+            *dx = rstd * (*dx - m1 - h * m2);
             *dg += d * h;
             *db += d;
         }
@@ -775,41 +776,55 @@ pub fn layer_norm<const D: usize>(
         return Err((x, residual, gamma, beta));
     }
     let (x, residual, gamma, beta) = (prim(x), residual.map(prim), prim(gamma), prim(beta));
-    let xs = contiguous(x.flex());
-    let rs = residual.as_ref().map(|r| contiguous(r.flex()));
-    let (g, b) = (contiguous(gamma.flex()), contiguous(beta.flex()));
-    let d = data(&g).len();
-    let n = data(&xs).len();
     let any_ad = [Some(&x), residual.as_ref(), Some(&gamma), Some(&beta)]
         .into_iter()
         .flatten()
         .any(|p| matches!(p, Prim::Ad(_)));
-    // x̂ is kept only for a backward pass.
-    let mut xhat = if any_ad { vec![0f32; n] } else { Vec::new() };
-    let (mut y, mut rstd) = (vec![0f32; n], vec![0f32; n / d]);
-    let block = |chunk: usize, y: &mut [f32], rstd: &mut [f32], mut xhat: Option<&mut [f32]>| {
-        for (i, (y, rstd)) in y.chunks_mut(d).zip(rstd).enumerate() {
-            let span = (chunk * ROWS + i) * d..(chunk * ROWS + i + 1) * d;
-            let r = rs.as_ref().map(|r| &data(r)[span.clone()]);
-            let h = xhat.as_mut().map(|h| &mut h[i * d..(i + 1) * d]);
-            *rstd = layer_norm_row(&data(&xs)[span], r, data(&g), data(&b), eps as f32, h, y);
+    let rs = residual.as_ref().map(|r| contiguous(r.flex()));
+    let (g, b) = (contiguous(gamma.flex()), contiguous(beta.flex()));
+    let d = data(&g).len();
+    let rows = |y: &mut [f32], xhat: Option<&mut [f32]>| -> Vec<f32> {
+        let mut rstd = vec![0f32; y.len() / d];
+        let block =
+            |chunk: usize, y: &mut [f32], rstd: &mut [f32], mut xhat: Option<&mut [f32]>| {
+                for (i, (y, rstd)) in y.chunks_mut(d).zip(rstd).enumerate() {
+                    let span = (chunk * ROWS + i) * d..(chunk * ROWS + i + 1) * d;
+                    let r = rs.as_ref().map(|r| &data(r)[span]);
+                    let h = xhat.as_mut().map(|h| &mut h[i * d..(i + 1) * d]);
+                    *rstd = layer_norm_row(y, r, data(&g), data(&b), eps as f32, h);
+                }
+            };
+        let (ys, rstds) = (y.par_chunks_mut(ROWS * d), rstd.par_chunks_mut(ROWS));
+        match xhat {
+            Some(xhat) => ys
+                .zip(rstds)
+                .zip(xhat.par_chunks_mut(ROWS * d))
+                .enumerate()
+                .for_each(|(c, ((y, r), h))| block(c, y, r, Some(h))),
+            None => ys
+                .zip(rstds)
+                .enumerate()
+                .for_each(|(c, (y, r))| block(c, y, r, None)),
         }
+        rstd
     };
-    let (ys, rs_) = (y.par_chunks_mut(ROWS * d), rstd.par_chunks_mut(ROWS));
-    if any_ad {
-        ys.zip(rs_)
-            .zip(xhat.par_chunks_mut(ROWS * d))
-            .enumerate()
-            .for_each(|(c, ((y, r), h))| block(c, y, r, Some(h)));
-    } else {
-        ys.zip(rs_)
-            .enumerate()
-            .for_each(|(c, (y, r))| block(c, y, r, None));
-    }
-    let y = flex(y, shape(&xs));
     if !any_ad {
-        return Ok(plain(y));
+        // Inference: normalise x in place when nothing else holds it.
+        let mut xs = contiguous(x.flex());
+        drop(x);
+        if let Some(y) = xs.try_storage_mut::<f32>() {
+            rows(y, None);
+            return Ok(plain(xs));
+        }
+        let mut y = data(&xs).to_vec();
+        rows(&mut y, None);
+        return Ok(plain(flex(y, shape(&xs))));
     }
+    let xs = contiguous(x.flex());
+    let mut y = data(&xs).to_vec();
+    let mut xhat = vec![0f32; y.len()];
+    let rstd = rows(&mut y, Some(&mut xhat));
+    let y = flex(y, shape(&xs));
     let (x, gamma, beta) = (x.into_ad(), gamma.into_ad(), beta.into_ad());
     // Without a residual its parent slot holds an untracked stand-in (no gradient flows to it).
     let residual = residual.map_or_else(|| AdTensor::new(g.clone()), Prim::into_ad);
