@@ -211,6 +211,7 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
         }
         Case::Distill => {
             let teacher = config(Approx::exact()).without_dropout().init(device);
+            let threads = crate::model::bert::inference_threads(device);
             let ad = device.clone().autodiff();
             let mut student = config(Approx::new(Act::Quad, Attn::TwoQuad)).init(&ad);
             let mut optim = AdamWConfig::new().init();
@@ -222,7 +223,7 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
             };
             for i in 0..warmup + steps {
                 time(i, &mut || {
-                    let t = teacher.forward(&inputs, capture);
+                    let t = teacher.forward_threaded(&inputs, capture, threads);
                     let s = student.forward(&inputs_ad, capture);
                     let mut total = soft_cross_entropy(
                         s.logits,

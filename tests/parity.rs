@@ -87,12 +87,34 @@ fn forward_parity(fixture: &str) {
                 "logits".into(),
                 (HostTensor::from_float(out.logits.clone()), 1e-4),
             );
-            // Without captured weights the softmax layers take the backend's fused attention:
-            // the same logits, padded batches included (batch1 and batch2 are padded).
+            // Without captured weights the normalisers write in place (the scores are not
+            // kept): the same logits, padded batches included (batch1 and batch2 are padded).
             let lean = model.forward(&inputs, Capture::NONE);
             assert_close(
                 &format!("{fixture} batch{b} {variant} logits, no capture"),
                 &HostTensor::from_float(lean.logits),
+                &reference[&format!("{variant}.logits")],
+                1e-4,
+            );
+            // Half-batches side by side (a frozen teacher's forward): every captured tensor
+            // joined back along the batch axis.
+            let threaded = model.forward_threaded(&inputs, Capture::ALL, 2);
+            let last = out.encoder.hidden_states.len() - 1;
+            assert_close(
+                &format!("{fixture} batch{b} {variant} hidden_states.{last}, threaded"),
+                &HostTensor::from_float(threaded.encoder.hidden_states[last].clone()),
+                &reference[&format!("{variant}.hidden_states.{last}")],
+                1e-4,
+            );
+            assert_close(
+                &format!("{fixture} batch{b} {variant} attention_scores.0, threaded"),
+                &HostTensor::from_float(threaded.encoder.attention_scores[0].clone()),
+                &reference[&format!("{variant}.attention_scores.0")],
+                1e-4,
+            );
+            assert_close(
+                &format!("{fixture} batch{b} {variant} logits, threaded"),
+                &HostTensor::from_float(threaded.logits),
                 &reference[&format!("{variant}.logits")],
                 1e-4,
             );

@@ -8,6 +8,7 @@ use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation;
+use rayon::prelude::*;
 
 use super::approx::{Approx, LayerApprox};
 use super::config::{Arch, ModelConfig};
@@ -170,6 +171,37 @@ pub struct ClassifierOutput {
 }
 
 impl ClassifierOutput {
+    /// The outputs of consecutive groups of rows, joined along the batch axis.
+    pub fn cat(parts: Vec<ClassifierOutput>) -> Self {
+        fn each<const D: usize>(
+            parts: &[ClassifierOutput],
+            f: impl Fn(&ClassifierOutput) -> &Vec<Tensor<D>>,
+        ) -> Vec<Tensor<D>> {
+            (0..f(&parts[0]).len())
+                .map(|i| Tensor::cat(parts.iter().map(|p| f(p)[i].clone()).collect(), 0))
+                .collect()
+        }
+        let one = |f: &dyn Fn(&ClassifierOutput) -> Tensor<2>| {
+            Tensor::cat(parts.iter().map(f).collect(), 0)
+        };
+        ClassifierOutput {
+            encoder: EncoderOutput {
+                last_hidden_state: Tensor::cat(
+                    parts
+                        .iter()
+                        .map(|p| p.encoder.last_hidden_state.clone())
+                        .collect(),
+                    0,
+                ),
+                hidden_states: each(&parts, |p| &p.encoder.hidden_states),
+                attention_scores: each(&parts, |p| &p.encoder.attention_scores),
+                attentions: each(&parts, |p| &p.encoder.attentions),
+            },
+            pooled_output: one(&|p| p.pooled_output.clone()),
+            logits: one(&|p| p.logits.clone()),
+        }
+    }
+
     /// Every tensor moved to `device` (a frozen teacher's outputs onto the student's autodiff
     /// device, where they enter the loss as constants).
     pub fn to_device(self, device: &Device) -> Self {
@@ -526,26 +558,34 @@ impl SequenceClassifier {
         self.forward(inputs, Capture::NONE).logits
     }
 
-    /// [`Self::logits`] with the batch cut into `threads` groups of rows, each run on its own
-    /// thread. On the CPU backend only the matmuls use every core; the elementwise ops, norms and
-    /// the embedding run on the calling thread, so two half-batches side by side keep both cores
-    /// busy (BENCHMARKS.md: +15 % tokens/s on 2 cores). Rows are independent, so the logits are
+    /// [`Self::forward`] with the batch cut into `threads` groups of rows run side by side (see
+    /// [`Self::logits_threaded`]): a frozen teacher's forward pass during distillation.
+    pub fn forward_threaded(
+        &self,
+        inputs: &Inputs,
+        capture: Capture,
+        threads: usize,
+    ) -> ClassifierOutput {
+        let parts = inputs.split(threads);
+        if parts.len() <= 1 {
+            return self.forward(inputs, capture);
+        }
+        ClassifierOutput::cat(parts.par_iter().map(|p| self.forward(p, capture)).collect())
+    }
+
+    /// [`Self::logits`] with the batch cut into `threads` groups of rows run side by side. On the
+    /// CPU backend the matmuls use every core but much else runs on the calling thread, so two
+    /// half-batches at once keep both cores busy (BENCHMARKS.md: +15 % tokens/s on 2 cores). Rows are independent, so the logits are
     /// those of one call up to the matmul's rounding.
     pub fn logits_threaded(&self, inputs: &Inputs, threads: usize) -> Tensor<2> {
         let parts = inputs.split(threads);
         if parts.len() <= 1 {
             return self.logits(inputs);
         }
-        let outs: Vec<Tensor<2>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = parts
-                .iter()
-                .map(|p| scope.spawn(move || self.logits(p)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("inference thread panicked"))
-                .collect()
-        });
+        // Inside rayon's pool, not on threads of their own: the matmuls' parallel loops then
+        // share the pool's two workers instead of four threads contending for two cores
+        // (+15 % tokens/s, BENCHMARKS.md).
+        let outs: Vec<Tensor<2>> = parts.par_iter().map(|p| self.logits(p)).collect();
         Tensor::cat(outs, 0)
     }
 }

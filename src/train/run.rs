@@ -296,8 +296,8 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             eprintln!("student from teacher: {r}");
         }
         // The teacher runs without gradients and (unlike the reference) without dropout: then on
-        // the plain device, where no autodiff bookkeeping happens and, when no attention scores
-        // are needed (stage 2), its softmax attention is the backend's fused kernel. Dropout
+        // the plain device, where no autodiff bookkeeping happens and its forward runs as two
+        // half-batches side by side (`forward_threaded`). Dropout
         // needs the autodiff device (`teacher.dropout_during_distill`, the reference's fault).
         let teacher_device = if recipe.teacher.dropout_during_distill {
             ad.clone()
@@ -313,6 +313,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                 ..plain
             }
         };
+        let teacher_threads = crate::model::bert::inference_threads(&teacher_device);
         let mut last = None;
         for &kind in recipe.stages.iter().filter(|k| **k != StageKind::Finetune) {
             let st = stage(kind);
@@ -331,7 +332,11 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                             attentions: false,
                         };
                         let t = frozen
-                            .forward(&b.inputs.to_inputs(&teacher_device), capture)
+                            .forward_threaded(
+                                &b.inputs.to_inputs(&teacher_device),
+                                capture,
+                                teacher_threads,
+                            )
                             .to_device(&ad);
                         let s = m.model.forward(&inputs, capture);
                         let (total, att, hid) = intermediate_loss(
@@ -365,7 +370,10 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                         };
                         let t = if gold.is_none() {
                             frozen
-                                .logits(&b.inputs.to_inputs(&teacher_device))
+                                .logits_threaded(
+                                    &b.inputs.to_inputs(&teacher_device),
+                                    teacher_threads,
+                                )
                                 .to_device(&ad)
                         } else {
                             s.clone().detach()
