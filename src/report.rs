@@ -57,6 +57,8 @@ pub struct Run {
     pub teacher_model: String,
     pub kind: Option<Kind>,
     pub student_approx: Option<String>,
+    /// The recipe's `label`, if any: runs with different labels are different rows.
+    pub label: Option<String>,
     pub teacher_metrics: BTreeMap<String, f64>,
     pub teacher_primary: f64,
     pub student_metrics: Option<BTreeMap<String, f64>>,
@@ -111,6 +113,10 @@ pub fn load_run(dir: &Path) -> Result<Run> {
     } else {
         None
     };
+    let label = recipe
+        .get("label")
+        .and_then(|l| l.as_str())
+        .map(str::to_string);
     let teacher = recipe.get("teacher");
     let teacher_model = teacher
         .and_then(|t| t.get("model").or_else(|| t.get("config")))
@@ -155,6 +161,7 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         task,
         teacher_model,
         kind: student.and(kind),
+        label,
         student_approx: student
             .and_then(|s| s["approximations"].as_str())
             .map(str::to_string),
@@ -243,9 +250,13 @@ fn rows(runs: &[Run]) -> Vec<Row> {
         }
         if let (Some(kind), Some(approx), Some(s)) = (r.kind, &r.student_approx, r.student_primary)
         {
-            let key = (r.teacher_model.clone(), 1 + kind as u8, approx.clone());
+            let variant = match &r.label {
+                Some(l) => format!("{approx}, {l}"),
+                None => approx.clone(),
+            };
+            let key = (r.teacher_model.clone(), 1 + kind as u8, variant.clone());
             let row = out.entry(key).or_insert_with(|| Row {
-                label: format!("{} {} ({})", kind.label(), approx, short(&r.teacher_model)),
+                label: format!("{} {} ({})", kind.label(), variant, short(&r.teacher_model)),
                 per_task: BTreeMap::new(),
                 retention: BTreeMap::new(),
             });
@@ -350,7 +361,13 @@ pub fn markdown(runs: &[Run]) -> String {
                 g.1.push(r.seed);
             }
             if let (Some(k), Some(a), Some(m)) = (r.kind, &r.student_approx, &r.student_metrics) {
-                let g = groups.entry(format!("{} {a}", k.label())).or_default();
+                let variant = match &r.label {
+                    Some(l) => format!("{a}, {l}"),
+                    None => a.clone(),
+                };
+                let g = groups
+                    .entry(format!("{} {variant}", k.label()))
+                    .or_default();
                 g.0.push(m.clone());
                 g.1.push(r.seed);
             }

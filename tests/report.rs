@@ -16,6 +16,29 @@ fn fake_run(
     stages: &str,
     init: &str,
 ) {
+    fake_labelled_run(
+        root,
+        name,
+        task,
+        seed,
+        (teacher, student),
+        stages,
+        init,
+        None,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fake_labelled_run(
+    root: &Path,
+    name: &str,
+    task: &str,
+    seed: u64,
+    (teacher, student): (f64, f64),
+    stages: &str,
+    init: &str,
+    label: Option<&str>,
+) {
     let d = root.join(name);
     std::fs::create_dir_all(&d).unwrap();
     let summary = serde_json::json!({
@@ -29,7 +52,10 @@ fn fake_run(
     std::fs::write(d.join("summary.json"), summary.to_string()).unwrap();
     std::fs::write(
         d.join("recipe.toml"),
-        format!("name = {name:?}\nstages = {stages}\n[teacher]\nmodel = \"models/minilm\"\n[student]\ninit = {init:?}\n"),
+        format!(
+            "name = {name:?}\n{}stages = {stages}\n[teacher]\nmodel = \"models/minilm\"\n[student]\ninit = {init:?}\n",
+            label.map_or(String::new(), |l| format!("label = {l:?}\n"))
+        ),
     )
     .unwrap();
     let mut lines = String::new();
@@ -144,6 +170,47 @@ fn tables_group_seeds_and_compute_retention() {
     save_runs(&runs, &kept).unwrap();
     assert!(kept.join("rte-s2/metrics.jsonl").is_file());
     assert_eq!(markdown(&find_runs(&[kept]).unwrap()), md);
+}
+
+#[test]
+fn a_labelled_variation_is_its_own_row() {
+    let root = tempfile::tempdir().unwrap();
+    let distill = r#"["finetune", "stage1", "stage2"]"#;
+    fake_run(
+        root.path(),
+        "stsb-s1",
+        "stsb",
+        1,
+        (0.84, 0.57),
+        distill,
+        "teacher",
+    );
+    fake_labelled_run(
+        root.path(),
+        "stsb-long-s1",
+        "stsb",
+        1,
+        (0.84, 0.80),
+        distill,
+        "teacher",
+        Some("stage 2 ×5"),
+    );
+    let runs = find_runs(&[root.path().to_path_buf()]).unwrap();
+    let md = markdown(&runs);
+    // Not averaged together: 57.0 and 80.0 each alone, the teacher counted once.
+    assert!(
+        md.contains("| MPCFormer quad+2quad (minilm) | 57.0 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| MPCFormer quad+2quad, stage 2 ×5 (minilm) | 80.0 |"),
+        "{md}"
+    );
+    assert!(md.contains("| teacher (minilm) | 84.0 |"), "{md}");
+    assert!(
+        md.contains("| stsb | MPCFormer quad+2quad, stage 2 ×5 | accuracy 80.0 | [1] |"),
+        "{md}"
+    );
 }
 
 #[test]

@@ -48,6 +48,11 @@ impl StageKind {
 pub struct Recipe {
     /// Run name: the run directory is `<output_dir>/<name>`.
     pub name: String,
+    /// How `mpcformer report` lists the run beside its kind and approximations, for variations
+    /// of a recipe that must not be averaged with it (e.g. `"stage 2 ×5"`); seeds of one label
+    /// are grouped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     #[serde(default = "default_seed")]
     pub seed: u64,
     #[serde(default = "default_output")]
