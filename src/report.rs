@@ -130,11 +130,21 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         .map(|t| t.primary.name().to_string())
         .unwrap_or_default();
     let (mut losses, mut dev) = (Vec::new(), Vec::new());
+    // A stage finished by an earlier process of a resumed run took no time in the last one:
+    // its wall time is in its `done` record.
+    let mut stage_wall_s = metrics(&summary["stage_wall_s"]);
     if let Ok(text) = read("metrics.jsonl") {
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<Value>(line) else {
                 continue;
             };
+            if let (Some(true), Some(stage), Some(w)) = (
+                v["done"].as_bool(),
+                v["stage"].as_str(),
+                v["wall_s"].as_f64(),
+            ) {
+                stage_wall_s.insert(stage.to_string(), w);
+            }
             let (Some(stage), Some(step)) = (v["stage"].as_str(), v["step"].as_f64()) else {
                 continue;
             };
@@ -170,7 +180,7 @@ pub fn load_run(dir: &Path) -> Result<Run> {
             .context("summary.json: no teacher.primary")?,
         student_metrics: student.map(|s| metrics(&s["metrics"])),
         student_primary: student.and_then(primary_key),
-        stage_wall_s: metrics(&summary["stage_wall_s"]),
+        stage_wall_s,
         losses,
         dev,
     })

@@ -69,6 +69,8 @@ fn fake_labelled_run(
             0.5 + 0.01 * step as f64
         );
     }
+    // The finetune stage finished in an earlier process of a resumed run: its `done` record.
+    lines += "{\"done\":true,\"stage\":\"finetune\",\"steps\":3,\"wall_s\":123.0}\n";
     std::fs::write(d.join("metrics.jsonl"), lines).unwrap();
 }
 
@@ -207,6 +209,11 @@ fn a_labelled_variation_is_its_own_row() {
         "{md}"
     );
     assert!(md.contains("| teacher (minilm) | 84.0 |"), "{md}");
+    // Stage times: the `done` record's (123 s) over the summary's (10 s) for finetune.
+    assert!(
+        md.contains("| stsb-s1 | stsb | 1 | finetune 123, stage1 20 |"),
+        "{md}"
+    );
     assert!(
         md.contains("| stsb | MPCFormer quad+2quad, stage 2 ×5 | accuracy 80.0 | [1] |"),
         "{md}"
