@@ -830,3 +830,43 @@ fn tokenized_pairs_truncate_longest_first_and_pad_to_the_batch() {
         "padded to the longest in the batch"
     );
 }
+
+#[test]
+fn a_sample_is_uniform_in_file_order_and_the_same_for_every_run() {
+    use mpcformer::data::{Dataset, Example, Label, Task};
+    // IMDb's files are sorted by label: a head would hold one class only.
+    let sorted = || Dataset {
+        task: Task::find("imdb").unwrap(),
+        split: "test".into(),
+        source: "synthetic".into(),
+        examples: (0..10_000)
+            .map(|i| Example {
+                text_a: format!("review {i}"),
+                text_b: None,
+                label: Some(Label::Class(usize::from(i >= 5_000))),
+                id: i.to_string(),
+            })
+            .collect(),
+    };
+    let mut a = sorted();
+    a.sample(1_000);
+    assert_eq!(a.len(), 1_000);
+    let ids: Vec<usize> = a.examples.iter().map(|e| e.id.parse().unwrap()).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "file order, no repeats"
+    );
+    let positives = a
+        .examples
+        .iter()
+        .filter(|e| e.label == Some(Label::Class(1)))
+        .count();
+    // Hypergeometric: mean 500, std ≈ 15; six std either side.
+    assert!((410..=590).contains(&positives), "{positives} positives");
+    let mut b = sorted();
+    b.sample(1_000);
+    assert_eq!(a.examples, b.examples, "the same subset every time");
+    let mut c = sorted();
+    c.sample(20_000);
+    assert_eq!(c.len(), 10_000, "asking for more keeps everything");
+}

@@ -50,6 +50,33 @@ impl Dataset {
         self.examples.len()
     }
 
+    /// Keeps `n` examples drawn uniformly without replacement, in file order. The draw depends
+    /// only on `n` and the split's size, not on the run's seed, so every seed and variant of a
+    /// recipe sees the same subset — and a split sorted by label (IMDb's) keeps both labels,
+    /// which a head (`*_limit`) would not.
+    pub fn sample(&mut self, n: usize) {
+        use rand_chacha::ChaCha8Rng;
+        use rand_core::{RngCore, SeedableRng};
+        let len = self.examples.len();
+        if n >= len {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(len as u64);
+        let mut idx: Vec<usize> = (0..len).collect();
+        // Partial Fisher–Yates: the first n slots become a uniform n-subset.
+        for i in 0..n {
+            let j = i + (rng.next_u64() % (len - i) as u64) as usize;
+            idx.swap(i, j);
+        }
+        let mut keep = idx[..n].to_vec();
+        keep.sort_unstable();
+        let mut all: Vec<Option<Example>> = std::mem::take(&mut self.examples)
+            .into_iter()
+            .map(Some)
+            .collect();
+        self.examples = keep.into_iter().map(|i| all[i].take().unwrap()).collect();
+    }
+
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
     }

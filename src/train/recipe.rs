@@ -179,6 +179,13 @@ pub struct DataSpec {
     /// Use only the first N evaluation examples.
     #[serde(default)]
     pub eval_limit: Option<usize>,
+    /// Use N training examples drawn uniformly (the same N for every seed; see
+    /// `Dataset::sample`), after `train_limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_sample: Option<usize>,
+    /// Use N evaluation examples drawn uniformly, after `eval_limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_sample: Option<usize>,
 }
 
 fn default_train_split() -> String {

@@ -61,12 +61,15 @@ fn load_split(
     task: &'static Task,
     spec: Option<&str>,
     split: &str,
-    limit: Option<usize>,
+    (limit, sample): (Option<usize>, Option<usize>),
 ) -> Result<Dataset> {
     let s = task.split(split).map_err(anyhow::Error::msg)?;
     let mut d = data::load(task, spec, s, &Fields::default())?;
     if let Some(n) = limit {
         d.examples.truncate(n);
+    }
+    if let Some(n) = sample {
+        d.sample(n);
     }
     Ok(d)
 }
@@ -156,8 +159,10 @@ fn reuse_teacher(recipe: &Recipe, src: &Path, teacher_dir: &Path) -> Result<()> 
     teacher_keys.extend(["data.task", "data.spec", "data.max_len", "data.train_split"]);
     teacher_keys.extend([
         "data.train_limit",
+        "data.train_sample",
         "data.eval_split",
         "data.eval_limit",
+        "data.eval_sample",
         "device",
     ]);
     let differ: Vec<&str> = teacher_keys
@@ -218,9 +223,14 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         task,
         spec,
         &recipe.data.train_split,
-        recipe.data.train_limit,
+        (recipe.data.train_limit, recipe.data.train_sample),
     )?;
-    let dev_set = load_split(task, spec, &recipe.data.eval_split, recipe.data.eval_limit)?;
+    let dev_set = load_split(
+        task,
+        spec,
+        &recipe.data.eval_split,
+        (recipe.data.eval_limit, recipe.data.eval_sample),
+    )?;
     let d = TaskData {
         task,
         train: Tokenized::new(&train_set, &tokenizer).map_err(anyhow::Error::msg)?,
