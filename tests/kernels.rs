@@ -204,7 +204,7 @@ fn kernels_decline_what_they_do_not_cover() {
 }
 
 #[test]
-fn dropout_kernel_applies_and_regenerates_the_seeded_mask() {
+fn dropout_kernel_applies_the_seeded_mask_and_masks_the_gradient() {
     use mpcformer::model::dropout::{MaskStream, keep_mask};
     let device = Device::flex();
     let ad = device.clone().autodiff();
@@ -227,4 +227,97 @@ fn dropout_kernel_applies_and_regenerates_the_seeded_mask() {
     let g = (y * on(&w, &ad)).sum().backward();
     let dx = on(&xa.grad(&g).unwrap(), &device);
     assert_eq!(max_diff(dx, w * mask), 0.0);
+}
+
+#[test]
+fn adam_kernel_is_the_composite_update_to_the_bit() {
+    use kernels::AdamStep;
+    let device = Device::flex();
+    let n = 40_003;
+    let p = tensor([n], 20, 1.0, &device);
+    let g = tensor([n], 21, 0.1, &device);
+    let m = tensor([n], 22, 0.01, &device);
+    let v = tensor([n], 23, 0.001, &device).abs();
+    let bits = |t: Tensor<1>| -> Vec<u32> {
+        t.into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect()
+    };
+    for (bias_correction, wd, clip) in [
+        (None, 0.01, 0.5f32),
+        (None, 0.0, 1.0),
+        (
+            Some((1.0 - 0.9f64.powi(3), 1.0 - 0.999f64.powi(3))),
+            0.01,
+            0.25,
+        ),
+    ] {
+        let s = AdamStep {
+            bias_correction,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            lr: 2e-5,
+            weight_decay: wd,
+            clip,
+        };
+        assert!(kernels::takes(&p));
+        let (pk, mk, vk) = kernels::adam(p.clone(), g.clone(), m.clone(), v.clone(), &s);
+        // The composite ops of `train::optim`, scalar operands cast to f32 as Burn does.
+        let gc = g.clone() * clip as f64;
+        let mc = m.clone() * s.beta1 + gc.clone() * (1.0 - s.beta1);
+        let vc = v.clone() * s.beta2 + gc.square() * (1.0 - s.beta2);
+        let pc = match bias_correction {
+            None => {
+                let mut update = mc.clone() / (vc.clone().sqrt() + s.eps);
+                if wd > 0.0 {
+                    update = update + p.clone() * wd;
+                }
+                p.clone() - update * s.lr
+            }
+            Some((bc1, bc2)) => {
+                let decayed = p.clone() * (1.0 - s.lr * wd);
+                let denom = (vc.clone() / bc2).sqrt() + s.eps;
+                decayed - (mc.clone() / bc1) / denom * s.lr
+            }
+        };
+        assert_eq!(bits(mk), bits(mc), "m");
+        assert_eq!(bits(vk), bits(vc), "v");
+        assert_eq!(bits(pk), bits(pc), "p ({bias_correction:?})");
+    }
+    // The inputs were shared (cloned), so they were copied, not overwritten.
+    assert_eq!(bits(p.clone()), bits(tensor([n], 20, 1.0, &device)));
+}
+
+#[test]
+fn layer_norm_parameter_gradients_are_the_same_bits_every_time() {
+    // dγ and dβ sum per-task partials over 2,000 rows (63 tasks): in a fixed order, so a rerun
+    // with the same seed gives the same weights whatever the threads do.
+    let device = Device::flex();
+    let ad = device.clone().autodiff();
+    let (rows, d) = (2_000, 64);
+    let x = tensor([rows, d], 30, 2.0, &device);
+    let w = tensor([rows, d], 31, 1.0, &device);
+    let gamma = tensor([d], 32, 1.0, &device) + 1.0;
+    let beta = tensor([d], 33, 0.5, &device);
+    let run = || {
+        let ga = on(&gamma, &ad).require_grad();
+        let y = kernels::layer_norm(on(&x, &ad), None, ga.clone(), on(&beta, &ad), 1e-12)
+            .unwrap_or_else(|_| panic!("LayerNorm kernel"));
+        let g = (y * on(&w, &ad)).sum().backward();
+        on(&ga.grad(&g).unwrap(), &device)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f32::to_bits)
+            .collect::<Vec<u32>>()
+    };
+    let first = run();
+    for _ in 0..5 {
+        assert_eq!(run(), first);
+    }
 }

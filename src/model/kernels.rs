@@ -712,7 +712,7 @@ impl Backward<Flex, 4> for LayerNormBackward {
         let (h, dys, g) = (data(&xhat), data(&dy), data(&gamma));
         let d = g.len();
         let mut dx = vec![0f32; h.len()];
-        let (dg, db) = dx
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
             .par_chunks_mut(ROWS * d)
             .enumerate()
             .map(|(chunk, dx)| {
@@ -732,14 +732,13 @@ impl Backward<Flex, 4> for LayerNormBackward {
                 }
                 (dg, db)
             })
-            .reduce(
-                || (vec![0f32; d], vec![0f32; d]),
-                |(mut ga, mut ba), (gb, bb)| {
-                    ga.iter_mut().zip(gb).for_each(|(a, b)| *a += b);
-                    ba.iter_mut().zip(bb).for_each(|(a, b)| *a += b);
-                    (ga, ba)
-                },
-            );
+            .collect();
+        // Summed in chunk order, not in whatever order the threads finish: same seed, same bits.
+        let (mut dg, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (pg, pb) in partials {
+            dg.iter_mut().zip(pg).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
         let dx = flex(dx, shape(&xhat));
         if let Some(p) = pr {
             grads.register::<Flex>(p.id, dx.clone());
@@ -845,4 +844,93 @@ pub fn layer_norm<const D: usize>(
             OpsKind::UnTracked(prep) => prep.finish(y),
         },
     ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The optimiser: one Adam-family update of a flat parameter in one parallel pass.
+
+/// Whether `t` is a plain (not autodiff) f32 Flex tensor the kernels take.
+pub fn takes<const D: usize>(t: &Tensor<D>) -> bool {
+    enabled() && is_flex_f32(t) && !t.device().is_autodiff()
+}
+
+/// The update rule and its constants, as `train::optim` computes them (f64, then f32 as Burn
+/// casts a scalar operand), so the kernel's arithmetic is the composite ops' to the bit.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamStep {
+    /// `None`: BertAdam (no bias correction, decay added to the update); `Some((1 − β₁ᵗ,
+    /// 1 − β₂ᵗ))`: AdamW (bias-corrected, decoupled decay).
+    pub bias_correction: Option<(f64, f64)>,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Gradient clipping coefficient (1 for none).
+    pub clip: f32,
+}
+
+simd_fn! {
+    fn adam_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamStep) {
+        let (b1, nb1) = (s.beta1 as f32, (1.0 - s.beta1) as f32);
+        let (b2, nb2) = (s.beta2 as f32, (1.0 - s.beta2) as f32);
+        let (eps, lr, wd) = (s.eps as f32, s.lr as f32, s.weight_decay as f32);
+        match s.bias_correction {
+            None => {
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let g = g * s.clip;
+                    *m = *m * b1 + g * nb1;
+                    *v = *v * b2 + g * g * nb2;
+                    let mut update = *m / (v.sqrt() + eps);
+                    if wd > 0.0 {
+                        update += *p * wd;
+                    }
+                    *p -= update * lr;
+                }
+            }
+            Some((bc1, bc2)) => {
+                let (bc1, bc2) = (bc1 as f32, bc2 as f32);
+                let keep = (1.0 - s.lr * s.weight_decay) as f32;
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    let g = g * s.clip;
+                    *m = *m * b1 + g * nb1;
+                    *v = *v * b2 + g * g * nb2;
+                    let denom = (*v / bc2).sqrt() + eps;
+                    *p = *p * keep - *m / bc1 / denom * lr;
+                }
+            }
+        }
+    }
+}
+
+/// One update of the flat parameter `p` with gradient `g` and moments `m`, `v`; returns the new
+/// `(p, m, v)`. All four must be plain f32 Flex tensors ([`takes`]); overwritten in place when
+/// nothing else holds them.
+pub fn adam(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    step: &AdamStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let own = |t: Tensor<1>| -> FlexTensor {
+        let mut t = contiguous(prim(t).flex());
+        if t.try_storage_mut::<f32>().is_none() {
+            t = flex(data(&t).to_vec(), shape(&t));
+        }
+        t
+    };
+    let (mut p, g, mut m, mut v) = (own(p), contiguous(prim(g).flex()), own(m), own(v));
+    {
+        let (ps, ms, vs) = (
+            p.try_storage_mut::<f32>().expect("owned"),
+            m.try_storage_mut::<f32>().expect("owned"),
+            v.try_storage_mut::<f32>().expect("owned"),
+        );
+        ps.par_chunks_mut(CHUNK)
+            .zip(data(&g).par_chunks(CHUNK))
+            .zip(ms.par_chunks_mut(CHUNK).zip(vs.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| adam_chunk(p, g, m, v, step));
+    }
+    (plain(p), plain(m), plain(v))
 }

@@ -16,6 +16,7 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::io::HostTensor;
+use crate::model::kernels;
 use crate::model::names::PathTracker;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +147,40 @@ impl ModuleMapper for Step<'_> {
         let shape = p.dims();
         let n: usize = shape.iter().product();
         let g = grad.reshape([n]);
+        let flat = p.reshape([n]);
+        let st = self.opt.state.remove(&path).unwrap_or_else(|| Moments {
+            m: flat.zeros_like(),
+            v: flat.zeros_like(),
+        });
+        let wd = if decays(&path) { c.weight_decay } else { 0.0 };
+        if [&flat, &g, &st.m, &st.v].into_iter().all(kernels::takes) {
+            // The same update as below, in one parallel pass (`model::kernels::adam`).
+            let clip = match (&self.global_coef, c.kind) {
+                (Some(coef), _) => coef.clone().into_scalar::<f32>(),
+                (None, OptimizerKind::BertAdam) if c.max_grad_norm > 0.0 => {
+                    clip_coef(g.clone().square().sum(), c.max_grad_norm).into_scalar::<f32>()
+                }
+                _ => 1.0,
+            };
+            let t = self.opt.step as i32;
+            let step = kernels::AdamStep {
+                bias_correction: (c.kind == OptimizerKind::AdamW)
+                    .then(|| (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t))),
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                lr: self.lr,
+                weight_decay: wd,
+                clip,
+            };
+            let (p, m, v) = kernels::adam(flat, g, st.m, st.v, &step);
+            self.opt.state.insert(path, Moments { m, v });
+            let mut updated = Tensor::from_inner(p.reshape(shape));
+            if require_grad {
+                updated = updated.require_grad();
+            }
+            return Param::from_mapped_value(id, updated, mapper);
+        }
         let g = match (&self.global_coef, c.kind) {
             (Some(coef), _) => g * coef.clone(),
             (None, OptimizerKind::BertAdam) if c.max_grad_norm > 0.0 => {
@@ -154,14 +189,8 @@ impl ModuleMapper for Step<'_> {
             }
             _ => g,
         };
-        let flat = p.reshape([n]);
-        let st = self.opt.state.remove(&path).unwrap_or_else(|| Moments {
-            m: flat.zeros_like(),
-            v: flat.zeros_like(),
-        });
         let m = st.m * c.beta1 + g.clone() * (1.0 - c.beta1);
         let v = st.v * c.beta2 + g.square() * (1.0 - c.beta2);
-        let wd = if decays(&path) { c.weight_decay } else { 0.0 };
         let t = self.opt.step as i32;
         let updated = match c.kind {
             OptimizerKind::BertAdam => {
