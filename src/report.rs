@@ -64,6 +64,8 @@ pub struct Run {
     pub student_metrics: Option<BTreeMap<String, f64>>,
     pub student_primary: Option<f64>,
     pub stage_wall_s: BTreeMap<String, f64>,
+    /// `teacher.finetuned_run`: the teacher came fine-tuned from that run, not from this one.
+    pub teacher_from: Option<String>,
     pub losses: Vec<Point>,
     /// Primary dev metric at each evaluation during training.
     pub dev: Vec<Point>,
@@ -181,6 +183,10 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         student_metrics: student.map(|s| metrics(&s["metrics"])),
         student_primary: student.and_then(primary_key),
         stage_wall_s,
+        teacher_from: teacher
+            .and_then(|t| t.get("finetuned_run"))
+            .and_then(|r| r.as_str())
+            .map(|r| r.rsplit('/').next().unwrap_or(r).to_string()),
         losses,
         dev,
     })
@@ -401,7 +407,10 @@ pub fn markdown(runs: &[Run]) -> String {
         let stages: Vec<String> = r
             .stage_wall_s
             .iter()
-            .map(|(k, v)| format!("{k} {v:.0}"))
+            .map(|(k, v)| match (&r.teacher_from, k.as_str()) {
+                (Some(from), "finetune") => format!("finetune: teacher of {from}"),
+                _ => format!("{k} {v:.0}"),
+            })
             .collect();
         let _ = writeln!(
             md,

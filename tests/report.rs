@@ -197,6 +197,13 @@ fn a_labelled_variation_is_its_own_row() {
         "teacher",
         Some("stage 2 ×5"),
     );
+    // The long run took its teacher from stsb-s1 (`teacher.finetuned_run`).
+    let recipe = root.path().join("stsb-long-s1/recipe.toml");
+    let text = std::fs::read_to_string(&recipe).unwrap().replace(
+        "[teacher]\n",
+        "[teacher]\nfinetuned_run = \"checkpoints/stsb-s1\"\n",
+    );
+    std::fs::write(&recipe, text).unwrap();
     let runs = find_runs(&[root.path().to_path_buf()]).unwrap();
     let md = markdown(&runs);
     // Not averaged together: 57.0 and 80.0 each alone, the teacher counted once.
@@ -212,6 +219,10 @@ fn a_labelled_variation_is_its_own_row() {
     // Stage times: the `done` record's (123 s) over the summary's (10 s) for finetune.
     assert!(
         md.contains("| stsb-s1 | stsb | 1 | finetune 123, stage1 20 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| stsb-long-s1 | stsb | 1 | finetune: teacher of stsb-s1, stage1 20 |"),
         "{md}"
     );
     assert!(
