@@ -78,6 +78,7 @@ enum Command {
     #[command(after_help = "Examples:
   mpcformer report checkpoints/minilm-rte-quad+2quad-s42 checkpoints/minilm-rte-quad+2quad-s1
   mpcformer report results/ --output RESULTS-tables.md --plots results/plots
+  mpcformer report results/ --update RESULTS.md --plots results/plots   # between its markers
   mpcformer report checkpoints/ --save-runs results/    # keep the metrics (no weights) in the repo")]
     Report(ReportArgs),
     /// Write an MPC-ready export: HF-named weights (model.safetensors and pytorch_model.bin),
@@ -199,9 +200,17 @@ fn main() -> Result<()> {
                 );
             }
             let md = mpcformer::report::markdown(&runs);
-            match &a.output {
-                Some(p) => mpcformer::io::write_atomic(p, md.as_bytes())?,
-                None => print!("{md}"),
+            match (&a.output, &a.update) {
+                (Some(p), _) => mpcformer::io::write_atomic(p, md.as_bytes())?,
+                (None, Some(p)) => {
+                    let doc = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    let doc = mpcformer::report::splice(&doc, &md)
+                        .with_context(|| format!("updating {}", p.display()))?;
+                    mpcformer::io::write_atomic(p, doc.as_bytes())?;
+                    eprintln!("updated the tables in {}", p.display());
+                }
+                (None, None) => print!("{md}"),
             }
             if let Some(dir) = &a.plots {
                 let files = mpcformer::report::plots(&runs, dir)?;
@@ -704,4 +713,8 @@ struct ReportArgs {
     /// Copy each run's summary.json, recipe.toml and metrics.jsonl (no weights) under this folder.
     #[arg(long)]
     save_runs: Option<PathBuf>,
+    /// Replace the tables between the `<!-- mpcformer report: begin -->` and
+    /// `<!-- mpcformer report: end -->` lines of this Markdown file; the prose around them is kept.
+    #[arg(long, conflicts_with = "output")]
+    update: Option<PathBuf>,
 }

@@ -293,6 +293,34 @@ fn short(model: &str) -> String {
         .unwrap_or_else(|| model.to_string())
 }
 
+/// The lines that delimit the generated tables in a hand-written document (`--update`).
+pub const BEGIN: &str = "<!-- mpcformer report: begin -->";
+pub const END: &str = "<!-- mpcformer report: end -->";
+
+/// The generated block of `doc` (between [`BEGIN`] and [`END`], without them), if it has one.
+pub fn generated(doc: &str) -> Option<&str> {
+    let start = doc.find(BEGIN)? + BEGIN.len();
+    let end = start + doc[start..].find(END)?;
+    Some(doc[start..end].trim_matches('\n'))
+}
+
+/// `doc` with its generated block replaced by `md`; the prose around it is untouched.
+pub fn splice(doc: &str, md: &str) -> Result<String> {
+    let Some(start) = doc.find(BEGIN) else {
+        bail!("no `{BEGIN}` line: add it and `{END}` where the tables go");
+    };
+    let body = start + BEGIN.len();
+    let Some(end) = doc[body..].find(END).map(|e| body + e) else {
+        bail!("`{BEGIN}` without a `{END}` after it");
+    };
+    Ok(format!(
+        "{}\n\n{}\n\n{}",
+        &doc[..body],
+        md.trim_matches('\n'),
+        &doc[end..]
+    ))
+}
+
 /// The Markdown report: main table (primary metric ×100 per task, average, retention), then
 /// every metric per task, then wall times.
 pub fn markdown(runs: &[Run]) -> String {

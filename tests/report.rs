@@ -267,3 +267,53 @@ fn report_cli_writes_markdown() {
         .unwrap();
     assert!(!st.status.success());
 }
+
+#[test]
+fn update_replaces_only_the_generated_block() {
+    use mpcformer::report::{BEGIN, END, generated, splice};
+    let root = tempfile::tempdir().unwrap();
+    fake_run(
+        root.path(),
+        "rte-s1",
+        "rte",
+        1,
+        (0.60, 0.57),
+        r#"["finetune", "stage1", "stage2"]"#,
+        "teacher",
+    );
+    let doc = root.path().join("RESULTS.md");
+    let prose = format!("# Results\n\nWritten by hand.\n\n{BEGIN}\nold tables\n{END}\n\nAfter.\n");
+    std::fs::write(&doc, &prose).unwrap();
+    let st = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
+        .arg("report")
+        .arg(root.path().join("rte-s1"))
+        .arg("--update")
+        .arg(&doc)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let updated = std::fs::read_to_string(&doc).unwrap();
+    let md = markdown(&find_runs(&[root.path().join("rte-s1")]).unwrap());
+    assert_eq!(generated(&updated), Some(md.trim_matches('\n')));
+    assert!(updated.starts_with("# Results\n\nWritten by hand.\n\n"));
+    assert!(updated.ends_with(&format!("{END}\n\nAfter.\n")));
+    assert!(!updated.contains("old tables"));
+    // Idempotent, and a document without the markers is an error, not overwritten.
+    assert_eq!(splice(&updated, &md).unwrap(), updated);
+    std::fs::write(&doc, "no markers\n").unwrap();
+    let st = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
+        .arg("report")
+        .arg(root.path().join("rte-s1"))
+        .arg("--update")
+        .arg(&doc)
+        .output()
+        .unwrap();
+    assert!(!st.status.success());
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(err.contains("RESULTS.md") && err.contains(BEGIN), "{err}");
+    assert_eq!(std::fs::read_to_string(&doc).unwrap(), "no markers\n");
+}
