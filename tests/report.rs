@@ -6,6 +6,15 @@ use std::process::Command;
 
 use mpcformer::report::{find_runs, markdown, mean_std, plots, save_runs};
 
+/// `mpcformer report <args>`.
+fn report_cli(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mpcformer"))
+        .arg("report")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// Writes a finished run as `mpcformer run` would (only the files a report reads).
 fn fake_run(
     root: &Path,
@@ -244,13 +253,11 @@ fn report_cli_writes_markdown() {
         "teacher",
     );
     let out = root.path().join("tables.md");
-    let st = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
-        .arg("report")
-        .arg(root.path())
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let st = report_cli(&[
+        root.path().as_os_str(),
+        "--output".as_ref(),
+        out.as_os_str(),
+    ]);
     assert!(
         st.status.success(),
         "{}",
@@ -261,10 +268,7 @@ fn report_cli_writes_markdown() {
         md.contains("SST-2 (accuracy)") && md.contains("97.8%"),
         "{md}"
     );
-    let st = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
-        .args(["report", "/nonexistent-runs"])
-        .output()
-        .unwrap();
+    let st = report_cli(&["/nonexistent-runs".as_ref()]);
     assert!(!st.status.success());
 }
 
@@ -281,23 +285,18 @@ fn update_replaces_only_the_generated_block() {
         r#"["finetune", "stage1", "stage2"]"#,
         "teacher",
     );
+    let run = root.path().join("rte-s1");
     let doc = root.path().join("RESULTS.md");
     let prose = format!("# Results\n\nWritten by hand.\n\n{BEGIN}\nold tables\n{END}\n\nAfter.\n");
     std::fs::write(&doc, &prose).unwrap();
-    let st = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
-        .arg("report")
-        .arg(root.path().join("rte-s1"))
-        .arg("--update")
-        .arg(&doc)
-        .output()
-        .unwrap();
+    let st = report_cli(&[run.as_os_str(), "--update".as_ref(), doc.as_os_str()]);
     assert!(
         st.status.success(),
         "{}",
         String::from_utf8_lossy(&st.stderr)
     );
     let updated = std::fs::read_to_string(&doc).unwrap();
-    let md = markdown(&find_runs(&[root.path().join("rte-s1")]).unwrap());
+    let md = markdown(&find_runs(std::slice::from_ref(&run)).unwrap());
     assert_eq!(generated(&updated), Some(md.trim_matches('\n')));
     assert!(updated.starts_with("# Results\n\nWritten by hand.\n\n"));
     assert!(updated.ends_with(&format!("{END}\n\nAfter.\n")));
@@ -305,13 +304,7 @@ fn update_replaces_only_the_generated_block() {
     // Idempotent, and a document without the markers is an error, not overwritten.
     assert_eq!(splice(&updated, &md).unwrap(), updated);
     std::fs::write(&doc, "no markers\n").unwrap();
-    let st = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
-        .arg("report")
-        .arg(root.path().join("rte-s1"))
-        .arg("--update")
-        .arg(&doc)
-        .output()
-        .unwrap();
+    let st = report_cli(&[run.as_os_str(), "--update".as_ref(), doc.as_os_str()]);
     assert!(!st.status.success());
     let err = String::from_utf8_lossy(&st.stderr);
     assert!(err.contains("RESULTS.md") && err.contains(BEGIN), "{err}");
