@@ -337,9 +337,17 @@ pub fn markdown(runs: &[Run]) -> String {
             .map(|x| format!("{} ({})", x.title, x.primary.name()))
             .unwrap_or_else(|_| t.to_string())
     };
+    // Averages run over GLUE's tasks only; IMDb gets its column but stays out of them.
+    let glue = |t: &str| crate::data::Task::find(t).is_ok_and(|x| x.is_glue());
+    let averaged: Vec<&String> = tasks.iter().filter(|t| glue(t)).collect();
+    let avg_title = if averaged.len() == tasks.len() {
+        "average"
+    } else {
+        "GLUE average"
+    };
     let _ = writeln!(
         md,
-        "| model | {} | average | retention (student / teacher) |",
+        "| model | {} | {avg_title} | retention (student / teacher) |",
         tasks
             .iter()
             .map(|t| title(t))
@@ -348,16 +356,16 @@ pub fn markdown(runs: &[Run]) -> String {
     );
     let _ = writeln!(md, "|---|{}---|---|", "---|".repeat(tasks.len()));
     for row in &rows {
-        let means: Vec<f64> = tasks
+        let means: Vec<f64> = averaged
             .iter()
             .filter_map(|t| {
                 row.per_task
-                    .get(t)
+                    .get(*t)
                     .filter(|v| !v.is_empty())
                     .map(|v| mean_std(v).0)
             })
             .collect();
-        let avg = if means.len() == tasks.len() && !means.is_empty() {
+        let avg = if means.len() == averaged.len() && !means.is_empty() {
             format!(
                 "{:.1}",
                 100.0 * means.iter().sum::<f64>() / means.len() as f64
@@ -368,17 +376,26 @@ pub fn markdown(runs: &[Run]) -> String {
         let retention = if row.retention.is_empty() {
             String::new()
         } else {
-            let per: Vec<f64> = row.retention.values().map(|v| mean_std(v).0).collect();
-            let parts: Vec<String> = row
-                .retention
-                .iter()
-                .map(|(t, v)| format!("{t} {}", cell(v, 100.0)))
-                .collect();
-            format!(
-                "{:.1}% ({})",
-                100.0 * per.iter().sum::<f64>() / per.len() as f64,
-                parts.join(", ")
-            )
+            let part = |(t, v): (&String, &Vec<f64>)| format!("{t} {}", cell(v, 100.0));
+            let (inside, outside): (Vec<_>, Vec<_>) =
+                row.retention.iter().partition(|(t, _)| glue(t));
+            let per: Vec<f64> = inside.iter().map(|(_, v)| mean_std(v).0).collect();
+            let rest: Vec<String> = outside.into_iter().map(part).collect();
+            let rest = if rest.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", rest.join(", "))
+            };
+            if per.is_empty() {
+                rest.trim_start_matches("; ").to_string()
+            } else {
+                let parts: Vec<String> = inside.into_iter().map(part).collect();
+                format!(
+                    "{:.1}% ({}){rest}",
+                    100.0 * per.iter().sum::<f64>() / per.len() as f64,
+                    parts.join(", ")
+                )
+            }
         };
         let cells: Vec<String> = tasks
             .iter()

@@ -310,3 +310,50 @@ fn update_replaces_only_the_generated_block() {
     assert!(err.contains("RESULTS.md") && err.contains(BEGIN), "{err}");
     assert_eq!(std::fs::read_to_string(&doc).unwrap(), "no markers\n");
 }
+
+#[test]
+fn imdb_is_beside_the_glue_average_not_in_it() {
+    let root = tempfile::tempdir().unwrap();
+    let distill = r#"["finetune", "stage1", "stage2"]"#;
+    fake_run(
+        root.path(),
+        "rte-s1",
+        "rte",
+        1,
+        (0.60, 0.57),
+        distill,
+        "teacher",
+    );
+    fake_run(
+        root.path(),
+        "mrpc-s1",
+        "mrpc",
+        1,
+        (0.80, 0.80),
+        distill,
+        "teacher",
+    );
+    fake_run(
+        root.path(),
+        "imdb-s1",
+        "imdb",
+        1,
+        (0.90, 0.45),
+        distill,
+        "teacher",
+    );
+    let md = markdown(&find_runs(&[root.path().to_path_buf()]).unwrap());
+    // GLUE average (57 + 80) / 2 = 68.5 and retention (95 + 100) / 2 = 97.5; IMDb's 50 % apart.
+    assert!(
+        md.contains("| IMDb (accuracy) |") && md.contains("| GLUE average |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| MPCFormer quad+2quad (minilm) | 45.0 | 80.0 | 57.0 | 68.5 | 97.5% (mrpc 100.0, rte 95.0); imdb 50.0 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| teacher (minilm) | 90.0 | 80.0 | 60.0 | 70.0 |"),
+        "{md}"
+    );
+}

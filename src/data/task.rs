@@ -355,6 +355,11 @@ fn normalise(name: &str) -> String {
 }
 
 impl Task {
+    /// One of GLUE's tasks: counted in a GLUE average (IMDb is reported beside it, as the paper does).
+    pub fn is_glue(&self) -> bool {
+        self.hub_repo == "nyu-mll/glue"
+    }
+
     /// Looks a task up by name, ignoring case, `-` and `_` (`SST-2`, `sst2`, `sts_b`).
     pub fn find(name: &str) -> Result<&'static Task, String> {
         let key = normalise(name);
