@@ -733,15 +733,36 @@ fn tiny_end_to_end(exp: &Path, arch: &str) -> (f64, u64, u64) {
         predicted,
         run.dealer.bytes_sent
     );
+    // The predicted class must agree wherever the plaintext's top two logits are further apart
+    // than twice the measured error; a closer call is decided by the shares' random rounding
+    // (the tiny models' logits are near ties on some rows).
     let k = cfg.model.num_labels;
+    let mut decided = 0;
     for i in 0..got.len() / k {
         let am = |r: &[f64]| {
             r.iter()
                 .enumerate()
                 .fold(0, |b, (j, v)| if *v > r[b] { j } else { b })
         };
-        assert_eq!(am(&got[i * k..(i + 1) * k]), am(&want[i * k..(i + 1) * k]));
+        let w = &want[i * k..(i + 1) * k];
+        let top = am(w);
+        let margin = (0..k)
+            .filter(|&j| j != top)
+            .map(|j| w[top] - w[j])
+            .fold(f64::INFINITY, f64::min);
+        if margin > 2.0 * e {
+            decided += 1;
+            assert_eq!(am(&got[i * k..(i + 1) * k]), top, "{arch} row {i}");
+        }
     }
+    eprintln!(
+        "tiny {arch}: {decided} of {} predictions decidable and equal",
+        got.len() / k
+    );
+    assert!(
+        2 * decided >= got.len() / k,
+        "{arch}: only {decided} rows decidable"
+    );
     (e, t1, predicted)
 }
 
