@@ -337,22 +337,25 @@ pub fn markdown(runs: &[Run]) -> String {
             .map(|x| format!("{} ({})", x.title, x.primary.name()))
             .unwrap_or_else(|_| t.to_string())
     };
-    // Averages run over GLUE's tasks only; IMDb gets its column but stays out of them.
+    // Averages run over GLUE's tasks only; IMDb gets its column after the average, as the paper
+    // reports it.
     let glue = |t: &str| crate::data::Task::find(t).is_ok_and(|x| x.is_glue());
-    let averaged: Vec<&String> = tasks.iter().filter(|t| glue(t)).collect();
-    let avg_title = if averaged.len() == tasks.len() {
+    let (averaged, others): (Vec<&String>, Vec<&String>) = tasks.iter().partition(|t| glue(t));
+    let avg_title = if others.is_empty() {
         "average"
     } else {
         "GLUE average"
     };
+    let titles = |ts: &[&String]| {
+        ts.iter()
+            .map(|t| format!(" {} |", title(t)))
+            .collect::<String>()
+    };
     let _ = writeln!(
         md,
-        "| model | {} | {avg_title} | retention (student / teacher) |",
-        tasks
-            .iter()
-            .map(|t| title(t))
-            .collect::<Vec<_>>()
-            .join(" | ")
+        "| model |{} {avg_title} |{} retention (student / teacher) |",
+        titles(&averaged),
+        titles(&others)
     );
     let _ = writeln!(md, "|---|{}---|---|", "---|".repeat(tasks.len()));
     for row in &rows {
@@ -397,15 +400,20 @@ pub fn markdown(runs: &[Run]) -> String {
                 )
             }
         };
-        let cells: Vec<String> = tasks
-            .iter()
-            .map(|t| cell(row.per_task.get(t).map(Vec::as_slice).unwrap_or(&[]), 100.0))
-            .collect();
+        let cells = |ts: &[&String]| {
+            ts.iter()
+                .map(|t| {
+                    let v = row.per_task.get(*t).map(Vec::as_slice).unwrap_or(&[]);
+                    format!(" {} |", cell(v, 100.0))
+                })
+                .collect::<String>()
+        };
         let _ = writeln!(
             md,
-            "| {} | {} | {avg} | {retention} |",
+            "| {} |{} {avg} |{} {retention} |",
             row.label,
-            cells.join(" | ")
+            cells(&averaged),
+            cells(&others)
         );
     }
     let _ = writeln!(md, "\nEvery metric (dev, ×100; mean ± std over seeds):\n");
