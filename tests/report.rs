@@ -314,34 +314,22 @@ fn update_replaces_only_the_generated_block() {
 #[test]
 fn imdb_is_beside_the_glue_average_not_in_it() {
     let root = tempfile::tempdir().unwrap();
-    let distill = r#"["finetune", "stage1", "stage2"]"#;
-    fake_run(
-        root.path(),
-        "rte-s1",
-        "rte",
-        1,
-        (0.60, 0.57),
-        distill,
-        "teacher",
-    );
-    fake_run(
-        root.path(),
-        "mrpc-s1",
-        "mrpc",
-        1,
-        (0.80, 0.80),
-        distill,
-        "teacher",
-    );
-    fake_run(
-        root.path(),
-        "imdb-s1",
-        "imdb",
-        1,
-        (0.90, 0.45),
-        distill,
-        "teacher",
-    );
+    for (task, scores) in [
+        ("rte", (0.60, 0.57)),
+        ("mrpc", (0.80, 0.80)),
+        ("imdb", (0.90, 0.45)),
+    ] {
+        let stages = r#"["finetune", "stage1", "stage2"]"#;
+        fake_run(
+            root.path(),
+            &format!("{task}-s1"),
+            task,
+            1,
+            scores,
+            stages,
+            "teacher",
+        );
+    }
     let md = markdown(&find_runs(&[root.path().to_path_buf()]).unwrap());
     // GLUE average (57 + 80) / 2 = 68.5 and retention (95 + 100) / 2 = 97.5; IMDb's 50 % apart.
     assert!(
