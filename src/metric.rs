@@ -223,6 +223,46 @@ pub fn score(task: &Task, gold: &[Label], pred: &[Label]) -> Result<Scores, Stri
     ))
 }
 
+/// The best any constant answer scores on `gold`, metric by metric: the majority class for
+/// accuracy, always-positive for F1, and 0 for MCC and the correlations (a constant has none).
+/// A model is only worth as much as it beats this.
+pub fn trivial(task: &Task, gold: &[Label]) -> Result<Scores, String> {
+    let constants: Vec<Label> = if task.is_regression() {
+        vec![Label::Score(0.0)]
+    } else {
+        (0..task.labels.len()).map(Label::Class).collect()
+    };
+    let mut best: Option<Scores> = None;
+    for c in constants {
+        let s = score(task, gold, &vec![c; gold.len()])?;
+        best = Some(match best {
+            None => s,
+            Some(b) => Scores(
+                b.0.iter()
+                    .map(|&(m, v)| (m, v.max(s.get(m).unwrap_or(f64::MIN))))
+                    .collect(),
+            ),
+        });
+    }
+    best.ok_or_else(|| format!("{}: no labels", task.name))
+}
+
+/// How closely a student follows its teacher on the same examples: the share of examples where
+/// both predict the same class, or (regression) the Pearson correlation of their scores.
+pub fn agreement(teacher: &[Label], student: &[Label]) -> Result<f64, String> {
+    if teacher.len() != student.len() || teacher.is_empty() {
+        return Err(format!(
+            "{} teacher and {} student predictions",
+            teacher.len(),
+            student.len()
+        ));
+    }
+    if let (Ok(t), Ok(s)) = (classes_of(teacher), classes_of(student)) {
+        return Ok(accuracy(&t, &s));
+    }
+    Ok(pearson(&scores_of(teacher)?, &scores_of(student)?))
+}
+
 fn classes_of(labels: &[Label]) -> Result<Vec<usize>, String> {
     labels
         .iter()
@@ -284,4 +324,49 @@ pub fn glue_average<'a>(
             .map(|(t, s, _)| format!("{} {s}", t.title))
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classes(v: &[usize]) -> Vec<Label> {
+        v.iter().map(|&c| Label::Class(c)).collect()
+    }
+
+    #[test]
+    fn trivial_is_the_best_constant_per_metric() {
+        // 3 of 4 positive: always-positive has accuracy 3/4 and F1 2·(3/4)·1 / (3/4 + 1) = 6/7.
+        let mrpc = Task::find("mrpc").unwrap();
+        let t = trivial(mrpc, &classes(&[1, 1, 0, 1])).unwrap();
+        assert_eq!(t.get(Metric::Accuracy), Some(0.75));
+        assert!((t.get(Metric::F1).unwrap() - 6.0 / 7.0).abs() < 1e-12);
+        // Majority negative: accuracy from "always 0", F1 still from "always 1" (2·(1/3) / (4/3)).
+        let t = trivial(mrpc, &classes(&[0, 0, 1])).unwrap();
+        assert!((t.get(Metric::Accuracy).unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert!((t.get(Metric::F1).unwrap() - 0.5).abs() < 1e-12);
+        let cola = Task::find("cola").unwrap();
+        assert_eq!(
+            trivial(cola, &classes(&[0, 1, 1]))
+                .unwrap()
+                .get(Metric::Mcc),
+            Some(0.0)
+        );
+        let stsb = Task::find("stsb").unwrap();
+        let gold = [Label::Score(1.0), Label::Score(4.5), Label::Score(2.0)];
+        let t = trivial(stsb, &gold).unwrap();
+        assert_eq!(t.get(Metric::Pearson), Some(0.0));
+        assert_eq!(t.get(Metric::Spearman), Some(0.0));
+    }
+
+    #[test]
+    fn agreement_counts_equal_classes_or_correlates_scores() {
+        let a = agreement(&classes(&[0, 1, 1, 0]), &classes(&[0, 1, 0, 0])).unwrap();
+        assert_eq!(a, 0.75);
+        let s = |v: &[f64]| v.iter().map(|&x| Label::Score(x)).collect::<Vec<_>>();
+        let r = agreement(&s(&[1.0, 2.0, 3.0]), &s(&[2.0, 4.0, 6.5])).unwrap();
+        // Pearson of (1,2,3) and (2,4,6.5): 4.5 / sqrt(2 · 10.1667) = 0.997949.
+        assert!((r - 0.997_948_7).abs() < 1e-6, "{r}");
+        assert!(agreement(&classes(&[0]), &classes(&[0, 1])).is_err());
+    }
 }

@@ -69,6 +69,34 @@ pub struct Run {
     pub losses: Vec<Point>,
     /// Primary dev metric at each evaluation during training.
     pub dev: Vec<Point>,
+    /// The best constant answer's primary dev score, if the run recorded it.
+    pub trivial_primary: Option<f64>,
+    /// Student–teacher agreement on dev (share of equal classes; regression: Pearson).
+    pub agreement: Option<f64>,
+    /// The teacher's learning-rate sweep: (learning rate, best primary dev score).
+    pub teacher_grid: Vec<(f64, f64)>,
+    /// The learning rate the teacher was fine-tuned at (without a sweep).
+    pub finetune_lr: Option<f64>,
+    pub stage1_epochs: Option<f64>,
+    pub eval_examples: u64,
+}
+
+impl Run {
+    /// The run that fine-tuned this run's teacher: itself, or its `teacher.finetuned_run`.
+    pub fn teacher_origin(&self) -> &str {
+        self.teacher_from.as_deref().unwrap_or(&self.name)
+    }
+
+    /// (student − trivial) / (teacher − trivial): the share of the teacher's lead over the
+    /// best constant answer that the student keeps.
+    pub fn margin_retention(&self) -> Option<f64> {
+        let (s, t, z) = (
+            self.student_primary?,
+            self.teacher_primary,
+            self.trivial_primary?,
+        );
+        (t > z).then(|| (s - z) / (t - z))
+    }
 }
 
 fn metrics(v: &Value) -> BTreeMap<String, f64> {
@@ -126,6 +154,13 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         .unwrap_or("?")
         .to_string();
     let primary_key = |m: &Value| m.get("primary").and_then(|p| p.as_f64());
+    let resolved = |stage: &str, key: &str| {
+        recipe
+            .get("resolved")
+            .and_then(|r| r.get(stage))
+            .and_then(|s| s.get(key))
+            .and_then(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
+    };
     let student = summary.get("student").filter(|s| !s.is_null());
     let task = summary["task"].as_str().unwrap_or("?").to_string();
     let primary_name = crate::data::Task::find(&task)
@@ -189,7 +224,44 @@ pub fn load_run(dir: &Path) -> Result<Run> {
             .map(|r| r.rsplit('/').next().unwrap_or(r).to_string()),
         losses,
         dev,
+        trivial_primary: summary["trivial"]["primary"].as_f64(),
+        agreement: summary["agreement"].as_f64(),
+        teacher_grid: summary["teacher_grid"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| Some((p["lr"].as_f64()?, p["primary"].as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        finetune_lr: resolved("finetune", "lr"),
+        stage1_epochs: resolved("stage1", "epochs"),
+        eval_examples: summary["eval_examples"].as_u64().unwrap_or(0),
     })
+}
+
+/// Runs of one task evaluated on the same dev examples share one trivial baseline: a run made
+/// before runs recorded it borrows it from such a run (or knows it is 0, under MCC and the
+/// correlations).
+fn fill_trivial(runs: &mut [Run]) {
+    let known: BTreeMap<(String, u64), f64> = runs
+        .iter()
+        .filter_map(|r| Some(((r.task.clone(), r.eval_examples), r.trivial_primary?)))
+        .collect();
+    for r in runs.iter_mut().filter(|r| r.trivial_primary.is_none()) {
+        r.trivial_primary = known
+            .get(&(r.task.clone(), r.eval_examples))
+            .copied()
+            .or_else(|| constant_scores_zero(&r.task).then_some(0.0));
+    }
+}
+
+/// Whether every constant answer scores 0 under the task's primary metric (MCC, correlations),
+/// whatever the dev set.
+fn constant_scores_zero(task: &str) -> bool {
+    use crate::metric::Metric::*;
+    crate::data::Task::find(task)
+        .is_ok_and(|t| matches!(t.primary, Mcc | Pearson | Spearman | PearsonAndSpearman))
 }
 
 /// Run directories under `paths`: each path is a run (has `summary.json`) or holds runs.
@@ -213,6 +285,7 @@ pub fn find_runs(paths: &[PathBuf]) -> Result<Vec<Run>> {
     if runs.is_empty() {
         bail!("no finished runs (directories with summary.json) under {paths:?}");
     }
+    fill_trivial(&mut runs);
     Ok(runs)
 }
 
@@ -240,25 +313,62 @@ fn cell(v: &[f64], scale: f64) -> String {
     }
 }
 
+/// Values per task, over seeds.
+type PerTask = BTreeMap<String, Vec<f64>>;
+
 /// One row of the main table: values per task (over seeds).
+#[derive(Default)]
 struct Row {
     label: String,
-    per_task: BTreeMap<String, Vec<f64>>,
-    retention: BTreeMap<String, Vec<f64>>,
+    /// A teacher row: the runs that fine-tuned its teachers.
+    teacher: bool,
+    per_task: PerTask,
+    retention: PerTask,
+    margin: PerTask,
+    agreement: PerTask,
+}
+
+/// The run that fine-tuned `r`'s teacher, if it is among `runs`, else `r`.
+fn origin<'a>(runs: &'a [Run], r: &'a Run) -> &'a Run {
+    runs.iter()
+        .find(|o| o.name == r.teacher_origin())
+        .unwrap_or(r)
+}
+
+/// The label of the run that fine-tuned `r`'s teacher (a teacher belongs to the recipe that
+/// made it, whichever students later reused it).
+fn teacher_label(runs: &[Run], r: &Run) -> Option<String> {
+    origin(runs, r).label.clone()
+}
+
+/// Which teacher `r` learnt from: fine-tuning is reproducible, so runs of one recipe label that
+/// fine-tuned with the same seed, or took the teacher of such a run, share one teacher. Each
+/// teacher counts once in the tables.
+fn teacher_key(runs: &[Run], r: &Run) -> (String, u64, Option<String>) {
+    let o = origin(runs, r);
+    (o.task.clone(), o.seed, o.label.clone())
+}
+
+fn with_label(what: &str, label: &Option<String>, model: &str) -> String {
+    match label {
+        Some(l) => format!("{what}, {l} ({})", short(model)),
+        None => format!("{what} ({})", short(model)),
+    }
 }
 
 fn rows(runs: &[Run]) -> Vec<Row> {
     let mut out: BTreeMap<(String, u8, String), Row> = BTreeMap::new();
     let mut seen = std::collections::BTreeSet::new();
     for r in runs {
-        let key = (r.teacher_model.clone(), 0, String::new());
+        let tl = teacher_label(runs, r);
+        let key = (r.teacher_model.clone(), 0, tl.clone().unwrap_or_default());
         let row = out.entry(key).or_insert_with(|| Row {
-            label: format!("teacher ({})", short(&r.teacher_model)),
-            per_task: BTreeMap::new(),
-            retention: BTreeMap::new(),
+            label: with_label("teacher", &tl, &r.teacher_model),
+            teacher: true,
+            ..Row::default()
         });
-        // Runs of one seed fine-tune the same teacher: it counts once per seed.
-        if seen.insert((r.teacher_model.clone(), r.task.clone(), r.seed)) {
+        // A teacher counts once, however many students learnt from it.
+        if seen.insert(teacher_key(runs, r)) {
             row.per_task
                 .entry(r.task.clone())
                 .or_default()
@@ -273,17 +383,236 @@ fn rows(runs: &[Run]) -> Vec<Row> {
             let key = (r.teacher_model.clone(), 1 + kind as u8, variant.clone());
             let row = out.entry(key).or_insert_with(|| Row {
                 label: format!("{} {} ({})", kind.label(), variant, short(&r.teacher_model)),
-                per_task: BTreeMap::new(),
-                retention: BTreeMap::new(),
+                ..Row::default()
             });
-            row.per_task.entry(r.task.clone()).or_default().push(s);
+            let t = r.task.clone();
+            row.per_task.entry(t.clone()).or_default().push(s);
             row.retention
-                .entry(r.task.clone())
+                .entry(t.clone())
                 .or_default()
                 .push(s / r.teacher_primary);
+            if let Some(m) = r.margin_retention() {
+                row.margin.entry(t.clone()).or_default().push(m);
+            }
+            if let Some(a) = r.agreement {
+                row.agreement.entry(t).or_default().push(a);
+            }
         }
     }
-    out.into_values().collect()
+    let mut trivial = Row {
+        label: "trivial (best constant answer)".into(),
+        teacher: true,
+        ..Row::default()
+    };
+    let mut dev_sets = std::collections::BTreeSet::new();
+    for r in runs {
+        if let Some(z) = r.trivial_primary
+            && dev_sets.insert((r.task.clone(), r.eval_examples))
+        {
+            trivial.per_task.entry(r.task.clone()).or_default().push(z);
+        }
+    }
+    std::iter::once(trivial)
+        .filter(|t| !t.per_task.is_empty())
+        .chain(out.into_values())
+        .collect()
+}
+
+/// What the best constant answer is under a task's primary metric.
+fn trivial_answer(task: &str) -> &'static str {
+    use crate::metric::Metric;
+    match crate::data::Task::find(task).map(|t| t.primary) {
+        Ok(Metric::Accuracy) => "majority class",
+        Ok(Metric::F1) => "always positive",
+        Ok(Metric::AccuracyAndF1) => "best constant",
+        _ => "any constant: 0",
+    }
+}
+
+/// Per teacher (the recipe that fine-tuned it) and task: the trivial baseline, the teacher's
+/// lead over it, and the learning rates it was chosen from.
+fn teachers_table(runs: &[Run], md: &mut String) {
+    let mut groups: BTreeMap<(String, String), Vec<&Run>> = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in runs {
+        if seen.insert(teacher_key(runs, r)) {
+            let label = with_label("teacher", &teacher_label(runs, r), &r.teacher_model);
+            groups
+                .entry((label, r.task.clone()))
+                .or_default()
+                .push(origin(runs, r));
+        }
+    }
+    let _ = writeln!(
+        md,
+        "
+Teachers against the trivial answer (dev, ×100), and the learning rates each was chosen from (best dev score per rate; the kept one in bold):
+"
+    );
+    let _ = writeln!(
+        md,
+        "| teacher | task | trivial | teacher | lead over trivial | learning rates |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for ((label, task), origins) in &groups {
+        let t: Vec<f64> = origins.iter().map(|o| o.teacher_primary).collect();
+        let z = origins.iter().find_map(|o| o.trivial_primary);
+        let lead = z.map_or("–".into(), |z| {
+            format!("{:+.1}", 100.0 * (mean_std(&t).0 - z))
+        });
+        let mut sweeps: Vec<String> = origins.iter().map(|o| sweep(o)).collect();
+        sweeps.dedup();
+        let _ = writeln!(
+            md,
+            "| {label} | {task} | {} ({}) | {} | {lead} | {} |",
+            z.map_or("–".into(), |z| format!("{:.1}", 100.0 * z)),
+            trivial_answer(task),
+            cell(&t, 100.0),
+            sweeps.join("; ")
+        );
+    }
+}
+
+/// `2e-5 55.2 · 5e-5 **60.1**`, or the one rate used.
+fn sweep(r: &Run) -> String {
+    if r.teacher_grid.is_empty() {
+        return r
+            .finetune_lr
+            .map_or("–".into(), |lr| format!("{lr:e} only"));
+    }
+    let best = r.teacher_grid.iter().map(|p| p.1).fold(f64::MIN, f64::max);
+    let parts: Vec<String> = r
+        .teacher_grid
+        .iter()
+        .map(|&(lr, v)| {
+            if v == best {
+                format!("{lr:e} **{:.1}**", 100.0 * v)
+            } else {
+                format!("{lr:e} {:.1}", 100.0 * v)
+            }
+        })
+        .collect();
+    parts.join(" · ")
+}
+
+/// Per student and task: retention, margin retention and agreement over seeds, and their
+/// GLUE averages.
+fn fidelity_table(rows: &[Row], md: &mut String) {
+    let _ = writeln!(
+        md,
+        "
+How much of its teacher each student keeps (%, mean ± std over seeds): retention = student / teacher; margin retention = (student − trivial) / (teacher − trivial); agreement = dev examples where student and teacher predict the same class (STS-B: Pearson of their scores):
+"
+    );
+    let _ = writeln!(
+        md,
+        "| model | task | retention | margin retention | agreement |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let glue = |t: &str| crate::data::Task::find(t).is_ok_and(|x| x.is_glue());
+    for row in rows.iter().filter(|r| !r.teacher) {
+        let get = |m: &PerTask, t: &str| m.get(t).cloned().unwrap_or_default();
+        for t in row.retention.keys() {
+            let _ = writeln!(
+                md,
+                "| {} | {t} | {} | {} | {} |",
+                row.label,
+                cell(&get(&row.retention, t), 100.0),
+                cell(&get(&row.margin, t), 100.0),
+                cell(&get(&row.agreement, t), 100.0)
+            );
+        }
+        let avg = |m: &PerTask| {
+            let means: Vec<f64> = m
+                .iter()
+                .filter(|(t, v)| glue(t) && !v.is_empty())
+                .map(|(_, v)| mean_std(v).0)
+                .collect();
+            let min = means.iter().copied().fold(f64::MAX, f64::min);
+            if means.len() < 2 {
+                "–".to_string()
+            } else {
+                format!(
+                    "{:.1} (lowest {:.1})",
+                    100.0 * mean_std(&means).0,
+                    100.0 * min
+                )
+            }
+        };
+        if row.retention.keys().filter(|t| glue(t)).count() > 1 {
+            let _ = writeln!(
+                md,
+                "| {} | GLUE average | {} | {} | {} |",
+                row.label,
+                avg(&row.retention),
+                avg(&row.margin),
+                avg(&row.agreement)
+            );
+        }
+    }
+}
+
+/// Wall time to a student with the shipped recipe (the runs without a label), per task and
+/// approximation: the teacher's fine-tuning (its whole sweep) and both stages.
+fn time_table(runs: &[Run], md: &mut String) {
+    let mut groups: BTreeMap<(String, String), Vec<&Run>> = BTreeMap::new();
+    for r in runs.iter().filter(|r| {
+        r.label.is_none() && r.kind == Some(Kind::Distilled) && r.student_approx.is_some()
+    }) {
+        groups
+            .entry((r.task.clone(), r.student_approx.clone().unwrap_or_default()))
+            .or_default()
+            .push(r);
+    }
+    if groups.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "
+Time to a student with the shipped recipe (this machine, seconds; mean over seeds), and stage 1's epochs against the reference's:
+"
+    );
+    let _ = writeln!(
+        md,
+        "| task | student | teacher fine-tuning | stage 1 | stage 2 | total (min) | stage-1 epochs: here / reference |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for ((task, approx), rs) in &groups {
+        let mean_of = |f: &dyn Fn(&Run) -> Option<f64>| {
+            let v: Vec<f64> = rs.iter().filter_map(|r| f(r)).collect();
+            (!v.is_empty()).then(|| mean_std(&v).0)
+        };
+        let teacher = mean_of(&|r| finetune_wall(origin(runs, r)));
+        let s1 = mean_of(&|r| r.stage_wall_s.get("stage1").copied());
+        let s2 = mean_of(&|r| r.stage_wall_s.get("stage2").copied());
+        let fmt = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0}"));
+        let total = [teacher, s1, s2].iter().flatten().sum::<f64>() / 60.0;
+        let epochs = rs[0].stage1_epochs.map_or("–".into(), |e| format!("{e}"));
+        let _ = writeln!(
+            md,
+            "| {task} | {approx} | {} | {} | {} | {total:.0} | {epochs} / {} |",
+            fmt(teacher),
+            fmt(s1),
+            fmt(s2),
+            crate::train::recipe::reference_stage1_epochs(task)
+        );
+    }
+}
+
+/// The teacher's fine-tuning time: its whole sweep when it had one.
+fn finetune_wall(r: &Run) -> Option<f64> {
+    let sweep: Vec<f64> = r
+        .stage_wall_s
+        .iter()
+        .filter(|(k, _)| k.starts_with("finetune "))
+        .map(|(_, v)| *v)
+        .collect();
+    if sweep.is_empty() {
+        r.stage_wall_s.get("finetune").copied()
+    } else {
+        Some(sweep.iter().sum())
+    }
 }
 
 fn short(model: &str) -> String {
@@ -416,16 +745,19 @@ pub fn markdown(runs: &[Run]) -> String {
             cells(&others)
         );
     }
+    teachers_table(runs, &mut md);
+    fidelity_table(&rows, &mut md);
+    time_table(runs, &mut md);
     let _ = writeln!(md, "\nEvery metric (dev, ×100; mean ± std over seeds):\n");
     let _ = writeln!(md, "| task | model | metrics | seeds |");
     let _ = writeln!(md, "|---|---|---|---|");
     for t in &tasks {
         let mut groups: BTreeMap<String, SeedGroup> = BTreeMap::new();
+        let mut counted = std::collections::BTreeSet::new();
         for r in runs.iter().filter(|r| &r.task == t) {
-            let g = groups
-                .entry(format!("teacher ({})", short(&r.teacher_model)))
-                .or_default();
-            if !g.1.contains(&r.seed) {
+            let label = with_label("teacher", &teacher_label(runs, r), &r.teacher_model);
+            if counted.insert(teacher_key(runs, r)) {
+                let g = groups.entry(label).or_default();
                 g.0.push(r.teacher_metrics.clone());
                 g.1.push(r.seed);
             }

@@ -225,6 +225,12 @@ fn a_labelled_variation_is_its_own_row() {
         "{md}"
     );
     assert!(md.contains("| teacher (minilm) | 84.0 |"), "{md}");
+    // No trivial baseline recorded, but under a correlation every constant scores 0: margin
+    // retention equals retention, 57 / 84.
+    assert!(
+        md.contains("| MPCFormer quad+2quad (minilm) | stsb | 67.9 | 67.9 | – |"),
+        "{md}"
+    );
     // Stage times: the `done` record's (123 s) over the summary's (10 s) for finetune.
     assert!(
         md.contains("| stsb-s1 | stsb | 1 | finetune 123, stage1 20 |"),
@@ -342,6 +348,114 @@ fn imdb_is_beside_the_glue_average_not_in_it() {
     );
     assert!(
         md.contains("| teacher (minilm) | 80.0 | 60.0 | 70.0 | 90.0 |  |"),
+        "{md}"
+    );
+}
+
+/// Adds `fields` to a fake run's summary.json and the tables `toml` to its recipe.toml.
+fn patch_run(root: &Path, name: &str, fields: serde_json::Value, toml: &str) {
+    let d = root.join(name);
+    let path = d.join("summary.json");
+    let mut summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (k, v) in fields.as_object().unwrap() {
+        summary[k] = v.clone();
+    }
+    std::fs::write(&path, summary.to_string()).unwrap();
+    let recipe = d.join("recipe.toml");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(&recipe, format!("{text}{toml}\n")).unwrap();
+}
+
+#[test]
+fn trivial_baseline_margin_retention_agreement_and_sweep() {
+    let root = tempfile::tempdir().unwrap();
+    let distill = r#"["finetune", "stage1", "stage2"]"#;
+    // One teacher (fine-tuned by the seed-42 run over a learning-rate sweep), three student seeds.
+    for (seed, student, agree) in [(42, 0.68, 0.9), (1, 0.66, 0.8), (2, 0.70, 1.0)] {
+        let name = format!("rte-s{seed}");
+        fake_run(
+            root.path(),
+            &name,
+            "rte",
+            seed,
+            (0.70, student),
+            distill,
+            "teacher",
+        );
+        let mut fields = serde_json::json!({
+            "trivial": {"primary": 0.5, "metrics": {"accuracy": 0.5}},
+            "agreement": agree,
+            "stage_wall_s": {"stage1": 100.0, "stage2": 50.0},
+        });
+        if seed == 42 {
+            fields["teacher_grid"] = serde_json::json!([
+                {"lr": 3e-5, "primary": 0.65, "metrics": {}},
+                {"lr": 1e-4, "primary": 0.70, "metrics": {}}
+            ]);
+        }
+        patch_run(
+            root.path(),
+            &name,
+            fields,
+            "[resolved.stage1]\nepochs = 6.0",
+        );
+        if seed != 42 {
+            let recipe = root.path().join(&name).join("recipe.toml");
+            let text = std::fs::read_to_string(&recipe).unwrap().replace(
+                "[teacher]\n",
+                "[teacher]\nfinetuned_run = \"checkpoints/rte-s42\"\n",
+            );
+            std::fs::write(&recipe, text).unwrap();
+        }
+    }
+    // A run recorded before summaries had a trivial baseline borrows its task's.
+    fake_labelled_run(
+        root.path(),
+        "rte-old-s7",
+        "rte",
+        7,
+        (0.60, 0.55),
+        distill,
+        "teacher",
+        Some("2 + 2 epochs"),
+    );
+    let runs = find_runs(&[root.path().to_path_buf()]).unwrap();
+    let md = markdown(&runs);
+    assert!(
+        md.contains("| trivial (best constant answer) | 50.0 | 50.0 |"),
+        "{md}"
+    );
+    // The shared teacher counts once (70.0, not a mean over three copies); the old one apart.
+    assert!(md.contains("| teacher (minilm) | 70.0 | 70.0 |"), "{md}");
+    assert!(
+        md.contains("| teacher, 2 + 2 epochs (minilm) | 60.0 | 60.0 |"),
+        "{md}"
+    );
+    // Lead 70 − 50 = +20.0; the sweep with the kept rate in bold.
+    assert!(
+        md.contains(
+            "| teacher (minilm) | rte | 50.0 (majority class) | 70.0 | +20.0 | 3e-5 65.0 · 1e-4 **70.0** |"
+        ),
+        "{md}"
+    );
+    // Retention 68/70, 66/70, 70/70 = 97.1 ± 2.9; margin 18/20, 16/20, 20/20 = 90.0 ± 10.0;
+    // agreement 90.0 ± 10.0.
+    assert!(
+        md.contains(
+            "| MPCFormer quad+2quad (minilm) | rte | 97.1 ± 2.9 (n=3) | 90.0 ± 10.0 (n=3) | 90.0 ± 10.0 (n=3) |"
+        ),
+        "{md}"
+    );
+    // The old run: margin (55 − 50) / (60 − 50) = 50.0 with the borrowed baseline, no agreement.
+    assert!(
+        md.contains("| MPCFormer quad+2quad, 2 + 2 epochs (minilm) | rte | 91.7 | 50.0 | – |"),
+        "{md}"
+    );
+    // Time to a student: the seed-42 run's fine-tuning (123 s in its `done` record) and the
+    // stages' mean; 273 s ≈ 5 min; 6 stage-1 epochs against the reference's 50.
+    assert!(
+        md.contains("| rte | quad+2quad | 123 | 100 | 50 | 5 | 6 / 50 |"),
         "{md}"
     );
 }

@@ -82,6 +82,7 @@ fn stage1_losses(spec: StudentSpec) -> Vec<f64> {
         seed: 3,
         device: ad.clone(),
         resume: false,
+        tag: None,
     };
     let mut log = MetricsLog::open(&run_dir.path().join("metrics.jsonl")).unwrap();
     let capture = Capture {
@@ -215,6 +216,7 @@ fn nan_loss_stops_with_the_step() {
         seed: 0,
         device: ad.clone(),
         resume: false,
+        tag: None,
     };
     let mut log = MetricsLog::open(&run_dir.path().join("metrics.jsonl")).unwrap();
     let mut calls = 0;
@@ -386,9 +388,24 @@ fn resume_after_kill_reaches_the_same_result() {
         }
         c.output().unwrap()
     };
-    let out = reuse("tiny-s7", &["seed=7"]);
+    // Another fine-tuning setting is refused; another seed is not: its student learns from the
+    // same teacher.
+    let out = reuse("tiny-lr", &["finetune.lr=5e-4"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("seed"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("resolved.finetune"),
+        "{err}"
+    );
+    let out = reuse("tiny-s7", &["seed=7"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(a.path().join("runs/tiny-s7/teacher/model.safetensors")).unwrap(),
+        std::fs::read(first.join("teacher/model.safetensors")).unwrap()
+    );
     let out = reuse("tiny-reused", &[]);
     assert!(
         out.status.success(),
@@ -410,5 +427,82 @@ fn resume_after_kill_reaches_the_same_result() {
     assert_eq!(
         std::fs::read(a.path().join("runs/tiny-reused/teacher/model.safetensors")).unwrap(),
         std::fs::read(first.join("teacher/model.safetensors")).unwrap()
+    );
+}
+
+/// Predictions of a checkpoint on the quickstart SST-2 dev set, by `mpcformer predict`.
+fn predict_dev(model: &Path, out: &Path) -> Vec<String> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let st = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
+        .args(["predict", "--task", "sst2", "--split", "dev", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(repo.join("data/quickstart"))
+        .arg("--output-dir")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    std::fs::read_to_string(out.join("SST-2-dev.tsv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').nth(1).unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn lr_grid_keeps_the_best_teacher_and_summary_has_trivial_and_agreement() {
+    let bin = env!("CARGO_BIN_EXE_mpcformer");
+    let a = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(a.path());
+    let out = Command::new(bin)
+        .args(["run"])
+        .arg(&recipe)
+        .args(["--set", "finetune.lr_grid=[1e-3, 1e-5]"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(a.path());
+    let grid = s["teacher_grid"].as_array().unwrap();
+    let lrs: Vec<f64> = grid.iter().map(|p| p["lr"].as_f64().unwrap()).collect();
+    assert_eq!(lrs, [1e-3, 1e-5]);
+    let best = grid
+        .iter()
+        .map(|p| p["primary"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert_eq!(s["teacher"]["primary"].as_f64().unwrap(), best);
+    assert!(a.path().join("runs/tiny/finetune/lr-1e-3").is_dir());
+
+    // Trivial: the majority class of the 128 dev sentences the recipe evaluates on.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dev = std::fs::read_to_string(repo.join("data/quickstart/SST-2/dev.tsv")).unwrap();
+    let positive = dev
+        .lines()
+        .skip(1)
+        .take(128)
+        .filter(|l| l.trim_end().ends_with('1'))
+        .count();
+    let majority = positive.max(128 - positive) as f64 / 128.0;
+    assert_eq!(s["trivial"]["primary"].as_f64().unwrap(), majority);
+
+    // Agreement against the two checkpoints' own predictions on those sentences (`predict`
+    // batches the whole dev set, so a near-tie may fall either way: 2 of 128 slack).
+    let run = a.path().join("runs/tiny");
+    let t = predict_dev(&run.join("teacher"), &a.path().join("pt"));
+    let st = predict_dev(&run.join("student"), &a.path().join("ps"));
+    let same = t.iter().zip(&st).take(128).filter(|(x, y)| x == y).count();
+    let agreement = s["agreement"].as_f64().unwrap();
+    assert!(
+        (agreement - same as f64 / 128.0).abs() <= 2.0 / 128.0,
+        "{agreement} vs {same}/128"
     );
 }

@@ -60,6 +60,9 @@ pub fn student_config(teacher: &ModelConfig, spec: &StudentSpec) -> Result<Model
     let mut c = teacher.clone();
     c.approx.act = spec.act;
     c.approx.attn = spec.attn;
+    if let Some(shift) = spec.two_quad_c {
+        c.approx.c = shift;
+    }
     c.approx.layers.clear();
     for (k, o) in &spec.layers {
         let i: usize = k

@@ -60,6 +60,9 @@ pub struct Stage<'a> {
     /// The autodiff device the model lives on.
     pub device: Device,
     pub resume: bool,
+    /// Written after the stage's name in the log (`finetune lr=5e-5`), when one stage runs
+    /// several times in a run (a learning-rate sweep).
+    pub tag: Option<String>,
 }
 
 /// Dev score: the primary metric (higher is better) and every metric.
@@ -93,7 +96,11 @@ impl Stage<'_> {
         mut eval_fn: impl FnMut(&M) -> Result<Score>,
     ) -> Result<(M, Option<Score>)> {
         let s = &self.settings;
-        let name = self.kind.name();
+        let name = match &self.tag {
+            Some(t) => format!("{} {t}", self.kind.name()),
+            None => self.kind.name().to_string(),
+        };
+        let name = name.as_str();
         let per_epoch = self.plan(0).len() as u64;
         if per_epoch == 0 {
             bail!(
@@ -124,7 +131,7 @@ impl Stage<'_> {
             )
             .expect("template"),
         );
-        bar.set_prefix(name);
+        bar.set_prefix(name.to_string());
         let started = Instant::now() - std::time::Duration::from_secs_f64(st.elapsed_s);
         let mut last_good: Option<PathBuf> = ckpts.latest();
         let mut window = (Instant::now(), 0usize);

@@ -136,6 +136,10 @@ pub struct StudentSpec {
     pub hidden_size: Option<usize>,
     #[serde(default)]
     pub intermediate_size: Option<usize>,
+    /// 2Quad's shift `c` in `(s + c)²` (MPCFormer hard-codes 5; it is public, part of the
+    /// exported config, and the MPC engine uses it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub two_quad_c: Option<f64>,
 }
 
 fn default_act() -> Act {
@@ -155,6 +159,7 @@ impl Default for StudentSpec {
             num_hidden_layers: None,
             hidden_size: None,
             intermediate_size: None,
+            two_quad_c: None,
         }
     }
 }
@@ -203,6 +208,10 @@ pub struct StageConfig {
     /// Stop after this many optimisation steps (overrides `epochs`).
     pub max_steps: Option<u64>,
     pub lr: Option<f64>,
+    /// `finetune` only: fine-tune at each of these learning rates, each from the pretrained
+    /// weights, and keep the best on dev (a `run_glue` sweep); replaces `lr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_grid: Option<Vec<f64>>,
     pub batch_size: Option<usize>,
     pub schedule: Option<ScheduleKind>,
     /// Warm-up fraction for the linear schedule.
@@ -421,6 +430,26 @@ impl Recipe {
         }
         crate::data::Task::find(&recipe.data.task)
             .map_err(|e| anyhow::anyhow!("{}: data.task: {e}", path.display()))?;
+        for (name, stage) in [
+            ("stage1", &recipe.stage1),
+            ("stage2", &recipe.stage2),
+            ("supervised", &recipe.supervised),
+        ] {
+            if stage.lr_grid.is_some() {
+                bail!(
+                    "{}: {name}.lr_grid: only the teacher's fine-tuning sweeps learning rates (finetune.lr_grid)",
+                    path.display()
+                );
+            }
+        }
+        if let Some(grid) = &recipe.finetune.lr_grid
+            && (grid.is_empty() || grid.iter().any(|lr| !(*lr > 0.0 && lr.is_finite())))
+        {
+            bail!(
+                "{}: finetune.lr_grid must list positive learning rates, found {grid:?}",
+                path.display()
+            );
+        }
         Ok(recipe)
     }
 

@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::fit::{LossTerms, MetricsLog, Score, Stage};
-use super::recipe::{Recipe, StageKind};
+use super::recipe::{Recipe, StageKind, StageSettings};
 use crate::data::{self, Batch, Dataset, Fields, Label, Task, Tokenized};
 use crate::distill::{Student, init_student, intermediate_loss, prediction_loss};
 use crate::eval::{predictions, run_model};
@@ -34,6 +34,21 @@ pub struct ModelSummary {
     pub primary: f64,
 }
 
+/// A score on dev without a model: what the best constant answer gets.
+#[derive(Clone, Debug, Serialize)]
+pub struct Baseline {
+    pub metrics: BTreeMap<String, f64>,
+    pub primary: f64,
+}
+
+/// One learning rate of the teacher's sweep and its best dev score.
+#[derive(Clone, Debug, Serialize)]
+pub struct GridPoint {
+    pub lr: f64,
+    pub primary: f64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
     pub name: String,
@@ -44,6 +59,15 @@ pub struct Summary {
     pub student: Option<ModelSummary>,
     /// student primary / teacher primary.
     pub retention: Option<f64>,
+    /// The best constant answer on dev (majority class, always-positive F1, 0 for MCC and
+    /// correlations): the floor both models are judged against.
+    pub trivial: Baseline,
+    /// Share of dev examples where student and teacher predict the same class (regression: the
+    /// Pearson correlation of their scores).
+    pub agreement: Option<f64>,
+    /// `finetune.lr_grid`: every learning rate tried and its best dev score; the teacher is the
+    /// best of them. Empty when the teacher was fine-tuned at one learning rate or reused.
+    pub teacher_grid: Vec<GridPoint>,
     pub stage_wall_s: BTreeMap<String, f64>,
     pub train_examples: usize,
     pub eval_examples: usize,
@@ -116,15 +140,29 @@ fn label_loss(model: &SequenceClassifier, batch: &Batch, device: &Device) -> Res
     })
 }
 
-/// Scores `model` on dev with the task's metrics.
-fn score(model: &SequenceClassifier, d: &TaskData, device: &Device) -> Result<Score> {
+/// `model`'s answers on dev.
+fn predict(model: &SequenceClassifier, d: &TaskData, device: &Device) -> Vec<Label> {
     let out = run_model(model, &d.dev, 64, device, "eval");
     let map: Vec<usize> = (0..d.task.labels.len()).collect();
-    let pred = predictions(&out, d.task, &map);
+    predictions(&out, d.task, &map)
+}
+
+/// Scores `model` on dev with the task's metrics.
+fn score(model: &SequenceClassifier, d: &TaskData, device: &Device) -> Result<Score> {
     let gold = d.dev_set.labels().context("dev split is unlabelled")?;
-    let s = metric::score(d.task, &gold, &pred).map_err(anyhow::Error::msg)?;
+    let s = metric::score(d.task, &gold, &predict(model, d, device)).map_err(anyhow::Error::msg)?;
     let primary = s.get(d.task.primary).unwrap_or(f64::NAN);
     Ok((primary, s.to_map()))
+}
+
+/// The best constant answer's score on dev.
+fn trivial(d: &TaskData) -> Result<Baseline> {
+    let gold = d.dev_set.labels().context("dev split is unlabelled")?;
+    let s = metric::trivial(d.task, &gold).map_err(anyhow::Error::msg)?;
+    Ok(Baseline {
+        primary: s.get(d.task.primary).unwrap_or(f64::NAN),
+        metrics: s.to_map(),
+    })
 }
 
 fn summary_of(model: &SequenceClassifier, s: &Score) -> ModelSummary {
@@ -136,8 +174,9 @@ fn summary_of(model: &SequenceClassifier, s: &Score) -> ModelSummary {
 }
 
 /// Copies the fine-tuned teacher of the finished run `src` into `teacher_dir`, after checking
-/// that `src` fine-tuned it exactly as `recipe` would: the same seed, teacher, data and resolved
-/// `finetune` settings.
+/// that `src` fine-tuned it as `recipe` would: the same teacher, data and resolved `finetune`
+/// settings. The seed may differ: students of several seeds then learn from one teacher, so
+/// their spread measures distillation alone.
 fn reuse_teacher(recipe: &Recipe, src: &Path, teacher_dir: &Path) -> Result<()> {
     let path = src.join("recipe.toml");
     let text =
@@ -151,10 +190,10 @@ fn reuse_teacher(recipe: &Recipe, src: &Path, teacher_dir: &Path) -> Result<()> 
             .map(|v| v.to_string())
     };
     let mut teacher_keys = vec![
-        "seed",
         "teacher.model",
         "teacher.config",
         "resolved.finetune",
+        "finetune.lr_grid",
     ];
     teacher_keys.extend(["data.task", "data.spec", "data.max_len", "data.train_split"]);
     teacher_keys.extend([
@@ -252,6 +291,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         seed: recipe.seed,
         device: ad.clone(),
         resume,
+        tag: None,
     };
     let mut walls = BTreeMap::new();
     let mut teacher = teacher;
@@ -271,11 +311,13 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             log.write(json!({"stage": "finetune", "reused_from": src}))?;
             eprintln!("finetune: the teacher of {} (same settings)", src.display());
         } else {
-            let (t, _) = stage(StageKind::Finetune).fit(
+            let t = finetune(
+                recipe,
                 teacher,
+                stage(StageKind::Finetune),
                 &mut log,
-                |m, b| label_loss(m, b, &ad),
-                |m| score(m, &d, &device),
+                &d,
+                &device,
             )?;
             t.valid().save_pretrained(&teacher_dir, Some(&tok_dir))?;
             teacher = t;
@@ -299,6 +341,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         )
     });
     let mut student_summary = None;
+    let mut agreement = None;
     if distilling {
         ad.seed(recipe.seed);
         let (mut student, report) = init_student(&teacher, &recipe.student, &ad)?;
@@ -420,6 +463,11 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             s.1
         );
         student_summary = Some(summary_of(&student_plain, &s));
+        let (t, s) = (
+            predict(&teacher_plain, &d, &device),
+            predict(&student_plain, &d, &device),
+        );
+        agreement = Some(metric::agreement(&t, &s).map_err(anyhow::Error::msg)?);
     }
     let summary = Summary {
         name: recipe.name.clone(),
@@ -431,6 +479,9 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             .map(|s| s.primary / teacher_score.0),
         teacher: summary_of(&teacher_plain, &teacher_score),
         student: student_summary,
+        trivial: trivial(&d)?,
+        agreement,
+        teacher_grid: grid_from_log(&log.path)?,
         stage_wall_s: walls,
         train_examples: d.train.len(),
         eval_examples: d.dev.len(),
@@ -440,6 +491,89 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(summary)
+}
+
+/// Fine-tunes the teacher, at `finetune.lr` or at each learning rate of `finetune.lr_grid` —
+/// each from the same pretrained weights and head, in `finetune/lr-<lr>/` — and returns the best
+/// on dev. Each point of a sweep is logged (`grid_lr`).
+fn finetune(
+    recipe: &Recipe,
+    pretrained: SequenceClassifier,
+    stage: Stage,
+    log: &mut MetricsLog,
+    d: &TaskData,
+    device: &Device,
+) -> Result<SequenceClassifier> {
+    let fit = |model: SequenceClassifier, st: &Stage, log: &mut MetricsLog| {
+        st.fit(
+            model,
+            log,
+            |m, b| label_loss(m, b, &st.device),
+            |m| score(m, d, device),
+        )
+    };
+    let Some(grid) = recipe.finetune.lr_grid.clone() else {
+        return Ok(fit(pretrained, &stage, log)?.0);
+    };
+    let mut best: Option<(SequenceClassifier, f64)> = None;
+    for lr in grid {
+        let point = Stage {
+            kind: stage.kind,
+            settings: StageSettings {
+                lr,
+                ..stage.settings.clone()
+            },
+            dir: stage.dir.join(format!("lr-{lr:e}")),
+            train: stage.train,
+            seed: stage.seed,
+            device: stage.device.clone(),
+            resume: stage.resume,
+            tag: Some(format!("lr={lr:e}")),
+        };
+        let (model, s) = fit(pretrained.clone(), &point, log)?;
+        let s = match s {
+            Some(s) => s,
+            None => score(&model.valid(), d, device)?,
+        };
+        log.write(json!({"stage": "finetune", "grid_lr": lr, "primary": s.0, "eval": s.1}))?;
+        eprintln!("finetune lr={lr:e}: {} {:.4}", d.task.primary.name(), s.0);
+        if best.as_ref().is_none_or(|(_, b)| s.0 > *b) {
+            best = Some((model, s.0));
+        }
+    }
+    let (model, _) = best.expect("lr_grid is checked non-empty");
+    Ok(model)
+}
+
+/// The sweep's points from the run's log (the last record per learning rate: a resumed run
+/// re-scores each point), so a run resumed after its sweep still reports it.
+fn grid_from_log(path: &Path) -> Result<Vec<GridPoint>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut points: Vec<GridPoint> = Vec::new();
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        let (Some(lr), Some(primary)) = (v["grid_lr"].as_f64(), v["primary"].as_f64()) else {
+            continue;
+        };
+        let metrics = v["eval"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, x)| Some((k.clone(), x.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        points.retain(|p| p.lr != lr);
+        points.push(GridPoint {
+            lr,
+            primary,
+            metrics,
+        });
+    }
+    Ok(points)
 }
 
 /// Dropout modules keep the probabilities they were built with; a config change alone does not
