@@ -20,12 +20,22 @@ run() {
     shift 2
     if [ "${#ONLY[@]}" -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $task " ]]; then return; fi
     local dir=checkpoints/$name
-    if [ -f "$dir/summary.json" ]; then echo "done already: $name"; return; fi
+    if [ -f "$dir/summary.json" ]; then
+        [ -f "results/$name/summary.json" ] || "$BIN" report "$dir" --save-runs results/ > /dev/null
+        echo "done already: $name"
+        return
+    fi
+    while pgrep -af mpcformer | tr ' ' '\n' | grep -qxF -- "name=$name"; do sleep 30; done
+    if [ -f "$dir/summary.json" ]; then
+        "$BIN" report "$dir" --save-runs results/ > /dev/null
+        echo "$(date +%T) done (by an earlier queue): $name"
+        return
+    fi
     local resume=()
     [ -f "$dir/metrics.jsonl" ] && resume=(--resume)
     echo "$(date +%T) start: $name"
     if "$BIN" run $M --set data.task="$task" --set "name=$name" "$@" "${resume[@]}" \
-        > "logs/$name.log" 2>&1; then
+        >> "logs/$name.log" 2>&1; then
         "$BIN" report "$dir" --save-runs results/ > /dev/null
         echo "$(date +%T) done: $name"
     else
@@ -35,18 +45,17 @@ run() {
 teacher_of() { echo "teacher.finetuned_run=checkpoints/minilm-$1-quad+2quad-s42"; }
 
 ONLY=("$@")
-for task in rte cola stsb mrpc; do
+# Breadth first: every task's teacher and first student, then the other two seeds, then the
+# Quad+2ReLU students (all on the seed-42 teachers).
+TASKS=(rte cola stsb mrpc sst2 imdb)
+for task in "${TASKS[@]}"; do
     run "minilm-$task-quad+2quad-s42" $task
-    for seed in 1 2; do
+done
+for seed in 1 2; do
+    for task in "${TASKS[@]}"; do
         run "minilm-$task-quad+2quad-s$seed" $task --set seed=$seed --set "$(teacher_of $task)"
     done
 done
-for task in sst2 imdb; do
-    run "minilm-$task-quad+2quad-s42" $task
-    for seed in 1 2; do
-        run "minilm-$task-quad+2quad-s$seed" $task --set seed=$seed --set "$(teacher_of $task)"
-    done
-done
-for task in rte cola stsb mrpc sst2; do
+for task in "${TASKS[@]}"; do
     run "minilm-$task-quad+2relu-s42" $task --set student.attn=2relu --set "$(teacher_of $task)"
 done
