@@ -456,7 +456,7 @@ fn predict_dev(model: &Path, out: &Path) -> Vec<String> {
 }
 
 #[test]
-fn lr_grid_keeps_the_best_teacher_and_summary_has_trivial_and_agreement() {
+fn lr_grid_transfer_data_trivial_and_agreement() {
     let bin = env!("CARGO_BIN_EXE_mpcformer");
     let a = tempfile::tempdir().unwrap();
     let recipe = tiny_recipe(a.path());
@@ -464,12 +464,16 @@ fn lr_grid_keeps_the_best_teacher_and_summary_has_trivial_and_agreement() {
         .args(["run"])
         .arg(&recipe)
         .args(["--set", "finetune.lr_grid=[1e-3, 1e-5]"])
+        // Stage 1 also sees 100 unlabelled sentences of the training corpus itself.
+        .args(["--set", "data.transfer_examples=100"])
+        .args(["--set", "data.transfer_from=[\"sst2\"]"])
         .output()
         .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("stage 1: 100 transfer examples added to 256 training examples"),
+        "{err}"
     );
     let s = summary(a.path());
     let grid = s["teacher_grid"].as_array().unwrap();

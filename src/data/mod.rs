@@ -16,6 +16,7 @@ pub mod glue;
 pub mod hub;
 pub mod imdb;
 pub mod task;
+pub mod transfer;
 
 use std::path::{Path, PathBuf};
 

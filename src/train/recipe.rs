@@ -191,6 +191,15 @@ pub struct DataSpec {
     /// Use N evaluation examples drawn uniformly, after `eval_limit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_sample: Option<usize>,
+    /// Stage 1 only: add this many unlabelled transfer examples to the training data
+    /// (`data::transfer`: pair tasks re-paired, single-sentence tasks sentences of
+    /// `transfer_from`), drawn from the seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_examples: Option<usize>,
+    /// Corpora whose training texts give a single-sentence task its transfer sentences: `task`
+    /// (read from `spec`) or `task=spec`, e.g. `["sst2", "imdb=../shared/data/imdb"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transfer_from: Vec<String>,
 }
 
 fn default_train_split() -> String {

@@ -77,6 +77,8 @@ pub struct Summary {
 struct TaskData {
     task: &'static Task,
     train: Tokenized,
+    /// Stage 1's training data: `train` and the transfer examples, when the recipe adds some.
+    stage1_train: Option<Tokenized>,
     dev: Tokenized,
     dev_set: Dataset,
 }
@@ -96,6 +98,48 @@ fn load_split(
         d.sample(n);
     }
     Ok(d)
+}
+
+/// The training set with `data.transfer_examples` unlabelled examples added (stage 1's data),
+/// or `None` when the recipe adds none.
+fn transfer_set(recipe: &Recipe, task: &'static Task, train: &Dataset) -> Result<Option<Dataset>> {
+    let Some(n) = recipe.data.transfer_examples else {
+        return Ok(None);
+    };
+    // Its own stream: the same for every stage and resume, different per seed.
+    let seed = recipe.seed ^ 0x7472_616E_7366_6572;
+    let extra = if task.tsv.text.len() == 2 {
+        data::transfer::repaired(&train.examples, n, seed)
+    } else {
+        if recipe.data.transfer_from.is_empty() {
+            bail!(
+                "data.transfer_examples: {} has single sentences; name corpora to draw them from in data.transfer_from (e.g. [\"sst2\"])",
+                task.title
+            );
+        }
+        let mut sources = Vec::new();
+        for from in &recipe.data.transfer_from {
+            let (name, spec) = match from.split_once('=') {
+                Some((n, s)) => (n, Some(s)),
+                None => (from.as_str(), recipe.data.spec.as_deref()),
+            };
+            let t = Task::find(name)
+                .map_err(|e| anyhow::anyhow!("data.transfer_from `{from}`: {e}"))?;
+            let split = t.split("train").map_err(anyhow::Error::msg)?;
+            let d = data::load(t, spec, split, &Fields::default())
+                .with_context(|| format!("data.transfer_from `{from}`"))?;
+            sources.extend(d.examples);
+        }
+        data::transfer::sentences(&sources, n, seed)
+    };
+    eprintln!(
+        "stage 1: {} transfer examples added to {} training examples",
+        extra.len(),
+        train.examples.len()
+    );
+    let mut out = train.clone();
+    out.examples.extend(extra);
+    Ok(Some(out))
 }
 
 /// Host labels → class ids or scores on `device`.
@@ -270,8 +314,13 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         &recipe.data.eval_split,
         (recipe.data.eval_limit, recipe.data.eval_sample),
     )?;
+    let stage1_train = match transfer_set(recipe, task, &train_set)? {
+        Some(t) => Some(Tokenized::new(&t, &tokenizer).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let d = TaskData {
         task,
+        stage1_train,
         train: Tokenized::new(&train_set, &tokenizer).map_err(anyhow::Error::msg)?,
         dev: Tokenized::new(&dev_set, &tokenizer).map_err(anyhow::Error::msg)?,
         dev_set,
@@ -287,7 +336,10 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         kind,
         settings: recipe.stage(kind),
         dir: dir.join(kind.name()),
-        train: &d.train,
+        train: match (kind, &d.stage1_train) {
+            (StageKind::Stage1, Some(t)) => t,
+            _ => &d.train,
+        },
         seed: recipe.seed,
         device: ad.clone(),
         resume,
