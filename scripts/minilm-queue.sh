@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The background queue of MiniLM runs behind RESULTS.md, in order. Safe to restart at any time:
+# The background queue of MiniLM runs behind RESULTS.md, in order (recipes/minilm.toml). Safe to restart at any time:
 # a finished run (summary.json) is skipped, a started one continues with --resume, and each
 # finished run's metrics files are copied into results/. Logs: logs/<run>.log.
 #
@@ -45,17 +45,40 @@ run() {
 teacher_of() { echo "teacher.finetuned_run=checkpoints/minilm-$1-quad+2quad-s42"; }
 
 ONLY=("$@")
-# Breadth first: every task's teacher and first student, then the other two seeds, then the
-# Quad+2ReLU students (all on the seed-42 teachers).
-TASKS=(rte cola stsb mrpc sst2 imdb)
-for task in "${TASKS[@]}"; do
+# Levers, each its own labelled row on the seed-42 teacher (RESULTS.md, "What each lever was
+# worth"): the stage-1 schedule, transfer data at the same stage-1 compute (6 epochs' worth of
+# examples), and 2Quad's shift.
+levers() {
+    local task=$1 transfer=$2 epochs=$3
+    shift 3
+    local t
+    t=$(teacher_of "$task")
+    run "minilm-$task-quad+2quad-linear-s42" "$task" --set "$t" \
+        --set stage1.schedule=linear --set stage1.warmup=0.1 --set 'label=stage 1 linear decay'
+    run "minilm-$task-quad+2quad-transfer-s42" "$task" --set "$t" \
+        --set data.transfer_examples="$transfer" --set stage1.epochs="$epochs" "$@" \
+        --set "label=transfer data, same stage-1 compute"
+    run "minilm-$task-quad+2quad-c3-s42" "$task" --set "$t" \
+        --set student.two_quad_c=3 --set 'label=2Quad c = 3'
+}
+# Cheap tasks first: every one's teacher and first student, the levers on RTE (pairs) and CoLA
+# (single sentences), then the other two seeds; SST-2 and IMDb (hours each) last.
+for task in rte cola stsb mrpc; do
     run "minilm-$task-quad+2quad-s42" $task
 done
+levers rte 12450 1.0
+levers cola 42755 1.0 --set 'data.transfer_from=["sst2", "imdb=../shared/data/imdb"]'
 for seed in 1 2; do
-    for task in "${TASKS[@]}"; do
+    for task in rte cola stsb mrpc; do
         run "minilm-$task-quad+2quad-s$seed" $task --set seed=$seed --set "$(teacher_of $task)"
     done
 done
-for task in "${TASKS[@]}"; do
+for task in sst2 imdb; do
+    run "minilm-$task-quad+2quad-s42" $task
+    for seed in 1 2; do
+        run "minilm-$task-quad+2quad-s$seed" $task --set seed=$seed --set "$(teacher_of $task)"
+    done
+done
+for task in rte cola stsb mrpc sst2 imdb; do
     run "minilm-$task-quad+2relu-s42" $task --set student.attn=2relu --set "$(teacher_of $task)"
 done
