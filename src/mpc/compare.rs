@@ -339,20 +339,24 @@ impl Ctx {
         Ok(AShare::new(party, RingTensor::new(vec![rows], cur)?))
     }
 
-    /// `exp(x) ≈ (1 + x/2^n)^(2^n)` for `x ∈ [−2^n, 0]` (n rounds of squaring). Outside that
-    /// range the base is negative and the result wrong (as CrypTen's): callers subtract the max
-    /// and choose `n` from the range.
+    /// `exp(x) ≈ (1 + x/2^n)^(2^n)` for `x ∈ [−2^n, 0]` (n rounds of squaring, each followed by
+    /// a hot-spot truncation: `n·(1 + truncation rounds)`). Outside that range the base is
+    /// negative and the result wrong (as CrypTen's): callers subtract the max and choose `n`
+    /// from the range.
     pub fn exp_limit(&mut self, x: &AShare, n: u32) -> Result<AShare> {
+        let f = self.f();
         let mut y = x.truncate(n).add_const(self.fp.one());
         for _ in 0..n {
-            y = self.square(&y)?;
+            // 8 squares per attention score: the most truncations of any op in the teacher.
+            let sq = self.run(&[Op::Square(&y)])?.remove(0);
+            y = self.truncate_hot(&sq, f)?;
         }
         Ok(y)
     }
 
     /// BERT's softmax over the last dimension of `scores` `[B, H, Lq, Lk]` with the public 0/1
     /// key mask `[B, Lk]`, as [`crate::model::approx::Attn::apply`] computes it: masked keys get
-    /// exactly 0. Rounds: ⌈log2 Lk⌉·9 (max) + n (exp) + reciprocal + 1.
+    /// exactly 0. Rounds: ⌈log2 Lk⌉·9 (max) + n·(1 + truncation rounds) (exp) + reciprocal + 1.
     pub fn softmax(
         &mut self,
         scores: &AShare,

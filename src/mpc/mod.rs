@@ -58,6 +58,7 @@ pub mod net;
 pub mod protocols;
 pub mod ring;
 pub mod share;
+pub mod trunc;
 
 use std::time::Duration;
 
