@@ -279,8 +279,10 @@ impl MpcConfig {
     /// Rounds of one forward pass at sequence length `seq`, from the plans (setup and input
     /// excluded).
     pub fn rounds_per_forward(&self, seq: usize) -> u64 {
+        // Each hot-spot truncation adds `tr` rounds (see `super::trunc`).
         let tr = self.truncation.rounds() as u64;
-        let ln = |p: &NewtonPlan| 2 + 2 * tr + p.rounds() as u64;
+        let ln = |p: &NewtonPlan| 2 + 3 * tr + p.rounds() as u64;
+        let product = 1 + tr; // a linear layer, QKᵀ or P·V, truncated at a hot spot
         let levels = (seq.max(1) as f64).log2().ceil() as u64;
         let mut r = 1 + ln(&self.emb_ln);
         for l in &self.layers {
@@ -293,14 +295,14 @@ impl MpcConfig {
                 _ => 1 + tr + l.recip.rounds() as u64 + 1,
             };
             let act = match (&l.gelu, l.act) {
-                (Some(g), _) => g.rounds() as u64,
+                (Some(g), _) => g.rounds(self.truncation) as u64,
                 (None, Act::Relu) => 9,
-                _ => 1,
+                _ => 1 + tr,
             };
-            r += 1 + 1 + tr + attn + 1 + 1 + ln(&l.attn_ln);
-            r += 1 + act + 1 + ln(&l.out_ln);
+            r += 4 * product + attn + ln(&l.attn_ln);
+            r += 2 * product + act + ln(&l.out_ln);
         }
-        r + 1 + self.tanh.rounds() as u64 + 1 + 1
+        r + product + self.tanh.rounds() as u64 + product + 1
     }
 }
 
@@ -835,7 +837,8 @@ impl MpcModel {
             };
             ctx.op("attention_matmul");
             let probs = probs.reshape(&[b * h, s, s])?;
-            let c = ctx.matmul(&probs, &v)?;
+            let c = ctx.run(&[Op::MatMul(&probs, &v)])?.remove(0);
+            let c = ctx.truncate_hot(&c, f)?;
             let c = AShare::new(ctx.party, merge_heads(&c.t, b, s, h, dh));
             ctx.op("linear");
             let ao = ctx.linear(&c, &lw.o, lw.o_b.as_ref(), f)?.add(&x)?;

@@ -733,7 +733,7 @@ impl Ctx {
 
     /// `x · W + bias` for P0's weight `W` `[k, n]` and bias `[n]` (`bias` is P0's; P1 passes
     /// `None`). `trunc` is the truncation of the product: `f` for fixed-point inputs, 0 for
-    /// integer inputs (one-hot rows).
+    /// integer inputs (one-hot rows); a hot spot ([`Ctx::truncate_hot`]).
     pub fn linear(
         &mut self,
         x: &AShare,
@@ -741,10 +741,9 @@ impl Ctx {
         bias: Option<&RingTensor>,
         trunc: u32,
     ) -> Result<AShare> {
-        let mut z = self
-            .run(&[Op::WeightMatMul(x, w)])?
-            .remove(0)
-            .truncate(trunc);
+        let z = self.run(&[Op::WeightMatMul(x, w)])?.remove(0);
+        // One value per token and output feature: a hot spot.
+        let mut z = self.truncate_hot(&z, trunc)?;
         if self.recording {
             // Offline: the dealer computes this product's half while P1 records the next one.
             self.pipeline_offline()?;
@@ -840,11 +839,13 @@ impl Ctx {
         let t = x.add_const(self.enc(h));
         let sq = self.run(&[Op::Square(&t)])?.remove(0);
         let log = a.abs().log2();
+        // A square per FFN activation: a hot spot.
         let y = if a > 0.0 && log.fract() == 0.0 && log <= 0.0 && (f as f64 - log) < 63.0 {
-            sq.truncate(f + (-log) as u32)
+            self.truncate_hot(&sq, f + (-log) as u32)?
         } else {
-            let s = sq.truncate(f);
-            AShare::new(self.party, s.t.mul_public_int(self.enc(a) as i64)).truncate(f)
+            let s = self.truncate_hot(&sq, f)?;
+            let s = AShare::new(self.party, s.t.mul_public_int(self.enc(a) as i64));
+            self.truncate_hot(&s, f)?
         };
         Ok(y.add_const(self.enc(k)))
     }
@@ -1015,7 +1016,8 @@ impl Ctx {
             .truncate_hot(&var, f)?
             .add_const(self.enc(eps / 4f64.powi(k as i32)));
         let w = self.inv_sqrt(&var, plan)?;
-        let mut y = self.run(&[Op::MulRow(&g, &w)])?.remove(0).truncate(f + k);
+        let y = self.run(&[Op::MulRow(&g, &w)])?.remove(0);
+        let mut y = self.truncate_hot(&y, f + k)?;
         if let (Party::P0, Some(b)) = (self.party, beta) {
             add_row_vector(&mut y.t, b)?;
         }

@@ -45,11 +45,17 @@
 //!
 //! # Where it is used
 //!
-//! [`Truncation::Exact`] (the default) runs it where the local truncation's failure probability
-//! adds up over a forward pass: every squaring of the teacher's exp, 2Quad's squares and their
-//! row sums, LayerNorm's row sums of squares, its `(x − μ)∘γ` and its variance, and the
-//! attention scores `QKᵀ`. Each such site costs one round more ([`Truncation::rounds`]); the
-//! other truncations (linear layers, `P·V`, Newton steps, polynomial terms) stay local.
+//! [`Truncation::Exact`] (the default) runs it at every **hot spot**: a truncation of one value
+//! per token and feature or per attention score, where the local truncation's failure
+//! probability adds up over a forward pass — every linear layer's output, `QKᵀ` and `P·V`,
+//! every squaring of the teacher's exp, 2Quad's squares and their row sums, Quad's square, the
+//! products inside GeLU's polynomial (and `x/T`, `(x/T)²`), LayerNorm's row sums of squares,
+//! `(x − μ)∘γ`, variance and output. Each costs one round more ([`Truncation::rounds`]; the
+//! truncations of one round share it). What stays local is per row or per sequence (Newton
+//! steps of the reciprocals and inverse square roots, means, the pooler's tanh), values whose
+//! probabilities sum to one per row (the softmax's and 2Quad's last product), and shifts of
+//! values at f bits (`x/2^n` before exp, `x/2` in GeLU): per BERT-base forward at length 512
+//! their failure probabilities sum to about 10⁻⁴ or less (README, "Limits").
 
 use super::protocols::{Ctx, Op};
 use super::share::{AShare, BShare, truncate_elem};
@@ -124,7 +130,8 @@ impl Ctx {
         Ok(self.truncate_exact_many(&[(x, bits)])?.remove(0))
     }
 
-    /// Several exact truncations, each by its own shift, in **one** round.
+    /// Several exact truncations, each by its own shift, in **one** round (none if every shift
+    /// is 0: that is the identity).
     pub fn truncate_exact_many(&mut self, xs: &[(&AShare, u32)]) -> Result<Vec<AShare>> {
         let party = self.party;
         if let Some((_, b)) = xs.iter().find(|(_, b)| *b > MAX_EXACT_BITS) {
@@ -132,10 +139,11 @@ impl Ctx {
                 "exact truncation by {b} bits: at most {MAX_EXACT_BITS}"
             )));
         }
-        let n: usize = xs.iter().map(|(x, _)| x.numel()).sum();
+        let active = || xs.iter().filter(|(_, b)| *b > 0);
+        let n: usize = active().map(|(x, _)| x.numel()).sum();
         let mut shifted = Vec::with_capacity(n);
         let mut own = Vec::with_capacity(n);
-        for (x, bits) in xs {
+        for (x, bits) in active() {
             for &v in &x.t.data {
                 let (t, b) = shift_and_borrow_bit(party, v, *bits);
                 shifted.push(t);
@@ -151,9 +159,13 @@ impl Ctx {
         let mut out = Vec::with_capacity(xs.len());
         let mut at = 0;
         for (x, bits) in xs {
+            if *bits == 0 {
+                out.push((*x).clone());
+                continue;
+            }
             let data = (at..at + x.numel())
                 .map(|j| {
-                    // 2b·2^(63−d) = b·2^(64−d) (0 for d = 0); P0 removes the bias, shifted.
+                    // 2b·2^(63−d) = b·2^(64−d); P0 removes the bias, shifted.
                     let fix = two_b[j].wrapping_shl(63 - bits);
                     let z = shifted[j].wrapping_add(fix);
                     match party {
