@@ -54,8 +54,8 @@
 //! truncations of one round share it). What stays local is per row or per sequence (Newton
 //! steps of the reciprocals and inverse square roots, means, the pooler's tanh), values whose
 //! probabilities sum to one per row (the softmax's and 2Quad's last product), and shifts of
-//! values at f bits (`x/2^n` before exp, `x/2` in GeLU): per BERT-base forward at length 512
-//! their failure probabilities sum to about 10⁻⁴ or less (README, "Limits").
+//! values at f bits (`x/2^n` before exp, `x/2` in GeLU): ~10⁵–10⁶ truncations of O(1) values
+//! per BERT-base forward at length 512 instead of ~10⁸ (README, "Limits").
 
 use super::protocols::{Ctx, Op};
 use super::share::{AShare, BShare, truncate_elem};
