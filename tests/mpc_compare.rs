@@ -1,6 +1,7 @@
 //! Issue 9's protocols against plaintext: comparison (`ltz`, ReLU, row max) near 0 and near
 //! the fixed-point limits, exp, BERT's masked softmax, GeLU over the range real activations
-//! reach, 2ReLU; rounds and bytes; the offline/online split.
+//! reach, 2ReLU; rounds and bytes; the offline/online split. Issue 16's exact truncation on
+//! share splits where SecureML's local truncation fails.
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use mpcformer::mpc::net::{Net, mem_pair};
 use mpcformer::mpc::protocols::{Ctx, NewtonKind, NewtonPlan};
 use mpcformer::mpc::ring::{FixedPoint, RingTensor};
 use mpcformer::mpc::share::{AShare, BShare};
+use mpcformer::mpc::trunc::Truncation;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
@@ -297,6 +299,16 @@ fn masked_softmax_matches_the_plaintext_model() {
         }
     }
     let rounds = r0.1.iter().find(|x| x.0 == "softmax").unwrap().1.rounds;
+    // 8 squarings, each followed by its exact truncation (the default).
+    assert_eq!(rounds as u32, 9 * 4 + 8 * 2 + plan.recip.rounds() + 1);
+    let (l0, l1) = two_party(|ctx| {
+        ctx.truncation = Truncation::Local;
+        ctx.op("softmax");
+        let p = ctx.softmax(pick(&s, ctx.party), &mask, &plan).unwrap();
+        (p, ctx.net.stats.snapshot())
+    });
+    assert!(max_err(&open(&l0.0, &l1.0), &want) <= 5e-3);
+    let rounds = l0.1.iter().find(|x| x.0 == "softmax").unwrap().1.rounds;
     assert_eq!(rounds as u32, 9 * 4 + 8 + plan.recip.rounds() + 1);
 }
 
@@ -339,7 +351,8 @@ fn gelu_matches_erf_gelu_over_real_activation_ranges() {
         plan.max_err
     );
     assert!(e <= 5e-4, "gelu: {e:.2e}");
-    assert_eq!(rounds as u32, plan.rounds());
+    assert_eq!(rounds as u32, plan.rounds(Truncation::Exact));
+    assert_eq!(plan.rounds(Truncation::Local), 13);
 }
 
 #[test]
@@ -415,4 +428,173 @@ fn comparisons_run_from_offline_material() {
         .map(|&v| 0.5 * v * (1.0 + erf(v / 2f64.sqrt())))
         .collect();
     assert!(max_err(&open(&r0.1, &r1.1), &want) <= 5e-4);
+}
+
+/// `⌊x / 2^d⌋` of a signed ring integer, computed apart from the protocol.
+fn floor_shift(x: u64, d: u32) -> i64 {
+    (x as i64) >> d
+}
+
+/// Share splits `x0 + x1 = x` on which SecureML's local truncation fails — `x0 ∈ [0, x)` for
+/// `x ≥ 0`, `x0 ∈ [2^64 + x, 2^64)` for `x < 0` (the two shares' difference wraps) — and
+/// splits near the exact protocol's own boundaries (`x0 + 2^62` or `−x1` at 0, 2^63, 2^64).
+fn adversarial_splits(x: u64) -> (Vec<u64>, Vec<u64>) {
+    let xi = x as i64;
+    let mut bad: Vec<u64> = if xi > 0 {
+        [0, 1, x / 2, x - 1]
+            .into_iter()
+            .filter(|&a| a < x)
+            .collect()
+    } else if xi < 0 {
+        let m = xi.unsigned_abs();
+        [0u64.wrapping_sub(m), 0u64.wrapping_sub(m / 2), u64::MAX]
+            .into_iter()
+            .filter(|&a| a != 0)
+            .collect()
+    } else {
+        vec![]
+    };
+    bad.sort_unstable();
+    bad.dedup();
+    let mut edges = Vec::new();
+    for base in [0u64, 1 << 62, 1 << 63, 3 << 62] {
+        for k in [0u64, 1, 2, 65535, 65536] {
+            edges.push(base.wrapping_add(k));
+            edges.push(base.wrapping_sub(k));
+            // x1 = −(base ± k): P1's negated share at the boundary.
+            edges.push(x.wrapping_add(base).wrapping_add(k));
+            edges.push(x.wrapping_add(base).wrapping_sub(k));
+        }
+    }
+    (bad, edges)
+}
+
+/// SecureML's local truncation opens to garbage on adversarial share splits; the exact one
+/// opens to `⌊x / 2^16⌋` or one more on every split (those, boundary splits and random ones),
+/// for products of every magnitude up to the protocol's limit `|x| < 2^62`, over several
+/// dealer seeds. One round, one bit per element each way.
+#[test]
+fn exact_truncation_is_right_where_local_truncation_fails() {
+    let d = 16;
+    let two32 = (1u64 << 32) as f64;
+    let mut xs: Vec<u64> = [5.0, -5.0, 0.75, -0.75, 1000.25, -1000.25, 3.0e-4, -3.0e-4]
+        .iter()
+        .map(|v: &f64| ((v * two32).round() as i64) as u64)
+        .collect();
+    xs.extend([
+        1u64,
+        u64::MAX,
+        (1 << 62) - 1,
+        (-(1i64 << 62)) as u64,
+        1 << 40,
+    ]);
+    let mut r = rng(40);
+    let (mut x0, mut want, mut local_bad) = (Vec::new(), Vec::new(), Vec::new());
+    for &x in &xs {
+        let (bad, edges) = adversarial_splits(x);
+        let random: Vec<u64> = (0..8).map(|_| r.next_u64()).collect();
+        for (i, s) in bad.iter().chain(&edges).chain(&random).enumerate() {
+            x0.push(*s);
+            want.push(x);
+            local_bad.push(i < bad.len());
+        }
+    }
+    let n = x0.len();
+    let x1: Vec<u64> = x0
+        .iter()
+        .zip(&want)
+        .map(|(a, x)| x.wrapping_sub(*a))
+        .collect();
+    let s = [
+        AShare::new(Party::P0, RingTensor::new(vec![n], x0.clone()).unwrap()),
+        AShare::new(Party::P1, RingTensor::new(vec![n], x1.clone()).unwrap()),
+    ];
+    // Local: the adversarial splits are off by about 2^48 units (garbage), the others by ≤ 1.
+    let local = AShare::reconstruct(&s[0].truncate(d), &s[1].truncate(d)).unwrap();
+    let mut failures = 0;
+    for i in 0..n {
+        let err = (local.data[i] as i64).wrapping_sub(floor_shift(want[i], d));
+        if local_bad[i] {
+            assert!(
+                err.unsigned_abs() > 1 << 40,
+                "split {i}: local truncation did not fail"
+            );
+            failures += 1;
+        }
+    }
+    assert!(failures >= 40, "{failures} adversarial splits");
+    for _dealer in 0..3 {
+        let (r0, r1) = two_party(|ctx| {
+            ctx.op("trunc");
+            let z = ctx.truncate_exact(pick(&s, ctx.party), d).unwrap();
+            (z, ctx.net.stats.snapshot())
+        });
+        let got = AShare::reconstruct(&r0.0, &r1.0).unwrap();
+        for (i, (&g, &x)) in got.data.iter().zip(&want).enumerate() {
+            let err = (g as i64).wrapping_sub(floor_shift(x, d));
+            assert!(err == 0 || err == 1, "split {i}: off by {err} units");
+        }
+        let st = &r0.1.iter().find(|x| x.0 == "trunc").unwrap().1;
+        assert_eq!(st.rounds, 1);
+        assert_eq!(
+            st.bytes_sent,
+            8 * (n.div_ceil(64) as u64 + 1),
+            "one bit each + header"
+        );
+    }
+    eprintln!(
+        "exact truncation: {n} splits ({failures} where local truncation fails) all within one ulp"
+    );
+}
+
+/// Random values of every magnitude below 2^62, random splits, several shifts in one round
+/// (`truncate_exact_many`): `⌊x / 2^d⌋` or one more, and rounding up about as often as the
+/// dropped fraction says (unbiased, as SecureML's).
+#[test]
+fn exact_truncation_many_shifts_in_one_round() {
+    let mut r = rng(41);
+    let n = 3000;
+    let vals: Vec<u64> = (0..n)
+        .map(|i| {
+            let v = (r.next_u64() >> (2 + i % 62)) as i64;
+            (if i % 2 == 0 { v } else { -v - 1 }) as u64
+        })
+        .collect();
+    let t = RingTensor::new(vec![n], vals.clone()).unwrap();
+    let s = shares_of(&t, 42);
+    let shifts = [0u32, 1, 16, 32, 48, 62];
+    let (r0, r1) = two_party(|ctx| {
+        let x = pick(&s, ctx.party);
+        let req: Vec<(&AShare, u32)> = shifts.iter().map(|&d| (x, d)).collect();
+        let z = ctx.truncate_exact_many(&req).unwrap();
+        assert!(
+            ctx.truncate_exact(x, 63).is_err(),
+            "2^(62−d) must be an integer"
+        );
+        (z, ctx.net.stats.total().rounds)
+    });
+    assert_eq!(r0.1, 1, "one round for all shifts");
+    for (k, &d) in shifts.iter().enumerate() {
+        let got = AShare::reconstruct(&r0.0[k], &r1.0[k]).unwrap();
+        let (mut ups, mut frac) = (0.0, 0.0);
+        for (i, (&g, &x)) in got.data.iter().zip(&vals).enumerate() {
+            let err = (g as i64).wrapping_sub(floor_shift(x, d));
+            assert!(err == 0 || err == 1, "d = {d}, element {i}: off by {err}");
+            ups += err as f64;
+            frac += if d == 0 {
+                0.0
+            } else {
+                (x & ((1u64 << d) - 1)) as f64 / 2f64.powi(d as i32)
+            };
+        }
+        if d == 0 {
+            assert_eq!(got, t, "d = 0 is the identity");
+        } else {
+            // Binomial: within 5 standard deviations of the expected count.
+            assert!(
+                (ups - frac).abs() < 5.0 * (n as f64).sqrt() / 2.0,
+                "d = {d}: {ups} vs {frac}"
+            );
+        }
+    }
 }

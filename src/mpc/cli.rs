@@ -27,6 +27,7 @@ use super::dealer::{Dealer, DealerClient, DealerStats};
 use super::model::{Input, MpcConfig, PartyReport, PlainWeights, ops_json, run_party};
 use super::net::{LAN, NetModel, OpStats, TcpChannel, WAN};
 use super::ring::matmul_kernel_name;
+use super::trunc::Truncation;
 use crate::bench::Shape;
 use crate::data::{self, Fields, Label, Order, Task, Tokenized};
 use crate::io::{HostTensor, load_safetensors, save_safetensors};
@@ -123,6 +124,9 @@ pub struct BenchArgs {
     /// does not fit in memory (the teacher at seq 512).
     #[arg(long)]
     pub no_offline: bool,
+    /// `exact` (default) or `local`: how the hot spots truncate (see `mpc::trunc`).
+    #[arg(long, default_value = "exact")]
+    pub truncation: String,
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
     #[arg(long)]
@@ -146,6 +150,9 @@ pub struct PartyArgs {
     /// No offline phase: correlated randomness drawn round by round (less memory).
     #[arg(long)]
     pub no_offline: bool,
+    /// `exact` (default) or `local`: how the hot spots truncate; both parties must agree.
+    #[arg(long, default_value = "exact")]
+    pub truncation: String,
     /// P0: address to listen on for P1 (port 0: any; the address is printed).
     #[arg(long)]
     pub listen: Option<String>,
@@ -319,6 +326,7 @@ fn party(a: PartyArgs) -> Result<()> {
     let (mut cfg, weights) =
         load_spec(&a.model, p == Party::P0, a.variant.as_deref(), a.exp_iters)?;
     cfg.offline = !a.no_offline;
+    cfg.truncation = Truncation::parse(&a.truncation)?;
     let dealer_chan = TcpChannel::connect(&a.dealer, timeout)?;
     let dealer = DealerClient::connect(p, Box::new(dealer_chan))?;
     let report = match p {
@@ -713,7 +721,8 @@ fn bench(a: BenchArgs) -> Result<()> {
     for &seq in &a.seq {
         let mut row: Vec<(String, Value)> = Vec::new();
         for variant in &variants {
-            let (cfg, _) = load_spec(&a.shape, false, variant.as_deref(), a.exp_iters)?;
+            let (mut cfg, _) = load_spec(&a.shape, false, variant.as_deref(), a.exp_iters)?;
+            cfg.truncation = Truncation::parse(&a.truncation)?;
             let m = &cfg.model;
             if seq == 0 || seq > m.max_position_embeddings {
                 bail!("--seq must be 1..={}", m.max_position_embeddings);
@@ -757,6 +766,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             if a.no_offline {
                 extra.push("--no-offline".to_string());
             }
+            extra.extend(["--truncation".to_string(), a.truncation.clone()]);
             let l = launch(&a.shape, &[hb], Duration::from_secs(a.timeout_s), &extra)?;
             let mut v = summary_json(&l);
             v["shape"] = json!(a.shape);

@@ -50,6 +50,7 @@ use super::dealer::bit_words;
 use super::protocols::{Ctx, NewtonPlan, Op, cheb_eval, cheb_interp};
 use super::ring::RingTensor;
 use super::share::{AShare, BShare};
+use super::trunc::Truncation;
 use super::{MpcError, Party, Result};
 use crate::model::approx::MASK_NEG;
 
@@ -210,10 +211,12 @@ impl GeluPlan {
         }
     }
 
-    /// Rounds: 8 (comparison) + 1 (square) + ⌈log2 degree⌉ (series) + 1 (selection).
-    pub fn rounds(&self) -> u32 {
+    /// Rounds: 8 (comparison) + 1 (square) + ⌈log2 degree⌉ (series) + 1 (selection), plus the
+    /// hot-spot truncations: `x/T` and `u²`, and 4 in the degree-8 polynomial ([`Ctx::poly8`]).
+    pub fn rounds(&self, t: Truncation) -> u32 {
         let n = self.coeffs.len().saturating_sub(1).max(1);
-        8 + 1 + (n as f64).log2().ceil() as u32 + 1
+        let hot = if self.coeffs.len() <= 9 { 2 + 4 } else { 2 };
+        8 + 1 + (n as f64).log2().ceil() as u32 + 1 + hot * t.rounds()
     }
 }
 
@@ -339,20 +342,24 @@ impl Ctx {
         Ok(AShare::new(party, RingTensor::new(vec![rows], cur)?))
     }
 
-    /// `exp(x) ≈ (1 + x/2^n)^(2^n)` for `x ∈ [−2^n, 0]` (n rounds of squaring). Outside that
-    /// range the base is negative and the result wrong (as CrypTen's): callers subtract the max
-    /// and choose `n` from the range.
+    /// `exp(x) ≈ (1 + x/2^n)^(2^n)` for `x ∈ [−2^n, 0]` (n rounds of squaring, each followed by
+    /// a hot-spot truncation: `n·(1 + truncation rounds)`). Outside that range the base is
+    /// negative and the result wrong (as CrypTen's): callers subtract the max and choose `n`
+    /// from the range.
     pub fn exp_limit(&mut self, x: &AShare, n: u32) -> Result<AShare> {
+        let f = self.f();
         let mut y = x.truncate(n).add_const(self.fp.one());
         for _ in 0..n {
-            y = self.square(&y)?;
+            // 8 squares per attention score: the most truncations of any op in the teacher.
+            let sq = self.run(&[Op::Square(&y)])?.remove(0);
+            y = self.truncate_hot(&sq, f)?;
         }
         Ok(y)
     }
 
     /// BERT's softmax over the last dimension of `scores` `[B, H, Lq, Lk]` with the public 0/1
     /// key mask `[B, Lk]`, as [`crate::model::approx::Attn::apply`] computes it: masked keys get
-    /// exactly 0. Rounds: ⌈log2 Lk⌉·9 (max) + n (exp) + reciprocal + 1.
+    /// exactly 0. Rounds: ⌈log2 Lk⌉·9 (max) + n·(1 + truncation rounds) (exp) + reciprocal + 1.
     pub fn softmax(
         &mut self,
         scores: &AShare,
@@ -446,13 +453,18 @@ impl Ctx {
     /// `Σ_{j ≤ 8} a_j s^j` in 3 rounds and 5 products: `s²`; `s³`, `s⁴`; `s⁴·B(s)` with
     /// `p = A(s) + s⁴·B(s)`, `A` of degree 3 and `B` of degree 4 summed locally (the Chebyshev
     /// recurrence needs 9 products for degree 8). For `|s| ≤ 1` with modest coefficients.
+    ///
+    /// Every product is per element, so every truncation is a hot spot
+    /// ([`Ctx::truncate_hot`]): `4·truncation rounds` more (`A` and `B` share theirs).
     pub fn poly8(&mut self, s: &AShare, a: &[f64]) -> Result<AShare> {
         let f = self.f();
         let mut a = a.to_vec();
         a.resize(9, 0.0);
-        let s2 = self.square(s)?;
+        let s2 = self.run(&[Op::Square(s)])?.remove(0);
+        let s2 = self.truncate_hot(&s2, f)?;
         let r = self.run(&[Op::Mul(s, &s2), Op::Square(&s2)])?;
-        let (s3, s4) = (r[0].truncate(f), r[1].truncate(f));
+        let mut r = self.truncate_hot_many(&[(&r[0], f), (&r[1], f)])?;
+        let (s3, s4) = (r.remove(0), r.remove(0));
         let pw = [s, &s2, &s3, &s4];
         let lin = |ctx: &Ctx, c: &[f64]| -> Result<AShare> {
             let mut acc = RingTensor::zeros(s.shape());
@@ -461,14 +473,14 @@ impl Ctx {
                     acc.add_assign(&pw[j - 1].t.mul_public_int(ctx.enc(cj) as i64))?;
                 }
             }
-            Ok(AShare::new(ctx.party, acc)
-                .truncate(f)
-                .add_const(ctx.enc(c[0])))
+            Ok(AShare::new(ctx.party, acc))
         };
-        let lo = lin(self, &a[..4])?;
-        let hi = lin(self, &a[4..9])?;
-        let t = self.mul(&s4, &hi)?;
-        lo.add(&t)
+        let (lo, hi) = (lin(self, &a[..4])?, lin(self, &a[4..9])?);
+        let mut lh = self.truncate_hot_many(&[(&lo, f), (&hi, f)])?;
+        let lo = lh.remove(0).add_const(self.enc(a[0]));
+        let hi = lh.remove(0).add_const(self.enc(a[4]));
+        let t = self.run(&[Op::Mul(&s4, &hi)])?.remove(0);
+        lo.add(&self.truncate_hot(&t, f)?)
     }
 
     /// GeLU ([`GeluPlan`]): one batched `ltz` of `x − T` and `x + T` (8 rounds), the series of
@@ -495,8 +507,10 @@ impl Ctx {
         let hi = self.not_bit(&below_t); // [x ≥ T]
         let inside = below_t.sub(&below_mt)?; // [−T ≤ x < T]
         // Series of h in s = 2u² − 1, u = x/T.
-        let u = AShare::new(party, x.t.mul_public_int(self.enc(1.0 / plan.t) as i64)).truncate(f);
-        let u2 = self.run(&[Op::Square(&u)])?.remove(0).truncate(f);
+        let u = AShare::new(party, x.t.mul_public_int(self.enc(1.0 / plan.t) as i64));
+        let u = self.truncate_hot(&u, f)?;
+        let u2 = self.run(&[Op::Square(&u)])?.remove(0);
+        let u2 = self.truncate_hot(&u2, f)?;
         let s = u2.mul_public_int(2).add_const(self.fp.one().wrapping_neg());
         let hs = if plan.coeffs.len() <= 9 {
             self.poly8(&s, &cheb_to_power(&plan.coeffs))?

@@ -19,14 +19,17 @@
 //! - **Fixed point**: a real `v` is encoded as the two's-complement ring element
 //!   `round(v · 2^f)`, with `f` fractional bits ([`DEFAULT_FRAC_BITS`] = 16, configurable through
 //!   [`ring::FixedPoint`]). A product of two encoded values carries `2f` fractional bits and is
-//!   brought back by SecureML's local probabilistic truncation (0 rounds; error bound in
+//!   brought back by the exact truncation of [`trunc`] wherever one value per element is
+//!   truncated (1 round, one bit per element each way; never a large error), elsewhere by
+//!   SecureML's local probabilistic truncation (0 rounds; error bound in
 //!   [`share::AShare::truncate`]).
 //!
 //! # Layers (each tested alone, CrypTen style)
 //!
 //! 1. [`ring`]: fixed-point encode/decode, [`ring::RingTensor`] and its local ops, the
 //!    cache-blocked wrapping `u64` matmul (the hot loop).
-//! 2. [`share`]: share/reconstruct, local ops on shares, truncation.
+//! 2. [`share`]: share/reconstruct, local ops on shares, truncation; [`trunc`]: the exact
+//!    truncation (issue 16).
 //! 3. [`dealer`]: correlated randomness from PRG seeds.
 //! 4. [`net`]: the [`net::Channel`] trait, an in-process pair and TCP with length-prefixed frames and
 //!    timeouts; rounds and bytes counted per op; LAN/WAN time model.
@@ -58,6 +61,7 @@ pub mod net;
 pub mod protocols;
 pub mod ring;
 pub mod share;
+pub mod trunc;
 
 use std::time::Duration;
 

@@ -41,9 +41,10 @@ use serde_json::Value;
 use super::compare::{GeluKind, GeluPlan, SoftmaxPlan};
 use super::dealer::{Dealer, DealerClient, DealerStats};
 use super::net::{Channel, Net, OpStats, mem_pair};
-use super::protocols::{ChebPlan, Ctx, NewtonKind, NewtonPlan, PrivWeight};
+use super::protocols::{ChebPlan, Ctx, NewtonKind, NewtonPlan, Op, PrivWeight};
 use super::ring::{FixedPoint, RingTensor};
 use super::share::{AShare, os_seed};
+use super::trunc::Truncation;
 use super::{MpcError, Party, Result};
 use crate::export::{MANIFEST, Manifest, OpRange};
 use crate::model::approx::{QUAD_A, QUAD_B, QUAD_C};
@@ -95,6 +96,8 @@ pub struct MpcConfig {
     /// teacher at BERT-base shapes and seq 512 needs more than 20 GB of material for one
     /// forward pass.
     pub offline: bool,
+    /// How the hot spots truncate (default exact; see [`super::trunc`]).
+    pub truncation: Truncation,
 }
 
 fn newton(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
@@ -226,6 +229,7 @@ impl MpcConfig {
             layers,
             tanh,
             offline: true,
+            truncation: Truncation::default(),
             ranges_from: if ranges.is_some() {
                 "manifest".into()
             } else {
@@ -275,27 +279,30 @@ impl MpcConfig {
     /// Rounds of one forward pass at sequence length `seq`, from the plans (setup and input
     /// excluded).
     pub fn rounds_per_forward(&self, seq: usize) -> u64 {
-        let ln = |p: &NewtonPlan| 2 + p.rounds() as u64;
+        // Each hot-spot truncation adds `tr` rounds (see `super::trunc`).
+        let tr = self.truncation.rounds() as u64;
+        let ln = |p: &NewtonPlan| 2 + 3 * tr + p.rounds() as u64;
+        let product = 1 + tr; // a linear layer, QKᵀ or P·V, truncated at a hot spot
         let levels = (seq.max(1) as f64).log2().ceil() as u64;
         let mut r = 1 + ln(&self.emb_ln);
         for l in &self.layers {
             // qkv, QKᵀ, attention weights, P·V, out, ln, ffn up, activation, ffn down, ln
             let attn = match (l.attn, &l.softmax) {
                 (Attn::Softmax, Some(sp)) => {
-                    9 * levels + sp.exp_iters as u64 + sp.recip.rounds() as u64 + 1
+                    9 * levels + sp.exp_iters as u64 * (1 + tr) + sp.recip.rounds() as u64 + 1
                 }
                 (Attn::TwoRelu, _) => 9 + 8 + l.recip.rounds() as u64 + 1,
-                _ => 1 + l.recip.rounds() as u64 + 1,
+                _ => 1 + tr + l.recip.rounds() as u64 + 1,
             };
             let act = match (&l.gelu, l.act) {
-                (Some(g), _) => g.rounds() as u64,
+                (Some(g), _) => g.rounds(self.truncation) as u64,
                 (None, Act::Relu) => 9,
-                _ => 1,
+                _ => 1 + tr,
             };
-            r += 1 + 1 + attn + 1 + 1 + ln(&l.attn_ln);
-            r += 1 + act + 1 + ln(&l.out_ln);
+            r += 4 * product + attn + ln(&l.attn_ln);
+            r += 2 * product + act + ln(&l.out_ln);
         }
-        r + 1 + self.tanh.rounds() as u64 + 1 + 1
+        r + product + self.tanh.rounds() as u64 + product + 1
     }
 }
 
@@ -811,7 +818,9 @@ impl MpcModel {
                 AShare::new(ctx.party, v),
             );
             ctx.op("attention_matmul");
-            let scores = ctx.matmul(&q, &kt)?.reshape(&[b, h, s, s])?;
+            // One score per query-key pair: a hot spot as soon as sequences are long.
+            let scores = ctx.run(&[Op::MatMul(&q, &kt)])?.remove(0);
+            let scores = ctx.truncate_hot(&scores, f)?.reshape(&[b, h, s, s])?;
             let probs = match (lp.attn, &lp.softmax) {
                 (Attn::Softmax, Some(sp)) => {
                     ctx.op("softmax");
@@ -828,7 +837,8 @@ impl MpcModel {
             };
             ctx.op("attention_matmul");
             let probs = probs.reshape(&[b * h, s, s])?;
-            let c = ctx.matmul(&probs, &v)?;
+            let c = ctx.run(&[Op::MatMul(&probs, &v)])?.remove(0);
+            let c = ctx.truncate_hot(&c, f)?;
             let c = AShare::new(ctx.party, merge_heads(&c.t, b, s, h, dh));
             ctx.op("linear");
             let ao = ctx.linear(&c, &lw.o, lw.o_b.as_ref(), f)?.add(&x)?;
@@ -1008,6 +1018,7 @@ pub fn run_party(
     dealer: DealerClient,
 ) -> Result<PartyReport> {
     let mut ctx = Ctx::new(cfg.fp(), Net::new(peer), dealer);
+    ctx.truncation = cfg.truncation;
     let t0 = Instant::now();
     let model = MpcModel::setup(&mut ctx, cfg, weights)?;
     let setup_s = t0.elapsed().as_secs_f64();

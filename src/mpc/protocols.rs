@@ -22,6 +22,7 @@ use super::dealer::{DealerClient, Material, Req, bit_words};
 use super::net::Net;
 use super::ring::{FixedPoint, PackedRhs, RingTensor, matmul_shape, matmul_u64_packed};
 use super::share::{AShare, BShare};
+use super::trunc::Truncation;
 use super::{MpcError, Party, Result};
 
 /// A weight private to P0 with its per-model mask opened to P1: P0 holds `W`, P1 holds
@@ -85,6 +86,11 @@ pub enum Op<'a> {
     /// B2A of `n` packed bits (XOR-shared): the bits as additively shared ring integers 0/1,
     /// with the dealer's shared random bits (open `b ⊕ r`, then `b = c + r − 2cr`).
     B2A(&'a BShare, usize),
+    /// `2·p·q` as additively shared ring integers for `n` packed bits `p` known to P0 alone and
+    /// `q` known to P1 alone (each party passes its own), from the same shared random bits as
+    /// [`Op::B2A`]: one bit per element each way. The doubled product is what comes out cheaply
+    /// (see [`super::trunc`]); the exact truncation only needs it times a power of two.
+    OwnedBitAnd(&'a BShare, usize),
 }
 
 fn shape_err(op: &str, lhs: &[usize], rhs: &[usize]) -> MpcError {
@@ -163,7 +169,7 @@ impl Op<'_> {
                 Req::And { n: x.len() }
             }
             Op::AndOwned(x) => Req::AndOwned { n: x.len() },
-            Op::B2A(x, n) => {
+            Op::B2A(x, n) | Op::OwnedBitAnd(x, n) => {
                 if x.len() != bit_words(*n) {
                     return Err(shape_err("b2a", &[x.len()], &[*n]));
                 }
@@ -181,7 +187,7 @@ impl Op<'_> {
             Op::MatMul(x, y) => matmul_shape(x.shape(), y.shape()),
             Op::WeightMatMul(x, w) => matmul_shape(x.shape(), &w.data.shape),
             Op::And(x, _) | Op::AndOwned(x) => Ok(vec![x.len()]),
-            Op::B2A(_, n) => Ok(vec![*n]),
+            Op::B2A(_, n) | Op::OwnedBitAnd(_, n) => Ok(vec![*n]),
         }
     }
 
@@ -198,8 +204,32 @@ impl Op<'_> {
             },
             Op::And(x, y) => x.len() + y.len(),
             Op::AndOwned(x) => x.len(),
-            Op::B2A(x, _) => x.len(),
+            Op::B2A(x, _) | Op::OwnedBitAnd(x, _) => x.len(),
         }
+    }
+}
+
+/// One party's share of `2·p·q` for P0's bit `p` and P1's bit `q`, given the opened
+/// `u = p ⊕ r0`, `v = q ⊕ r1` and this party's shares of the dealer's random bit
+/// `r = r0 ⊕ r1 = R0 + R1` (`own_bit` is `p` at P0, `q` at P1; `r_bin`, `r_arith` its `r_i`,
+/// `R_i`). Over the integers `q = v + (1 − 2v)·r1` and `p·r1 = u·r1 + (1 − 2u)·r0·r1`, and
+/// `2·r0·r1 = r0 + r1 − r`, so
+/// `2pq = 2p·v + (1 − 2v)·(2u·r1 + (1 − 2u)·(r0 + r1 − r))`: P0 takes the terms in `p` and
+/// `r0 − R0`, P1 those in `r1 − R1`. Only `2·r0·r1` has shares, not `r0·r1` (no halving in
+/// Z_2^64), hence the factor 2.
+fn owned_bit_and_share(
+    party: Party,
+    own_bit: u64,
+    u: u64,
+    v: u64,
+    r_bin: u64,
+    r_arith: u64,
+) -> u64 {
+    let sign = |b: u64, t: u64| if b == 1 { t.wrapping_neg() } else { t };
+    let cross = r_bin.wrapping_sub(r_arith); // r_i − R_i
+    match party {
+        Party::P0 => (2 * own_bit * v).wrapping_add(sign(v, sign(u, cross))),
+        Party::P1 => sign(v, (2 * u * r_bin).wrapping_add(sign(u, cross))),
     }
 }
 
@@ -235,6 +265,8 @@ struct PreRound {
 pub struct Ctx {
     pub party: Party,
     pub fp: FixedPoint,
+    /// How the hot spots truncate (both parties must agree: it changes the rounds).
+    pub truncation: Truncation,
     pub net: Net,
     pub dealer: DealerClient,
     /// Offline (preprocessing) pass in progress: rounds prepare material instead of running.
@@ -256,6 +288,7 @@ impl Ctx {
         Self {
             party: dealer.party(),
             fp,
+            truncation: Truncation::default(),
             net,
             dealer,
             recording: false,
@@ -503,7 +536,7 @@ impl Ctx {
                     Party::P0 => xor_into(&mut out, &x.words, &m.a),
                     Party::P1 => xor_into(&mut out, &x.words, &m.b),
                 },
-                Op::B2A(x, _) => xor_into(&mut out, &x.words, &m.a),
+                Op::B2A(x, _) | Op::OwnedBitAnd(x, _) => xor_into(&mut out, &x.words, &m.a),
             }
         }
         let peer = self.net.exchange(&out)?;
@@ -661,6 +694,19 @@ impl Ctx {
                     .collect();
                 AShare::new(party, RingTensor::new(vec![*n], data)?)
             }
+            Op::OwnedBitAnd(x, n) => {
+                let (u, v) = match party {
+                    Party::P0 => (mine, theirs),
+                    Party::P1 => (theirs, mine),
+                };
+                let data = (0..*n)
+                    .map(|j| {
+                        let bit = |w: &[u64]| (w[j / 64] >> (j % 64)) & 1;
+                        owned_bit_and_share(party, bit(&x.words), bit(u), bit(v), bit(&m.a), m.c[j])
+                    })
+                    .collect();
+                AShare::new(party, RingTensor::new(vec![*n], data)?)
+            }
         })
     }
 
@@ -687,7 +733,7 @@ impl Ctx {
 
     /// `x · W + bias` for P0's weight `W` `[k, n]` and bias `[n]` (`bias` is P0's; P1 passes
     /// `None`). `trunc` is the truncation of the product: `f` for fixed-point inputs, 0 for
-    /// integer inputs (one-hot rows).
+    /// integer inputs (one-hot rows); a hot spot ([`Ctx::truncate_hot`]).
     pub fn linear(
         &mut self,
         x: &AShare,
@@ -695,10 +741,9 @@ impl Ctx {
         bias: Option<&RingTensor>,
         trunc: u32,
     ) -> Result<AShare> {
-        let mut z = self
-            .run(&[Op::WeightMatMul(x, w)])?
-            .remove(0)
-            .truncate(trunc);
+        let z = self.run(&[Op::WeightMatMul(x, w)])?.remove(0);
+        // One value per token and output feature: a hot spot.
+        let mut z = self.truncate_hot(&z, trunc)?;
         if self.recording {
             // Offline: the dealer computes this product's half while P1 records the next one.
             self.pipeline_offline()?;
@@ -794,11 +839,13 @@ impl Ctx {
         let t = x.add_const(self.enc(h));
         let sq = self.run(&[Op::Square(&t)])?.remove(0);
         let log = a.abs().log2();
+        // A square per FFN activation: a hot spot.
         let y = if a > 0.0 && log.fract() == 0.0 && log <= 0.0 && (f as f64 - log) < 63.0 {
-            sq.truncate(f + (-log) as u32)
+            self.truncate_hot(&sq, f + (-log) as u32)?
         } else {
-            let s = sq.truncate(f);
-            AShare::new(self.party, s.t.mul_public_int(self.enc(a) as i64)).truncate(f)
+            let s = self.truncate_hot(&sq, f)?;
+            let s = AShare::new(self.party, s.t.mul_public_int(self.enc(a) as i64));
+            self.truncate_hot(&s, f)?
         };
         Ok(y.add_const(self.enc(k)))
     }
@@ -871,7 +918,9 @@ impl Ctx {
     /// (masked keys get exactly 0). Row sums are summed before truncating; the reciprocal works
     /// on `u = Z / 2^shift` and the final product is split as `(E / 2^a)·(w / 2^(shift − a))`
     /// so that its value (the probability) stays ≤ 1 and keeps its bits. The mask is applied
-    /// again after the last product, so padded keys contribute exactly 0 to `P·V`.
+    /// again after the last product, so padded keys contribute exactly 0 to `P·V`. The squares
+    /// and their row sums are truncated together at a hot spot ([`Ctx::truncate_hot`]: one
+    /// round more when exact).
     pub fn two_quad(
         &mut self,
         scores: &AShare,
@@ -903,10 +952,12 @@ impl Ctx {
                 .chunks(lk)
                 .map(|r| r.iter().fold(0u64, |acc, v| acc.wrapping_add(*v)))
                 .collect();
-        let z = AShare::new(self.party, RingTensor::new(vec![rows], z)?).truncate(f);
-        let w = self.reciprocal(&z, plan)?;
+        let z = AShare::new(self.party, RingTensor::new(vec![rows], z)?);
         let a_bits = plan.shift / 2;
-        let e = sq.truncate(f + a_bits).reshape(&[rows, lk])?;
+        // Both are squares at 2f bits, one per score: the student's most truncated values.
+        let mut zt = self.truncate_hot_many(&[(&z, f), (&sq, f + a_bits)])?;
+        let (z, e) = (zt.remove(0), zt.remove(0).reshape(&[rows, lk])?);
+        let w = self.reciprocal(&z, plan)?;
         let w = w.truncate(plan.shift - a_bits);
         let p = self.run(&[Op::MulRow(&e, &w)])?.remove(0).truncate(f);
         p.reshape(&s)?.mul_public(&mask_full)
@@ -916,7 +967,9 @@ impl Ctx {
     ///
     /// `μ` locally; then one round for both `(x − μ)²` (summed per row at 2f bits, truncated
     /// once) and `(x − μ)∘γ` (P0's γ, per-model mask); `σ² + eps` by one public product;
-    /// [`Ctx::inv_sqrt`]; one row-broadcast product; P0 adds β.
+    /// [`Ctx::inv_sqrt`]; one row-broadcast product; P0 adds β. The row sums with `(x − μ)∘γ`,
+    /// then the variance, are hot-spot truncations ([`Ctx::truncate_hot`]: two rounds more when
+    /// exact).
     ///
     /// With `plan.input_shift = k > 0` (rows of large variance, e.g. MiniLM's outlier
     /// dimensions: σ² up to 1880), `x − μ` is divided by `2^k` before squaring and `eps` by
@@ -954,13 +1007,17 @@ impl Ctx {
         let k = plan.input_shift;
         let dxs = dx.truncate(k);
         let r = self.run(&[Op::Square(&dxs), Op::WeightElem(&dx, gamma)])?;
-        let s = AShare::new(self.party, RingTensor::new(vec![rows], row_sum(&r[0].t))?).truncate(f);
-        let var = AShare::new(self.party, s.t.mul_public_int(inv_d as i64))
-            .truncate(f)
+        let s = AShare::new(self.party, RingTensor::new(vec![rows], row_sum(&r[0].t))?);
+        // Row sums of d squares and d products with γ: as many truncated values as the input.
+        let mut sg = self.truncate_hot_many(&[(&s, f), (&r[1], f)])?;
+        let (s, g) = (sg.remove(0), sg.remove(0));
+        let var = AShare::new(self.party, s.t.mul_public_int(inv_d as i64));
+        let var = self
+            .truncate_hot(&var, f)?
             .add_const(self.enc(eps / 4f64.powi(k as i32)));
-        let g = r[1].truncate(f);
         let w = self.inv_sqrt(&var, plan)?;
-        let mut y = self.run(&[Op::MulRow(&g, &w)])?.remove(0).truncate(f + k);
+        let y = self.run(&[Op::MulRow(&g, &w)])?.remove(0);
+        let mut y = self.truncate_hot(&y, f + k)?;
         if let (Party::P0, Some(b)) = (self.party, beta) {
             add_row_vector(&mut y.t, b)?;
         }

@@ -194,7 +194,9 @@ impl AShare {
     /// fractional bits, `X = v·2^(2f)` for the real product `v`, so the failure probability per
     /// element is at most `|v| · 2^(2f−64)`: with `f = 16`, `2^-32·|v|` (about 2.3·10⁻¹⁰ for
     /// |v| = 1, 2.3·10⁻⁸ for |v| = 100). Products that feed a sum are summed before truncating
-    /// (same total failure probability, one rounding error instead of one per term).
+    /// (same total failure probability, one rounding error instead of one per term). The
+    /// engine uses it only where that probability stays small; elsewhere
+    /// [`super::protocols::Ctx::truncate_hot`] runs the exact truncation of [`super::trunc`].
     pub fn truncate(&self, bits: u32) -> AShare {
         if bits == 0 {
             return self.clone();
