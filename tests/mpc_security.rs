@@ -405,8 +405,9 @@ fn p0_refuses_an_absurd_input_shape() {
     }
 }
 
-/// Connect-and-close, garbage bytes and a non-mpcformer frame before the real peer: P0's and
-/// the dealer's listeners drop them and serve the real parties (plaintext and TLS).
+/// Connect-and-close, garbage bytes, a non-mpcformer frame and a silent connection before the
+/// real peer: P0's and the dealer's listeners drop them and serve the real parties (plaintext
+/// and TLS).
 #[test]
 fn a_port_scan_before_the_peer_does_not_end_the_session() {
     // Plaintext.
@@ -433,7 +434,12 @@ fn a_port_scan_before_the_peer_does_not_end_the_session() {
     let (d_addr, dealer) = spawn_dealer(tls(&set, Role::Dealer), [[3; 32], [4; 32]]);
     port_scan(&p0_addr);
     port_scan(&d_addr);
+    // A connection that says nothing holds P0's listener for HANDSHAKE_TIMEOUT at most; the real
+    // P1, right behind it, waits out that time in its own handshake.
+    let silent = TcpStream::connect(&p0_addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
     real_session(&set, p0, &p0_addr, &d_addr, &s, [3; 32]);
+    drop(silent);
     dealer.join().unwrap().unwrap();
 }
 

@@ -154,11 +154,14 @@ pub fn connect(
     server: Role,
     timeout: Duration,
 ) -> Result<TcpChannel> {
-    let stream = connect_stream(addr, timeout)?;
+    let stream = connect_stream(addr, timeout)
+        .map_err(|e| session_err(me, addr, &format!("connecting to {server}"), e))?;
     match sec {
         Security::Plaintext => TcpChannel::from_stream(stream, timeout),
         Security::Tls(id) => {
-            let by = Instant::now() + HANDSHAKE_TIMEOUT.min(timeout);
+            // The whole timeout, not HANDSHAKE_TIMEOUT: the server may first be busy dropping a
+            // stray that holds its handshake open.
+            let by = Instant::now() + timeout;
             TcpChannel::tls(stream, id.client_conn(server)?, timeout, by)
                 .map_err(|e| session_err(me, addr, &format!("TLS handshake with {server}"), e))
         }

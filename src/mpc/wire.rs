@@ -482,43 +482,47 @@ impl TcpChannel {
 
     fn handshake(&mut self, deadline: Instant) -> Result<()> {
         let op = "TLS handshake";
-        let timeout = self.timeout;
         loop {
-            let Link::Tls(c) = &mut self.link else {
+            let mut moved = self.flush(op)?;
+            let Link::Tls(c) = &self.link else {
                 return Ok(());
             };
-            let (busy, reading) = (c.is_handshaking(), c.wants_read());
-            let mut moved = self.flush(op)?;
-            if !busy && !self.link.wants_write() {
+            if !c.is_handshaking() && !c.wants_write() {
                 return Ok(());
             }
-            let Link::Tls(c) = &mut self.link else {
-                return Ok(());
-            };
-            if busy && reading {
-                let mut r = SockReader {
-                    sock: &mut self.sock,
-                    sin: &mut self.sin,
-                };
-                match c.read_tls(&mut r) {
-                    Ok(0) => return Err(MpcError::PeerClosed { op: op.into() }),
-                    Ok(_) => {
-                        moved = true;
-                        if let Err(e) = c.process_new_packets() {
-                            // Best effort: the alert tells the peer why.
-                            let _ = self.flush(op);
-                            return Err(io_err(op, tls_io(e), timeout));
-                        }
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(io_err(op, e, timeout)),
-                }
+            let reading = c.is_handshaking() && c.wants_read();
+            if reading {
+                moved |= self.handshake_read(op)?;
             }
             if !moved {
                 let write = self.link.wants_write();
-                wait(&self.sock, busy && reading, write, deadline)
-                    .map_err(|e| io_err(op, e, timeout))?;
+                wait(&self.sock, reading, write, deadline)
+                    .map_err(|e| io_err(op, e, self.timeout))?;
             }
+        }
+    }
+
+    /// Reads and processes what the socket has of the peer's handshake; whether anything came.
+    fn handshake_read(&mut self, op: &str) -> Result<bool> {
+        let Link::Tls(c) = &mut self.link else {
+            return Ok(false);
+        };
+        let mut r = SockReader {
+            sock: &mut self.sock,
+            sin: &mut self.sin,
+        };
+        match c.read_tls(&mut r) {
+            Ok(0) => Err(MpcError::PeerClosed { op: op.into() }),
+            Ok(_) => match c.process_new_packets() {
+                Ok(_) => Ok(true),
+                Err(e) => {
+                    // Best effort: the alert rustls queued tells the peer why.
+                    let _ = self.flush(op);
+                    Err(io_err(op, tls_io(e), self.timeout))
+                }
+            },
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(io_err(op, e, self.timeout)),
         }
     }
 
