@@ -16,10 +16,12 @@ use mpcformer::io::{HostTensor, batch_from_safetensors};
 use mpcformer::model::{Act, Attn, Overrides, load_pretrained};
 use mpcformer::mpc::dealer::{Dealer, DealerClient};
 use mpcformer::mpc::model::{Input, MpcConfig, PlainWeights, run_in_process};
-use mpcformer::mpc::net::{Net, TcpChannel, mem_pair};
+use mpcformer::mpc::net::{Net, mem_pair};
 use mpcformer::mpc::protocols::{ChebPlan, Ctx, NewtonKind, NewtonPlan, Op, PrivWeight};
 use mpcformer::mpc::ring::{FixedPoint, RingTensor};
+use mpcformer::mpc::session::{Security, serve_dealer};
 use mpcformer::mpc::share::AShare;
+use mpcformer::mpc::tls::{CertSet, Role};
 use mpcformer::mpc::{MpcError, Party};
 use mpcformer::tokenize::HostBatch;
 use rand_chacha::ChaCha20Rng;
@@ -842,6 +844,8 @@ fn mpc_run_cli_two_processes_on_loopback() {
     }
     assert_eq!(v["n"], 12);
     assert_eq!(v["agreement"], 1.0);
+    // TLS unless asked otherwise.
+    assert_eq!(v["transport"], "tls13");
     assert!(v["max_logit_diff"].as_f64().unwrap() <= LOGIT_TOL);
     assert!(v["ops"].get("layernorm").is_some() && v["ops"].get("2quad").is_some());
     // A saved batch instead of a task.
@@ -850,10 +854,14 @@ fn mpc_run_cli_two_processes_on_loopback() {
         .arg(&exp)
         .arg("--batch")
         .arg(fixtures().join("tiny-bert/batch0.safetensors"))
+        .arg("--insecure-plaintext")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("agreement with plaintext 1.0"));
+    let so = String::from_utf8_lossy(&o.stdout);
+    assert!(so.contains("agreement with plaintext 1.0"), "{so}");
+    assert!(so.contains("transport: plaintext"), "{so}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--insecure-plaintext"));
 }
 
 /// P0 and P1 as two OS processes over TCP (dealer in this process); P1 is killed during setup
@@ -863,16 +871,14 @@ fn killing_a_party_ends_the_other_with_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let dl = TcpListener::bind("127.0.0.1:0").unwrap();
     let daddr = dl.local_addr().unwrap().to_string();
+    let certs = tmp.path().join("certs");
+    let set = CertSet::generate().unwrap();
+    set.write_dir(&certs, false).unwrap();
+    let sec = Security::Tls(Arc::new(set.identity(Role::Dealer).unwrap()));
     let dealer = std::thread::spawn(move || {
         // Generous: under load (a full `cargo test` on 2 cores) the parties take long to start.
         let t = Duration::from_secs(120);
-        let mut d = Dealer::new();
-        let mut a = TcpChannel::accept(&dl, t).unwrap();
-        let pa = d.hello(&mut a).unwrap();
-        let mut b = TcpChannel::accept(&dl, t).unwrap();
-        d.hello(&mut b).unwrap();
-        let p1 = if pa == Party::P1 { &mut a } else { &mut b };
-        let _ = d.serve(p1);
+        let _ = serve_dealer(&dl, &sec, &mut Dealer::new(), t);
     });
     let timeout_s = 10;
     let mut p0 = mpcformer()
@@ -887,6 +893,8 @@ fn killing_a_party_ends_the_other_with_a_clear_error() {
             "127.0.0.1:0",
         ])
         .args(["--dealer", &daddr, "--timeout-s", &timeout_s.to_string()])
+        .arg("--certs")
+        .arg(&certs)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -923,6 +931,8 @@ fn killing_a_party_ends_the_other_with_a_clear_error() {
             "--inputs",
         ])
         .arg(&inputs)
+        .arg("--certs")
+        .arg(&certs)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

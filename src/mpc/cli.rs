@@ -10,6 +10,9 @@
 //!   weights for a named shape), one per-op table per length (time, rounds, bytes per party),
 //!   totals, LAN/WAN modelled times and every variant's speedup over the teacher.
 //! - `mpc party` / `mpc dealer`: one party or the dealer, e.g. on separate machines.
+//! - `mpc certs --out DIR`: a CA and a certificate and key per role ([`super::tls`]); every
+//!   role then takes `--certs DIR`. Links are mutual TLS 1.3 unless `--insecure-plaintext`;
+//!   `mpc run` and `mpc bench` make throwaway certificates for their loopback session.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -23,10 +26,12 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use super::Party;
-use super::dealer::{Dealer, DealerClient, DealerStats};
+use super::dealer::{Dealer, DealerStats};
 use super::model::{Input, MpcConfig, PartyReport, PlainWeights, ops_json, run_party};
-use super::net::{LAN, NetModel, OpStats, TcpChannel, WAN};
+use super::net::{LAN, NetModel, OpStats, Transport, WAN};
 use super::ring::matmul_kernel_name;
+use super::session::{Security, accept_p1, connect_dealer, connect_p0, serve_dealer};
+use super::tls::{CertPaths, CertSet, Role, TlsIdentity};
 use super::trunc::Truncation;
 use crate::bench::Shape;
 use crate::data::{self, Fields, Label, Order, Task, Tokenized};
@@ -59,14 +64,81 @@ Variants: teacher (= gelu+softmax), quad (= quad+softmax), quad+2relu, quad+2qua
 <act>+<attn> with act gelu|gelu_tanh|relu|quad and attn softmax|2quad|2relu.")]
     Bench(BenchArgs),
     /// One party (P0 holds the model, P1 the inputs), e.g. on its own machine.
-    #[command(after_help = "Example (three machines):
-  mpcformer mpc dealer --listen 0.0.0.0:7001
-  mpcformer mpc party --party 0 --model exports/quickstart --listen 0.0.0.0:7000 --dealer D:7001
-  mpcformer mpc party --party 1 --model exports/quickstart --peer P0:7000 --dealer D:7001 \\
-      --inputs batch.safetensors --report p1.json")]
+    #[command(
+        after_help = "Example (three machines; copy ca.pem and each role's .pem/.key to it):
+  mpcformer mpc certs --out certs
+  mpcformer mpc dealer --certs certs --listen D:7001
+  mpcformer mpc party --party 0 --certs certs --model exports/quickstart --listen P0:7000 --dealer D:7001
+  mpcformer mpc party --party 1 --certs certs --model exports/quickstart --peer P0:7000 --dealer D:7001 \\
+      --inputs batch.safetensors --report p1.json
+
+D and P0 are the addresses to listen on (an interface's address, or 0.0.0.0 for all: the links
+are mutual TLS, so only holders of this CA's certificates get past the handshake)."
+    )]
     Party(PartyArgs),
     /// The dealer: hands out seeds and P1's shares of the products.
     Dealer(DealerArgs),
+    /// Writes a CA and a certificate and key for each role (P0, P1, dealer) for `--certs`.
+    #[command(
+        after_help = "Layout of DIR: ca.pem (every role), p0.pem + p0.key, p1.pem + p1.key,
+dealer.pem + dealer.key. Keys are written with mode 0600; the CA's key is not kept. Each role
+needs ca.pem and its own pair only; certificates are valid for a year."
+    )]
+    Certs(CertsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CertsArgs {
+    /// Directory to write into (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace existing keys (every role's certificate must then be copied again).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// How a role secures its links.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Certificates directory (`mpc certs`): `ca.pem` and this role's `<role>.pem` / `.key`.
+    #[arg(long)]
+    pub certs: Option<PathBuf>,
+    /// CA certificate (overrides `--certs`'s).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// This role's certificate (overrides `--certs`'s).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This role's private key (overrides `--certs`'s).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// No TLS: nothing encrypted, roles not authenticated. Loopback tests and benchmarks only.
+    #[arg(long, conflicts_with_all = ["certs", "ca", "cert", "key"])]
+    pub insecure_plaintext: bool,
+}
+
+const PLAINTEXT_WARNING: &str = "warning: --insecure-plaintext: the MPC links are neither encrypted nor authenticated (anyone who can connect can take a role); use it on loopback only";
+
+impl TlsArgs {
+    fn security(&self, role: Role) -> Result<Security> {
+        if self.insecure_plaintext {
+            eprintln!("{role}: {PLAINTEXT_WARNING}");
+            return Ok(Security::Plaintext);
+        }
+        let paths = CertPaths::resolve(
+            self.certs.as_deref(),
+            role,
+            self.ca.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+        )
+        .with_context(|| {
+            format!("{role}: give --certs DIR (from `mpcformer mpc certs`), or --ca, --cert and --key; or --insecure-plaintext on loopback")
+        })?;
+        Ok(Security::Tls(std::sync::Arc::new(TlsIdentity::load(
+            role, &paths,
+        )?)))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -100,6 +172,9 @@ pub struct RunArgs {
     /// Write the report as JSON.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Plain TCP between the in-process roles instead of TLS with throwaway certificates.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +206,9 @@ pub struct BenchArgs {
     pub timeout_s: u64,
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Plain TCP between the in-process roles instead of TLS with throwaway certificates.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
 }
 
 #[derive(Args, Debug)]
@@ -170,14 +248,19 @@ pub struct PartyArgs {
     pub report: Option<PathBuf>,
     #[arg(long, default_value_t = 120)]
     pub timeout_s: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct DealerArgs {
     #[arg(long)]
     pub listen: String,
+    /// Seconds to wait for both parties (and for each of P1's requests).
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 pub fn main(args: MpcArgs) -> Result<()> {
@@ -186,6 +269,7 @@ pub fn main(args: MpcArgs) -> Result<()> {
         MpcCommand::Bench(a) => bench(a),
         MpcCommand::Party(a) => party(a),
         MpcCommand::Dealer(a) => dealer_main(a),
+        MpcCommand::Certs(a) => certs_main(a),
     }
 }
 
@@ -323,30 +407,35 @@ pub fn read_inputs(path: &Path) -> Result<Vec<HostBatch>> {
 fn party(a: PartyArgs) -> Result<()> {
     let p = Party::from_index(a.party).context("--party must be 0 or 1")?;
     let timeout = Duration::from_secs(a.timeout_s);
+    let sec = a.tls.security(p.into())?;
     let (mut cfg, weights) =
         load_spec(&a.model, p == Party::P0, a.variant.as_deref(), a.exp_iters)?;
     cfg.offline = !a.no_offline;
     cfg.truncation = Truncation::parse(&a.truncation)?;
-    let dealer_chan = TcpChannel::connect(&a.dealer, timeout)?;
-    let dealer = DealerClient::connect(p, Box::new(dealer_chan))?;
+    let settings = cfg.settings();
     let report = match p {
         Party::P0 => {
             let listen = a.listen.as_deref().context("P0 needs --listen")?;
-            let l = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+            let l = TcpListener::bind(listen).with_context(|| format!("P0: binding {listen}"))?;
             println!("MPC_LISTENING {}", l.local_addr()?);
             std::io::Write::flush(&mut std::io::stdout())?;
-            let chan = TcpChannel::accept(&l, timeout)?;
-            run_party(p, cfg, weights.as_ref(), None, Box::new(chan), dealer)?
+            let (chan, sid) = accept_p1(&l, &sec, &settings, timeout)?;
+            let peer = chan.peer_addr().to_string();
+            let dealer = connect_dealer(&a.dealer, &sec, p, sid, timeout)?;
+            run_party(p, cfg, weights.as_ref(), None, Box::new(chan), dealer)
+                .with_context(|| format!("P0: session with P1 at {peer}"))?
         }
         Party::P1 => {
             let peer = a.peer.as_deref().context("P1 needs --peer")?;
             let path = a.inputs.as_deref().context("P1 needs --inputs")?;
             let inputs: Vec<Input> = read_inputs(path)?.iter().map(Input::from_host).collect();
-            let chan = TcpChannel::connect(peer, timeout)?;
+            let (chan, sid) = connect_p0(peer, &sec, &settings, timeout)?;
             // For scripts and tests: the session with P0 has begun.
             println!("MPC_CONNECTED");
             std::io::Write::flush(&mut std::io::stdout())?;
-            run_party(p, cfg, None, Some(&inputs), Box::new(chan), dealer)?
+            let dealer = connect_dealer(&a.dealer, &sec, p, sid, timeout)?;
+            run_party(p, cfg, None, Some(&inputs), Box::new(chan), dealer)
+                .with_context(|| format!("P1: session with P0 at {peer}"))?
         }
     };
     if let Some(path) = &a.report {
@@ -355,29 +444,37 @@ fn party(a: PartyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Accepts both parties, hands out seeds, serves P1.
-fn dealer_serve(l: TcpListener, timeout: Duration) -> Result<DealerStats> {
+/// Serves one session on `l`: both parties' seeds, then P1's requests.
+fn dealer_serve(l: TcpListener, sec: &Security, timeout: Duration) -> Result<DealerStats> {
     let mut dealer = Dealer::new();
-    // Each party gets its seed as soon as it connects (P0 waits for it before listening).
-    let mut a = TcpChannel::accept(&l, timeout)?;
-    let pa = dealer.hello(&mut a)?;
-    let mut b = TcpChannel::accept(&l, timeout)?;
-    let pb = dealer.hello(&mut b)?;
-    if pa == pb {
-        bail!("dealer: both connections claim to be the same party");
-    }
-    let p1 = if pa == Party::P1 { &mut a } else { &mut b };
-    dealer.serve(p1)?;
+    serve_dealer(&l, sec, &mut dealer, timeout)?;
     Ok(dealer.stats)
 }
 
 fn dealer_main(a: DealerArgs) -> Result<()> {
-    let l = TcpListener::bind(&a.listen).with_context(|| format!("binding {}", a.listen))?;
-    eprintln!("dealer listening on {}", l.local_addr()?);
-    let s = dealer_serve(l, Duration::from_secs(a.timeout_s))?;
+    let sec = a.tls.security(Role::Dealer)?;
+    let l =
+        TcpListener::bind(&a.listen).with_context(|| format!("dealer: binding {}", a.listen))?;
+    eprintln!(
+        "dealer listening on {} ({})",
+        l.local_addr()?,
+        sec.transport().name()
+    );
+    let s = dealer_serve(l, &sec, Duration::from_secs(a.timeout_s))?;
     eprintln!(
         "dealer done: {} items in {} rounds, sent {} bytes, received {} bytes",
         s.items, s.rounds, s.bytes_sent, s.bytes_recv
+    );
+    Ok(())
+}
+
+fn certs_main(a: CertsArgs) -> Result<()> {
+    let written = CertSet::generate()?.write_dir(&a.out, a.force)?;
+    for p in written {
+        println!("wrote {}", p.display());
+    }
+    println!(
+        "copy ca.pem and each role's <role>.pem and <role>.key to its machine; keep the .key files private"
     );
     Ok(())
 }
@@ -387,11 +484,29 @@ struct Launched {
     p1: PartyReport,
     dealer: DealerStats,
     wall_s: f64,
+    transport: Transport,
 }
 
 fn kill(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The dealer's security and the parties' flags for a loopback session: TLS with certificates
+/// made for this session alone (written into `tmp`, which goes with it), or plaintext.
+fn loopback_security(tmp: &Path, plaintext: bool) -> Result<(Security, Vec<String>)> {
+    if plaintext {
+        eprintln!("{PLAINTEXT_WARNING}");
+        return Ok((Security::Plaintext, vec!["--insecure-plaintext".into()]));
+    }
+    let dir = tmp.join("certs");
+    let set = CertSet::generate()?;
+    set.write_dir(&dir, false)?;
+    let sec = Security::Tls(std::sync::Arc::new(set.identity(Role::Dealer)?));
+    Ok((
+        sec,
+        vec!["--certs".into(), dir.to_string_lossy().into_owned()],
+    ))
 }
 
 /// Starts the dealer (thread) and both parties (processes) on loopback; `extra` goes to both
@@ -401,13 +516,16 @@ fn launch(
     inputs: &[HostBatch],
     timeout: Duration,
     extra: &[String],
+    plaintext: bool,
 ) -> Result<Launched> {
     let tmp = tempfile::tempdir()?;
     let inputs_path = tmp.path().join("inputs.safetensors");
     write_inputs(&inputs_path, inputs)?;
+    let (sec, sec_args) = loopback_security(tmp.path(), plaintext)?;
+    let transport = sec.transport();
     let dl = TcpListener::bind("127.0.0.1:0")?;
     let dealer_addr = dl.local_addr()?.to_string();
-    let dealer = std::thread::spawn(move || dealer_serve(dl, timeout));
+    let dealer = std::thread::spawn(move || dealer_serve(dl, &sec, timeout));
     let exe = std::env::current_exe()?;
     let t = Instant::now();
     let common = |p: usize| {
@@ -415,6 +533,7 @@ fn launch(
         c.args(["mpc", "party", "--party", &p.to_string(), "--model", model])
             .args(["--dealer", &dealer_addr])
             .args(["--timeout-s", &timeout.as_secs().to_string()])
+            .args(&sec_args)
             .args(extra)
             .arg("--report")
             .arg(tmp.path().join(format!("p{p}.json")));
@@ -467,6 +586,7 @@ fn launch(
         p1: read(1)?,
         dealer: dstats?,
         wall_s,
+        transport,
     })
 }
 
@@ -564,6 +684,7 @@ fn summary_json(l: &Launched) -> Value {
         "wan": model(WAN),
         "lan_s": LAN.total_time(forward_s, rounds, max_dir),
         "wan_s": WAN.total_time(forward_s, rounds, max_dir),
+        "transport": l.transport.name(),
         "matmul_kernel": matmul_kernel_name(),
         "threads": rayon::current_num_threads(),
     })
@@ -571,6 +692,13 @@ fn summary_json(l: &Launched) -> Value {
 
 fn print_summary(l: &Launched, v: &Value) {
     print!("{}", op_table(l));
+    println!(
+        "transport: {}",
+        match l.transport {
+            Transport::Tls13 => "tls13 (mutual TLS 1.3, certificates made for this session)",
+            Transport::Plaintext => "plaintext (--insecure-plaintext)",
+        }
+    );
     let b = &v["bytes_per_party"];
     println!(
         "forward (online): {:.3} s wall, {} rounds, P0 sent {:.2} MiB, P1 sent {:.2} MiB; dealer {:.2} MiB; setup (once per model) {:.3} s, {:.2} MiB",
@@ -767,7 +895,13 @@ fn bench(a: BenchArgs) -> Result<()> {
                 extra.push("--no-offline".to_string());
             }
             extra.extend(["--truncation".to_string(), a.truncation.clone()]);
-            let l = launch(&a.shape, &[hb], Duration::from_secs(a.timeout_s), &extra)?;
+            let l = launch(
+                &a.shape,
+                &[hb],
+                Duration::from_secs(a.timeout_s),
+                &extra,
+                a.insecure_plaintext,
+            )?;
             let mut v = summary_json(&l);
             v["shape"] = json!(a.shape);
             v["variant"] = json!(name);
@@ -897,7 +1031,13 @@ fn run(a: RunArgs) -> Result<()> {
         .exp_iters
         .map(|n| vec!["--exp-iters".to_string(), n.to_string()])
         .unwrap_or_default();
-    let l = launch(&model_s, &batches, Duration::from_secs(a.timeout_s), &extra)?;
+    let l = launch(
+        &model_s,
+        &batches,
+        Duration::from_secs(a.timeout_s),
+        &extra,
+        a.insecure_plaintext,
+    )?;
     let mpc = &l.p1.logits;
     if mpc.len() != plain.len() {
         bail!("P1 returned {} logits, expected {}", mpc.len(), plain.len());

@@ -30,6 +30,14 @@
 //! Requests of one round travel in one frame (a few words per item) and their answers in one
 //! frame back, while the parties exchange their own round.
 //!
+//! **Seeds and sessions.** A party's hello names the session ([`super::session::SessionId`]);
+//! the dealer ([`Dealer::greet`]) binds itself to the first session it hears of, takes the
+//! party's role from its authenticated certificate when there is one (a hello claiming another
+//! role is refused), and hands each role's seed at most once. **Bounds.** A request frame is
+//! capped ([`MAX_REQUEST_WORDS`]), every item's size is computed with checked arithmetic and a
+//! round's material is capped ([`DEFAULT_MAX_ROUND_WORDS`]); the cache of weight masks is bounded
+//! ([`MAX_CACHED_MASK_WORDS`]).
+//!
 //! **Weights** are P0's and fixed across inferences. Each private weight `W` (id `j`) gets a
 //! per-model mask `B0 = PRG(s0, stream 1 + j)`; P0 sends `F = W − B0` to P1 **once per model**
 //! (setup). A product `x·W` then needs, per inference, only P1's `e = x1 − a` (P1 → P0) for a
@@ -43,8 +51,56 @@ use rand_core::{RngCore, SeedableRng};
 
 use super::net::{Channel, FRAME_HEADER_BYTES};
 use super::ring::{PackedRhs, matmul_u64, matmul_u64_packed};
+use super::session::{PROTOCOL_VERSION, SessionId};
 use super::share::os_seed;
 use super::{MpcError, Party, Result};
+
+/// Largest request frame the dealer reads (a few words per item; a round has at most thousands
+/// of items).
+pub const MAX_REQUEST_WORDS: u64 = 1 << 20;
+/// Default cap on the words of material (both parties' `a`, `b`, `c`) of one round: 2^28 words
+/// (2 GiB), well above the largest round of BERT-base at sequence length 512.
+pub const DEFAULT_MAX_ROUND_WORDS: usize = 1 << 28;
+/// Cap on the dealer's cache of weight masks (2^29 words, 4 GiB: BERT-large's weights fit); past
+/// it the cache is emptied and masks are drawn again.
+pub const MAX_CACHED_MASK_WORDS: usize = 1 << 29;
+
+const DEALER_HELLO: u64 = u64::from_le_bytes(*b"mpcf-dlr");
+const HELLO_WORDS: usize = 7;
+const REPLY_WORDS: usize = 5;
+const REPLY_SEED: u64 = 1;
+const REPLY_REFUSED: u64 = 2;
+
+/// Why the dealer refused a hello (sent back, so the party's error says it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Malformed = 1,
+    NotYourRole = 2,
+    AlreadyServed = 3,
+    OtherSession = 4,
+}
+
+impl Refusal {
+    fn from_code(c: u64) -> Option<Self> {
+        [
+            Refusal::Malformed,
+            Refusal::NotYourRole,
+            Refusal::AlreadyServed,
+            Refusal::OtherSession,
+        ]
+        .into_iter()
+        .find(|r| *r as u64 == c)
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed hello or another protocol version",
+            Refusal::NotYourRole => "the hello claims a role other than the certificate's",
+            Refusal::AlreadyServed => "this role's seed was already handed out in this session",
+            Refusal::OtherSession => "the hello names another session",
+        }
+    }
+}
 
 /// One item of correlated randomness.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,19 +222,47 @@ impl Req {
 
     /// (len a, len b, len c) of the material.
     fn lens(&self) -> (usize, usize, usize) {
-        match *self {
+        self.checked_lens().expect("request sizes fit in memory")
+    }
+
+    /// [`Req::lens`], `None` when a size overflows (a request from the wire).
+    fn checked_lens(&self) -> Option<(usize, usize, usize)> {
+        let mul = |a: usize, b: usize| a.checked_mul(b);
+        Some(match *self {
             Req::Mul { n } => (n, n, n),
-            Req::MulRow { rows, cols } => (rows * cols, rows, rows * cols),
+            Req::MulRow { rows, cols } => (mul(rows, cols)?, rows, mul(rows, cols)?),
             Req::Square { n } => (n, 0, n),
             Req::MatMul { batch, m, k, n } => {
                 let b = batch.max(1);
-                (b * m * k, b * k * n, b * m * n)
+                (
+                    mul(b, mul(m, k)?)?,
+                    mul(b, mul(k, n)?)?,
+                    mul(b, mul(m, n)?)?,
+                )
             }
-            Req::WeightMatMul { m, k, n, .. } => (m * k, 0, m * n),
-            Req::WeightElem { rows, cols, .. } => (rows * cols, 0, rows * cols),
+            Req::WeightMatMul { m, k, n, .. } => {
+                mul(k, n)?; // the mask the dealer draws
+                (mul(m, k)?, 0, mul(m, n)?)
+            }
+            Req::WeightElem { rows, cols, .. } => (mul(rows, cols)?, 0, mul(rows, cols)?),
             Req::And { n } | Req::AndOwned { n } => (n, n, n),
             Req::Bits { n } => (bit_words(n), 0, n),
-        }
+        })
+    }
+
+    /// Words the dealer holds for this item (both parties' material, the mask of a weight
+    /// item), `None` on overflow.
+    fn dealer_words(&self) -> Option<usize> {
+        let (a, b, c) = self.checked_lens()?;
+        let mask = match *self {
+            Req::WeightMatMul { k, n, .. } => k.checked_mul(n)?,
+            Req::WeightElem { cols, .. } => cols,
+            _ => 0,
+        };
+        a.checked_add(b)?
+            .checked_mul(2)?
+            .checked_add(c.checked_mul(3)?)?
+            .checked_add(mask)
     }
 
     /// Words of `c1` the dealer sends for this item.
@@ -296,10 +380,23 @@ impl DealerClient {
         })
     }
 
-    /// Connects to a dealer over `chan`: announces the party and receives its seed.
-    pub fn connect(party: Party, mut chan: Box<dyn Channel>) -> Result<Self> {
-        chan.send("dealer", &[party.index() as u64])?;
-        let seed = words_to_seed(&chan.recv("dealer")?)?;
+    /// Connects to a dealer over `chan`: announces the party and the session, receives its
+    /// seed (or the dealer's refusal).
+    pub fn connect(party: Party, mut chan: Box<dyn Channel>, session: SessionId) -> Result<Self> {
+        let mut hello = vec![DEALER_HELLO, PROTOCOL_VERSION, party.index() as u64];
+        hello.extend(session.to_words());
+        chan.send("dealer hello", &hello)?;
+        let reply = chan.recv_exact("dealer hello", REPLY_WORDS)?;
+        let seed = match reply[0] {
+            REPLY_SEED => words_to_seed(&reply[1..])?,
+            REPLY_REFUSED => {
+                let why = Refusal::from_code(reply[1]).map_or("no reason given", Refusal::reason);
+                return Err(MpcError::Dealer(format!(
+                    "the dealer refused {party:?}: {why}"
+                )));
+            }
+            _ => return Err(MpcError::Dealer("malformed reply to the hello".into())),
+        };
         let chan = match party {
             Party::P0 => None,
             Party::P1 => Some(chan),
@@ -337,15 +434,8 @@ impl DealerClient {
         let Some(chan) = self.chan.as_mut() else {
             return Ok(0);
         };
-        let words = chan.recv(op)?;
         let want: usize = reqs.iter().map(Req::answer_len).sum();
-        if words.len() != want {
-            return Err(MpcError::FrameLength {
-                op: op.into(),
-                expected: want,
-                got: words.len(),
-            });
-        }
+        let words = chan.recv_exact(op, want)?;
         let mut pos = 0;
         for (r, m) in reqs.iter().zip(mats.iter_mut()) {
             let n = r.answer_len();
@@ -378,13 +468,20 @@ pub struct DealerStats {
     pub items: u64,
 }
 
-/// The trusted dealer.
+/// The trusted dealer. Holds both seeds: no `Debug`.
 pub struct Dealer {
     seeds: [[u8; 32]; 2],
     rng: [ChaCha20Rng; 2],
     masks: HashMap<u64, Vec<u64>>,
     /// Matrix masks packed for the ring matmul, keyed by `(id, k, n)`.
     packed: HashMap<(u64, usize, usize), PackedRhs>,
+    /// Words in `masks` and `packed`.
+    cached_words: usize,
+    max_round_words: usize,
+    /// The session this dealer serves, fixed by the first accepted hello.
+    session: Option<SessionId>,
+    /// Whether each party's seed has been handed out.
+    given: [bool; 2],
     pub stats: DealerStats,
 }
 
@@ -409,8 +506,18 @@ impl Dealer {
             ],
             masks: HashMap::new(),
             packed: HashMap::new(),
+            cached_words: 0,
+            max_round_words: DEFAULT_MAX_ROUND_WORDS,
+            session: None,
+            given: [false; 2],
             stats: DealerStats::default(),
         }
+    }
+
+    /// Caps the material of one round (words of both parties' `a`, `b`, `c`).
+    pub fn with_max_round_words(mut self, words: usize) -> Self {
+        self.max_round_words = words;
+        self
     }
 
     /// The seed of `party` (hand it over privately).
@@ -418,33 +525,59 @@ impl Dealer {
         self.seeds[party.index()]
     }
 
-    /// Serves a party that connected with [`DealerClient::connect`]: sends its seed; for P1,
-    /// then answers requests until P1 says it is done (or goes away).
-    pub fn serve_connection(&mut self, chan: &mut dyn Channel) -> Result<Party> {
-        let party = self.hello(chan)?;
-        if party == Party::P1 {
-            self.serve(chan)?;
-        }
-        Ok(party)
+    /// Whether both parties have their seeds.
+    pub fn all_seeds_given(&self) -> bool {
+        self.given == [true; 2]
     }
 
-    /// Reads a party's hello and sends it its seed.
-    pub fn hello(&mut self, chan: &mut dyn Channel) -> Result<Party> {
-        let hello = chan.recv("dealer")?;
-        let party = hello
-            .first()
-            .and_then(|&i| Party::from_index(i as usize))
-            .ok_or_else(|| MpcError::Dealer("malformed hello".into()))?;
-        chan.send("dealer", &seed_to_words(&self.seeds[party.index()]))?;
-        self.stats.bytes_sent += FRAME_HEADER_BYTES + 32;
-        self.stats.bytes_recv += FRAME_HEADER_BYTES + 8;
+    /// Reads a party's hello ([`DealerClient::connect`]) and sends its seed, or a refusal. The
+    /// role is `authenticated` (from the connection's certificate) when given, and a hello
+    /// claiming another is refused; otherwise (plaintext) the claimed one. Each role's seed goes
+    /// out once, and only to hellos naming the session of the first accepted one.
+    pub fn greet(&mut self, chan: &mut dyn Channel, authenticated: Option<Party>) -> Result<Party> {
+        let hello = chan.recv_exact("dealer hello", HELLO_WORDS)?;
+        self.stats.bytes_recv += FRAME_HEADER_BYTES + 8 * HELLO_WORDS as u64;
+        let claimed = Party::from_index(hello[2] as usize);
+        let session = SessionId::from_words(&hello[3..]);
+        let verdict = match (claimed, session) {
+            _ if hello[0] != DEALER_HELLO || hello[1] != PROTOCOL_VERSION => {
+                Err(Refusal::Malformed)
+            }
+            (None, _) | (_, None) => Err(Refusal::Malformed),
+            (Some(c), _) if authenticated.is_some_and(|a| a != c) => Err(Refusal::NotYourRole),
+            (Some(c), _) if self.given[c.index()] => Err(Refusal::AlreadyServed),
+            (_, Some(s)) if self.session.is_some_and(|b| b != s) => Err(Refusal::OtherSession),
+            (Some(c), Some(s)) => Ok((c, s)),
+        };
+        let mut reply = [0u64; REPLY_WORDS];
+        let out = match verdict {
+            Ok((party, session)) => {
+                reply[0] = REPLY_SEED;
+                reply[1..].copy_from_slice(&seed_to_words(&self.seeds[party.index()]));
+                Ok((party, session))
+            }
+            Err(r) => {
+                reply[0] = REPLY_REFUSED;
+                reply[1] = r as u64;
+                Err(r)
+            }
+        };
+        chan.send("dealer hello", &reply)?;
+        self.stats.bytes_sent += FRAME_HEADER_BYTES + 8 * REPLY_WORDS as u64;
+        let (party, session) = out.map_err(|r| {
+            let claim = claimed.map_or("no valid role".to_string(), |c| format!("{c:?}"));
+            MpcError::Dealer(format!("refused a hello claiming {claim}: {}", r.reason()))
+        })?;
+        // Marked only once the seed is on its way: a failed send hands nothing out.
+        self.session = Some(session);
+        self.given[party.index()] = true;
         Ok(party)
     }
 
     /// Answers P1's requests until an empty request list or the channel closes.
     pub fn serve(&mut self, chan: &mut dyn Channel) -> Result<()> {
         loop {
-            let words = match chan.recv("dealer") {
+            let words = match chan.recv_max("dealer", MAX_REQUEST_WORDS) {
                 Ok(w) => w,
                 Err(MpcError::PeerClosed { .. }) => return Ok(()),
                 Err(e) => return Err(e),
@@ -457,11 +590,7 @@ impl Dealer {
             if n == 0 {
                 return Ok(());
             }
-            let mut pos = 1;
-            let mut reqs = Vec::with_capacity(n);
-            for _ in 0..n {
-                reqs.push(Req::decode(&words, &mut pos)?);
-            }
+            let reqs = self.decode_round(&words, n)?;
             let out = self.answer(&reqs);
             chan.send("dealer", &out)?;
             self.stats.bytes_sent += FRAME_HEADER_BYTES + 8 * out.len() as u64;
@@ -470,16 +599,53 @@ impl Dealer {
         }
     }
 
+    /// The `n` requests of one round's frame, each within bounds, all of them together within
+    /// the round cap.
+    fn decode_round(&self, words: &[u64], n: usize) -> Result<Vec<Req>> {
+        // Every item takes at least two words: a count above that is malformed.
+        if n > words.len() / 2 {
+            return Err(MpcError::Dealer("malformed request".into()));
+        }
+        let mut pos = 1;
+        let mut reqs = Vec::with_capacity(n);
+        let mut total = 0usize;
+        for _ in 0..n {
+            let r = Req::decode(words, &mut pos)?;
+            total = r
+                .dealer_words()
+                .and_then(|w| total.checked_add(w))
+                .filter(|&t| t <= self.max_round_words)
+                .ok_or_else(|| {
+                    MpcError::Dealer(format!(
+                        "a round's requests exceed the cap of {} words",
+                        self.max_round_words
+                    ))
+                })?;
+            reqs.push(r);
+        }
+        if pos != words.len() {
+            return Err(MpcError::Dealer("malformed request".into()));
+        }
+        Ok(reqs)
+    }
+
+    /// Makes room for `len` more cached words: past the cap the cache starts over.
+    fn reserve_cache(&mut self, len: usize) {
+        if self.cached_words.saturating_add(len) > MAX_CACHED_MASK_WORDS {
+            self.masks.clear();
+            self.packed.clear();
+            self.cached_words = 0;
+        }
+        self.cached_words += len;
+    }
+
     fn mask(&mut self, id: u64, len: usize) -> &[u64] {
         let seed = self.seeds[0];
-        let m = self
-            .masks
-            .entry(id)
-            .or_insert_with(|| weight_mask(&seed, id, len));
-        if m.len() != len {
-            *m = weight_mask(&seed, id, len);
+        if self.masks.get(&id).is_none_or(|m| m.len() != len) {
+            self.reserve_cache(len);
+            self.masks.insert(id, weight_mask(&seed, id, len));
         }
-        m
+        &self.masks[&id]
     }
 
     /// `c1` for each request, concatenated.
@@ -524,8 +690,8 @@ impl Dealer {
                 Req::WeightMatMul { id, m, k, n } => {
                     let a = m1.a;
                     if !self.packed.contains_key(&(id, k, n)) {
-                        let p = PackedRhs::new(self.mask(id, k * n), k, n);
-                        self.masks.remove(&id); // only the packed form is used from now on
+                        let p = PackedRhs::new(&weight_mask(&self.seeds[0], id, k * n), k, n);
+                        self.reserve_cache(k * n);
                         self.packed.insert((id, k, n), p);
                     }
                     matmul_u64_packed(&a, &self.packed[&(id, k, n)], m)

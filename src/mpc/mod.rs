@@ -31,8 +31,11 @@
 //! 2. [`share`]: share/reconstruct, local ops on shares, truncation; [`trunc`]: the exact
 //!    truncation (issue 16).
 //! 3. [`dealer`]: correlated randomness from PRG seeds.
-//! 4. [`net`]: the [`net::Channel`] trait, an in-process pair and TCP with length-prefixed frames and
-//!    timeouts; rounds and bytes counted per op; LAN/WAN time model.
+//! 4. [`net`]: the [`net::Channel`] trait, an in-process pair and TCP ([`wire`]) with
+//!    length-prefixed frames, bounded before allocation, and per-frame deadlines; rounds and bytes
+//!    counted per op; LAN/WAN time model. [`tls`]: mutual TLS 1.3 with a role per certificate
+//!    (`mpc certs`); [`session`]: session id, settings check and the dealer's seed hand-out,
+//!    none of which a connection can impersonate.
 //! 5. [`protocols`]: Beaver multiply, square and matmul (one round each), reveal; weight
 //!    products with per-model masks; binary AND (AND triples, owned AND triples) and B2A of bits
 //!    (shared random bits) as rounds of the same kind; Quad, 2Quad, reciprocal, inverse square
@@ -60,8 +63,11 @@ pub mod model;
 pub mod net;
 pub mod protocols;
 pub mod ring;
+pub mod session;
 pub mod share;
+pub mod tls;
 pub mod trunc;
+pub mod wire;
 
 use std::time::Duration;
 
@@ -151,6 +157,13 @@ pub enum MpcError {
     },
     #[error("dealer: {0}")]
     Dealer(String),
+    #[error("{role}: {step} with {peer}: {reason}")]
+    Session {
+        role: String,
+        peer: String,
+        step: String,
+        reason: String,
+    },
     #[error("configuration: {0}")]
     Config(String),
     #[error("{0}: unsupported under MPC")]

@@ -43,6 +43,7 @@ use super::dealer::{Dealer, DealerClient, DealerStats};
 use super::net::{Channel, Net, OpStats, mem_pair};
 use super::protocols::{ChebPlan, Ctx, NewtonKind, NewtonPlan, Op, PrivWeight};
 use super::ring::{FixedPoint, RingTensor};
+use super::session::{PROTOCOL_VERSION, Settings};
 use super::share::{AShare, os_seed};
 use super::trunc::Truncation;
 use super::{MpcError, Party, Result};
@@ -58,6 +59,9 @@ pub const RANGE_MARGIN: f64 = 4.0;
 pub const NEWTON_TARGETS: [f64; 4] = [1e-4, 1e-3, 1e-2, 5e-2];
 /// Absolute error the tanh series aims for.
 pub const TANH_TARGET: f64 = 2e-4;
+
+/// Largest batch P0 accepts from P1 (a bound on what an announced shape makes it allocate).
+pub const MAX_BATCH: usize = 4096;
 
 /// CrypTen's exp iterations (`(1 + x/2^8)^(2^8)`), the least the softmax plan uses.
 pub const DEFAULT_EXP_ITERS: u32 = 8;
@@ -274,6 +278,48 @@ impl MpcConfig {
 
     pub fn fp(&self) -> FixedPoint {
         FixedPoint::new(self.frac_bits).expect("checked")
+    }
+
+    /// Digests of everything both parties must share, checked when a session starts
+    /// ([`super::session`]): a difference in any would give wrong logits silently.
+    pub fn settings(&self) -> Settings {
+        let bytes = |v: &Value| serde_json::to_vec(v).expect("JSON values serialise");
+        let mut arch = serde_json::to_value(&self.model).expect("the config serialises");
+        if let Some(o) = arch.as_object_mut() {
+            o.remove("approx");
+        }
+        let approx = serde_json::json!({
+            "approx": self.model.approx,
+            "quad": [QUAD_A, QUAD_B, QUAD_C],
+        });
+        let versions = serde_json::json!({
+            "session_protocol": PROTOCOL_VERSION,
+            "export_format": crate::export::FORMAT_VERSION,
+        });
+        let plans = serde_json::to_value(self).expect("the plans serialise");
+        Settings::new(&[
+            ("protocol and export format versions", &bytes(&versions)),
+            ("architecture", &bytes(&arch)),
+            ("approximations (incl. 2Quad's c)", &bytes(&approx)),
+            ("fixed-point fractional bits", &self.frac_bits.to_le_bytes()),
+            ("protocol plans", &bytes(&plans)),
+        ])
+    }
+
+    /// P1's announced input shape, checked before P0 allocates anything for it: `None` for the
+    /// end-of-session shape `[0, _]`.
+    pub fn check_input_shape(&self, shape: &[u64]) -> Result<Option<(usize, usize)>> {
+        let (b, s) = (shape[0], shape[1]);
+        if b == 0 {
+            return Ok(None);
+        }
+        let max_s = self.model.max_position_embeddings as u64;
+        if b > MAX_BATCH as u64 || s == 0 || s > max_s {
+            return Err(MpcError::Config(format!(
+                "input: P1 announced batch {b} × sequence {s}, outside 1..={MAX_BATCH} × 1..={max_s}"
+            )));
+        }
+        Ok(Some((b as usize, s as usize)))
     }
 
     /// Rounds of one forward pass at sequence length `seq`, from the plans (setup and input
@@ -1055,18 +1101,10 @@ pub fn run_party(
         }
         Party::P0 => loop {
             ctx.op("input");
-            let shape = ctx.net.recv()?;
-            if shape.len() != 2 {
-                return Err(MpcError::FrameLength {
-                    op: "input".into(),
-                    expected: 2,
-                    got: shape.len(),
-                });
-            }
-            let (b, s) = (shape[0] as usize, shape[1] as usize);
-            if b == 0 {
+            let shape = ctx.net.recv_exact(2)?;
+            let Some((b, s)) = model.cfg.check_input_shape(&shape)? else {
                 break;
-            }
+            };
             let t = Instant::now();
             if model.cfg.offline {
                 model.preprocess(&mut ctx, b, s)?;
@@ -1074,14 +1112,7 @@ pub fn run_party(
             offline_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
             ctx.op("input");
-            let mask = ctx.net.recv()?;
-            if mask.len() != b * s {
-                return Err(MpcError::FrameLength {
-                    op: "input".into(),
-                    expected: b * s,
-                    got: mask.len(),
-                });
-            }
+            let mask = ctx.net.recv_exact(b * s)?;
             let inp = Input {
                 batch: b,
                 seq: s,

@@ -3,25 +3,28 @@
 //! - [`Channel`]: send / receive whole frames of ring words, and [`Channel::exchange`] (send and
 //!   receive at once — what one round of a symmetric protocol does).
 //! - [`MemChannel`]: an in-process pair (std `mpsc`) for tests, with the same timeout semantics.
-//! - [`TcpChannel`]: length-prefixed frames over TCP (an 8-byte little-endian word count, then
-//!   the words, little-endian), read/write timeouts: a peer that vanishes gives
-//!   [`MpcError::PeerClosed`], one that stalls [`MpcError::Timeout`].
+//! - [`TcpChannel`] ([`super::wire`]): length-prefixed frames over TCP, plaintext or mutual
+//!   TLS 1.3, each frame with a deadline: a peer that vanishes gives [`MpcError::PeerClosed`],
+//!   one that stalls [`MpcError::Timeout`]; a header above what the receiver expects is refused
+//!   before anything is allocated.
 //! - [`Net`]: a channel plus [`Stats`]: rounds, bytes sent and received, wall time, per op label.
 //! - [`NetModel`]: LAN / WAN time from rounds and bytes.
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::wire::{TcpChannel, Transport};
 use super::{MpcError, Result};
 
 /// Bytes of a frame header (the word count).
 pub const FRAME_HEADER_BYTES: u64 = 8;
-/// Largest frame accepted by default: 2^31 words (16 GiB).
+/// Largest frame accepted by default: 2^31 words (16 GiB; the word-embedding weight of a large
+/// vocabulary is the biggest legitimate frame). A frame whose length is not known in advance
+/// grows its buffer only as its bytes arrive, so the cap bounds what a peer can make us hold,
+/// never what a header alone reserves.
 pub const DEFAULT_MAX_FRAME_WORDS: u64 = 1 << 31;
 /// Default timeout for a single receive / send / connect.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -32,12 +35,44 @@ pub trait Channel: Send {
     fn send(&mut self, op: &str, words: &[u64]) -> Result<()>;
     /// Receives one frame.
     fn recv(&mut self, op: &str) -> Result<Vec<u64>>;
+    /// Receives a frame that must hold exactly `n` words: a header announcing another length
+    /// is refused before the body is read.
+    fn recv_exact(&mut self, op: &str, n: usize) -> Result<Vec<u64>> {
+        check_len(op, self.recv(op)?, n)
+    }
+    /// Receives a frame of at most `max_words` words (refused from its header otherwise).
+    fn recv_max(&mut self, op: &str, max_words: u64) -> Result<Vec<u64>> {
+        let got = self.recv(op)?;
+        if got.len() as u64 > max_words {
+            return Err(MpcError::FrameTooLarge {
+                op: op.into(),
+                words: got.len() as u64,
+                limit: max_words,
+            });
+        }
+        Ok(got)
+    }
     /// Sends `words` and receives the peer's frame of the same round. The default sends first:
     /// right for channels whose send never blocks on the peer reading.
     fn exchange(&mut self, op: &str, words: &[u64]) -> Result<Vec<u64>> {
         self.send(op, words)?;
         self.recv(op)
     }
+    /// [`Channel::exchange`] where the peer's frame must hold exactly `n` words.
+    fn exchange_exact(&mut self, op: &str, words: &[u64], n: usize) -> Result<Vec<u64>> {
+        check_len(op, self.exchange(op, words)?, n)
+    }
+}
+
+fn check_len(op: &str, got: Vec<u64>, n: usize) -> Result<Vec<u64>> {
+    if got.len() != n {
+        return Err(MpcError::FrameLength {
+            op: op.into(),
+            expected: n,
+            got: got.len(),
+        });
+    }
+    Ok(got)
 }
 
 impl Channel for Box<dyn Channel> {
@@ -47,8 +82,17 @@ impl Channel for Box<dyn Channel> {
     fn recv(&mut self, op: &str) -> Result<Vec<u64>> {
         (**self).recv(op)
     }
+    fn recv_exact(&mut self, op: &str, n: usize) -> Result<Vec<u64>> {
+        (**self).recv_exact(op, n)
+    }
+    fn recv_max(&mut self, op: &str, max_words: u64) -> Result<Vec<u64>> {
+        (**self).recv_max(op, max_words)
+    }
     fn exchange(&mut self, op: &str, words: &[u64]) -> Result<Vec<u64>> {
         (**self).exchange(op, words)
+    }
+    fn exchange_exact(&mut self, op: &str, words: &[u64], n: usize) -> Result<Vec<u64>> {
+        (**self).exchange_exact(op, words, n)
     }
 }
 
@@ -94,195 +138,6 @@ impl Channel for MemChannel {
                 timeout: self.timeout,
             },
             RecvTimeoutError::Disconnected => MpcError::PeerClosed { op: op.into() },
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// TCP.
-// ---------------------------------------------------------------------------------------------
-
-/// Length-prefixed frames over a TCP stream.
-pub struct TcpChannel {
-    reader: BufReader<TcpStream>,
-    writer: BufWriter<TcpStream>,
-    timeout: Duration,
-    max_words: u64,
-}
-
-fn io_err(op: &str, e: std::io::Error, timeout: Duration) -> MpcError {
-    match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => MpcError::Timeout {
-            op: op.into(),
-            timeout,
-        },
-        ErrorKind::UnexpectedEof
-        | ErrorKind::ConnectionReset
-        | ErrorKind::ConnectionAborted
-        | ErrorKind::BrokenPipe
-        | ErrorKind::NotConnected => MpcError::PeerClosed { op: op.into() },
-        _ => MpcError::Io {
-            op: op.into(),
-            source: e,
-        },
-    }
-}
-
-fn write_frame(w: &mut impl Write, op: &str, words: &[u64], timeout: Duration) -> Result<()> {
-    let map = |e| io_err(op, e, timeout);
-    w.write_all(&(words.len() as u64).to_le_bytes())
-        .map_err(map)?;
-    let mut buf = Vec::with_capacity(8 * words.len().min(1 << 16));
-    for chunk in words.chunks(1 << 16) {
-        buf.clear();
-        for &x in chunk {
-            buf.extend_from_slice(&x.to_le_bytes());
-        }
-        w.write_all(&buf).map_err(map)?;
-    }
-    w.flush().map_err(map)
-}
-
-fn read_frame(r: &mut impl Read, op: &str, timeout: Duration, max_words: u64) -> Result<Vec<u64>> {
-    let map = |e| io_err(op, e, timeout);
-    let mut head = [0u8; 8];
-    r.read_exact(&mut head).map_err(map)?;
-    let n = u64::from_le_bytes(head);
-    if n > max_words {
-        return Err(MpcError::FrameTooLarge {
-            op: op.into(),
-            words: n,
-            limit: max_words,
-        });
-    }
-    let n = n as usize;
-    let mut out = Vec::with_capacity(n);
-    let mut buf = vec![0u8; 8 * n.min(1 << 16)];
-    let mut left = n;
-    while left > 0 {
-        let take = left.min(1 << 16);
-        r.read_exact(&mut buf[..8 * take]).map_err(map)?;
-        out.extend(
-            buf[..8 * take]
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
-        );
-        left -= take;
-    }
-    Ok(out)
-}
-
-impl TcpChannel {
-    /// Wraps a connected stream: `timeout` bounds every read and write.
-    pub fn from_stream(stream: TcpStream, timeout: Duration) -> Result<Self> {
-        let op = "connect";
-        let map = |e| io_err(op, e, timeout);
-        stream.set_nodelay(true).map_err(map)?;
-        stream.set_read_timeout(Some(timeout)).map_err(map)?;
-        stream.set_write_timeout(Some(timeout)).map_err(map)?;
-        let w = stream.try_clone().map_err(map)?;
-        Ok(Self {
-            reader: BufReader::with_capacity(1 << 20, stream),
-            writer: BufWriter::with_capacity(1 << 20, w),
-            timeout,
-            max_words: DEFAULT_MAX_FRAME_WORDS,
-        })
-    }
-
-    /// Connects to `addr`, retrying until `timeout` (the peer may not be listening yet).
-    pub fn connect(addr: &str, timeout: Duration) -> Result<Self> {
-        let deadline = Instant::now() + timeout;
-        let addrs: Vec<SocketAddr> = addr
-            .to_socket_addrs()
-            .map_err(|e| MpcError::Connect {
-                addr: addr.into(),
-                timeout,
-                source: e,
-            })?
-            .collect();
-        loop {
-            let mut last = None;
-            for a in &addrs {
-                match TcpStream::connect_timeout(a, Duration::from_secs(2).min(timeout)) {
-                    Ok(s) => return Self::from_stream(s, timeout),
-                    Err(e) => last = Some(e),
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(MpcError::Connect {
-                    addr: addr.into(),
-                    timeout,
-                    source: last.unwrap_or_else(|| std::io::Error::other("no address")),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Accepts one connection on `listener`, waiting at most `timeout`.
-    pub fn accept(listener: &TcpListener, timeout: Duration) -> Result<Self> {
-        let addr = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let conn_err = |e| MpcError::Connect {
-            addr: addr.clone(),
-            timeout,
-            source: e,
-        };
-        listener.set_nonblocking(true).map_err(conn_err)?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match listener.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false).map_err(conn_err)?;
-                    return Self::from_stream(s, timeout);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err(conn_err(std::io::Error::new(
-                            ErrorKind::TimedOut,
-                            "no peer connected",
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(conn_err(e)),
-            }
-        }
-    }
-
-    /// Frames above `words` words are refused on receipt.
-    pub fn with_max_frame_words(mut self, words: u64) -> Self {
-        self.max_words = words;
-        self
-    }
-}
-
-impl Channel for TcpChannel {
-    fn send(&mut self, op: &str, words: &[u64]) -> Result<()> {
-        write_frame(&mut self.writer, op, words, self.timeout)
-    }
-    fn recv(&mut self, op: &str) -> Result<Vec<u64>> {
-        read_frame(&mut self.reader, op, self.timeout, self.max_words)
-    }
-    /// Writes on a scoped thread while reading, so two parties exchanging frames larger than
-    /// the socket buffers do not deadlock.
-    fn exchange(&mut self, op: &str, words: &[u64]) -> Result<Vec<u64>> {
-        let timeout = self.timeout;
-        let max = self.max_words;
-        let (writer, reader) = (&mut self.writer, &mut self.reader);
-        std::thread::scope(|s| {
-            let h = s.spawn(move || write_frame(writer, op, words, timeout));
-            let got = read_frame(reader, op, timeout, max);
-            let sent = h.join().unwrap_or_else(|_| {
-                Err(MpcError::Io {
-                    op: op.into(),
-                    source: std::io::Error::other("writer thread panicked"),
-                })
-            });
-            sent?;
-            got
         })
     }
 }
@@ -437,16 +292,24 @@ impl Net {
         Ok(got)
     }
 
-    /// Receives a frame that must hold exactly `n` words.
+    /// Receives a frame that must hold exactly `n` words (checked from its header).
     pub fn recv_exact(&mut self, n: usize) -> Result<Vec<u64>> {
-        let got = self.recv()?;
-        if got.len() != n {
-            return Err(MpcError::FrameLength {
-                op: self.stats.label().to_string(),
-                expected: n,
-                got: got.len(),
-            });
-        }
+        let op = self.stats.label().to_string();
+        let got = self.chan.recv_exact(&op, n)?;
+        let s = self.stats.cur();
+        s.rounds += 1;
+        s.bytes_recv += Self::bytes(got.len());
+        Ok(got)
+    }
+
+    /// One round where the peer's frame must hold exactly `n` words (checked from its header).
+    pub fn exchange_exact(&mut self, words: &[u64], n: usize) -> Result<Vec<u64>> {
+        let op = self.stats.label().to_string();
+        let got = self.chan.exchange_exact(&op, words, n)?;
+        let s = self.stats.cur();
+        s.rounds += 1;
+        s.bytes_sent += Self::bytes(words.len());
+        s.bytes_recv += Self::bytes(got.len());
         Ok(got)
     }
 }
@@ -497,6 +360,7 @@ impl NetModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
 
     #[test]
     fn mem_pair_exchanges_and_times_out() {
