@@ -6,6 +6,8 @@
 #   scripts/minilm-queue.sh              # everything still to do
 #   scripts/minilm-queue.sh rte cola     # only these tasks' lines
 #
+# `mpcformer run` locks its run directory, so a second queue (or a run by hand) on the same run
+# fails at once instead of interleaving checkpoints; its line then says FAILED.
 # MPCFORMER_BIN picks the binary (default: target/release/mpcformer of CARGO_TARGET_DIR).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +25,6 @@ run() {
     if [ -f "$dir/summary.json" ]; then
         [ -f "results/$name/summary.json" ] || "$BIN" report "$dir" --save-runs results/ > /dev/null
         echo "done already: $name"
-        return
-    fi
-    while pgrep -af mpcformer | tr ' ' '\n' | grep -qxF -- "name=$name"; do sleep 30; done
-    if [ -f "$dir/summary.json" ]; then
-        "$BIN" report "$dir" --save-runs results/ > /dev/null
-        echo "$(date +%T) done (by an earlier queue): $name"
         return
     fi
     local resume=()

@@ -10,6 +10,34 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors, View};
 
+/// An exclusive lock on a directory, held while the value lives: two processes writing one run
+/// directory would interleave their checkpoints, best models and logs.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Locks `dir` (through its `.lock` file) or says which process-level conflict stops it.
+pub fn lock_dir(dir: &Path) -> Result<DirLock> {
+    let path = dir.join(".lock");
+    let file = std::fs::File::options()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(DirLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{} is in use by another process (a run still going?): wait for it to end or stop it",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 /// crash leaves either the old file or the new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -189,4 +217,19 @@ pub fn batch_from_safetensors(path: &Path, device: &Device) -> Result<crate::mod
         attention_mask,
         token_type_ids: get("token_type_ids")?,
     })
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::lock_dir;
+
+    #[test]
+    fn a_locked_directory_refuses_a_second_holder_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_dir(dir.path()).unwrap();
+        let err = lock_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("in use by another process"), "{err}");
+        drop(first);
+        lock_dir(dir.path()).unwrap();
+    }
 }

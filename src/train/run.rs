@@ -290,6 +290,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         );
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _lock = crate::io::lock_dir(&dir)?;
     write_atomic(&dir.join("recipe.toml"), recipe.resolved_toml().as_bytes())?;
     let mut log = MetricsLog::open(&dir.join("metrics.jsonl"))?;
     let device = recipe.device.device()?;
