@@ -539,15 +539,10 @@ impl Ctx {
                 Op::B2A(x, _) | Op::OwnedBitAnd(x, _) => xor_into(&mut out, &x.words, &m.a),
             }
         }
-        let peer = self.net.exchange(&out)?;
+        // The peer's frame length is known from the ops: checked on its header, before any
+        // allocation.
         let want: usize = ops.iter().map(|o| o.send_len(party.peer())).sum();
-        if peer.len() != want {
-            return Err(MpcError::FrameLength {
-                op: label,
-                expected: want,
-                got: peer.len(),
-            });
-        }
+        let peer = self.net.exchange_exact(&out, want)?;
         if let Some(sent) = sent_to_dealer {
             let got_from_dealer = self.dealer.receive(&label, &reqs, &mut mats)?;
             self.net.stats.cur().dealer_bytes += sent + got_from_dealer;
@@ -759,14 +754,7 @@ impl Ctx {
         if self.recording {
             return Ok(RingTensor::zeros(x.shape()));
         }
-        let theirs = self.net.exchange(&x.t.data)?;
-        if theirs.len() != x.numel() {
-            return Err(MpcError::FrameLength {
-                op: self.net.stats.label().into(),
-                expected: x.numel(),
-                got: theirs.len(),
-            });
-        }
+        let theirs = self.net.exchange_exact(&x.t.data, x.numel())?;
         RingTensor::new(x.shape().to_vec(), add_vec(&x.t.data, &theirs))
     }
 
