@@ -59,6 +59,11 @@ pub const REQUIRED_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
 ];
+/// The folder inside an export with what P1 (the client) needs and nothing else: `config.json`,
+/// the tokenizer files and [`PUBLIC_MANIFEST`]. It never holds the weights.
+pub const P1_DIR: &str = "p1";
+/// P1's manifest ([`PublicManifest`]).
+pub const PUBLIC_MANIFEST: &str = "mpc_public.json";
 /// Vocabulary files copied from the source's tokenizer when present.
 const VOCAB_FILES: &[&str] = &[
     "vocab.txt",
@@ -510,6 +515,82 @@ pub struct Manifest {
     pub value_ranges: Option<Value>,
     /// Every other file of the directory.
     pub files: BTreeMap<String, FileEntry>,
+}
+
+/// What P1 may see of an export: enough to tokenise, to build the same circuit and to check the
+/// session's settings — nothing of how the model was made (recipe, teacher, sources), how well it
+/// does (dev metrics) or what its weights hash to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PublicManifest {
+    pub format: String,
+    pub format_version: u32,
+    pub labels: Vec<String>,
+    pub regression: bool,
+    pub max_length: usize,
+    pub architecture: String,
+    pub approximations: Value,
+    pub fixed_point: FixedPoint,
+    /// `{"ops": [OpRange...]}`: the protocol plans' ranges, without the data they came from.
+    pub value_ranges: Option<Value>,
+}
+
+impl PublicManifest {
+    pub fn of(m: &Manifest) -> Self {
+        Self {
+            format: m.format.clone(),
+            format_version: m.format_version,
+            labels: m.labels.clone(),
+            regression: m.regression,
+            max_length: m.max_length,
+            architecture: m.architecture.clone(),
+            approximations: m.approximations.clone(),
+            fixed_point: m.fixed_point.clone(),
+            value_ranges: m
+                .value_ranges
+                .as_ref()
+                .and_then(|v| v.get("ops"))
+                .map(|ops| json!({ "ops": ops })),
+        }
+    }
+}
+
+/// Writes `<export>/p1/`: the public files copied, and the public manifest.
+fn write_p1_part(export: &Path, manifest: &Manifest) -> Result<()> {
+    let dir = export.join(P1_DIR);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let public = ["config.json", "tokenizer.json", "tokenizer_config.json"];
+    for f in public.iter().chain(VOCAB_FILES) {
+        let from = export.join(f);
+        if from.is_file() {
+            let bytes =
+                std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+            write_atomic(&dir.join(f), &bytes)?;
+        }
+    }
+    write_atomic(
+        &dir.join(PUBLIC_MANIFEST),
+        serde_json::to_string_pretty(&PublicManifest::of(manifest))?.as_bytes(),
+    )
+}
+
+/// P1's public part, when there is one, must describe the same circuit as the export.
+fn check_p1_part(dir: &Path, m: &Manifest, passed: &mut Vec<String>, problems: &mut Vec<String>) {
+    let p1 = dir.join(P1_DIR);
+    if !p1.is_dir() {
+        return;
+    }
+    let public: Option<PublicManifest> = std::fs::read_to_string(p1.join(PUBLIC_MANIFEST))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let config = |d: &Path| std::fs::read(d.join("config.json")).ok();
+    if public.as_ref() == Some(&PublicManifest::of(m)) && config(&p1) == config(dir) {
+        passed.push(format!("{P1_DIR}/ (P1's public part) matches the export"));
+    } else {
+        problems.push(format!(
+            "{}: P1's public part does not match the export (export again)",
+            p1.display()
+        ));
+    }
 }
 
 /// What [`export`] did.
@@ -1357,13 +1438,17 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         &stage.join(MANIFEST),
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
+    write_p1_part(stage, &manifest)?;
 
     // 6. Into place, readable by others (temporary files are created owner-only).
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        for e in std::fs::read_dir(stage)?.flatten() {
-            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644))
+        let p1 = stage.join(P1_DIR);
+        let entries = std::fs::read_dir(stage)?.chain(std::fs::read_dir(&p1)?);
+        for e in entries.flatten() {
+            let mode = if e.path().is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(mode))
                 .with_context(|| format!("setting permissions of {}", e.path().display()))?;
         }
         std::fs::set_permissions(stage, std::fs::Permissions::from_mode(0o755))
@@ -1560,11 +1645,12 @@ pub fn load_check(dir: &Path) -> Result<CheckReport> {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
-            if n != MANIFEST && !manifest.files.contains_key(&n) {
+            if n != MANIFEST && n != P1_DIR && !manifest.files.contains_key(&n) {
                 warnings.push(format!("{}: not listed in the manifest", d(&n)));
             }
         }
     }
+    check_p1_part(dir, &manifest, &mut passed, &mut problems);
 
     // config.json.
     let cfg_path = dir.join("config.json");

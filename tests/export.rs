@@ -463,6 +463,7 @@ fn run_exports_record_task_recipe_teacher_and_metrics() {
         "per-layer choices of the student"
     );
     load_check(&out).unwrap();
+    p1_part_is_public_and_the_same_circuit(&out);
     // The run's student gives the same logits as the export.
     let device = Device::flex();
     let inputs =
@@ -899,4 +900,57 @@ fn exports_replace_only_exports() {
     assert!(e.contains("--tokenizer"), "{e}");
     o.tokenizer = Some(c.model.to_string_lossy().into());
     export::export(&o).unwrap();
+}
+
+/// `<export>/p1/`: what P1 needs (config, tokenizer, plans) and nothing of the weights or the
+/// run, describing the same circuit (the session settings P0 and P1 compare are equal); a
+/// public part that drifts from the export is refused by `load_check`.
+fn p1_part_is_public_and_the_same_circuit(out: &Path) {
+    use mpcformer::mpc::model::MpcConfig;
+    let p1 = out.join(export::P1_DIR);
+    let mut files: Vec<String> = std::fs::read_dir(&p1)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    files.sort();
+    for needed in ["config.json", "mpc_public.json", "tokenizer.json"] {
+        assert!(
+            files.iter().any(|f| f == needed),
+            "{needed} missing: {files:?}"
+        );
+    }
+    for private in [
+        "model.safetensors",
+        "pytorch_model.bin",
+        "recipe.toml",
+        MANIFEST,
+    ] {
+        assert!(
+            !files.iter().any(|f| f == private),
+            "{private} in p1/: {files:?}"
+        );
+    }
+    let public = std::fs::read_to_string(p1.join(export::PUBLIC_MANIFEST)).unwrap();
+    for key in [
+        "recipe",
+        "dev_metrics",
+        "teacher",
+        "source",
+        "files",
+        "sha256",
+    ] {
+        assert!(!public.contains(&format!("\"{key}\"")), "{key} in {public}");
+    }
+    let full = MpcConfig::from_export_with(out, None, None).unwrap();
+    let part = MpcConfig::from_export_with(&p1, None, None).unwrap();
+    assert_eq!(full.settings().parts, part.settings().parts);
+
+    let path = p1.join(export::PUBLIC_MANIFEST);
+    let mut v: Value = serde_json::from_str(&public).unwrap();
+    v["fixed_point"]["fractional_bits"] = json!(12);
+    std::fs::write(&path, v.to_string()).unwrap();
+    let e = format!("{:#}", load_check(out).unwrap_err());
+    assert!(e.contains("public part"), "{e}");
+    std::fs::write(&path, &public).unwrap();
+    load_check(out).unwrap();
 }

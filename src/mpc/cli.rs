@@ -528,9 +528,18 @@ fn launch(
     let dealer = std::thread::spawn(move || dealer_serve(dl, &sec, timeout));
     let exe = std::env::current_exe()?;
     let t = Instant::now();
+    // P1 gets the export's public part, as a client on another machine would: it never reads
+    // the weights, the recipe or the metrics.
+    let p1_part = Path::new(model).join(crate::export::P1_DIR);
+    let p1_model = if p1_part.join(crate::export::PUBLIC_MANIFEST).is_file() {
+        p1_part.to_string_lossy().to_string()
+    } else {
+        model.to_string()
+    };
     let common = |p: usize| {
         let mut c = Command::new(&exe);
-        c.args(["mpc", "party", "--party", &p.to_string(), "--model", model])
+        let m = if p == 1 { p1_model.as_str() } else { model };
+        c.args(["mpc", "party", "--party", &p.to_string(), "--model", m])
             .args(["--dealer", &dealer_addr])
             .args(["--timeout-s", &timeout.as_secs().to_string()])
             .args(&sec_args)

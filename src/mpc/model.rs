@@ -47,7 +47,7 @@ use super::session::{PROTOCOL_VERSION, Settings};
 use super::share::{AShare, os_seed};
 use super::trunc::Truncation;
 use super::{MpcError, Party, Result};
-use crate::export::{MANIFEST, Manifest, OpRange};
+use crate::export::{MANIFEST, OpRange, PUBLIC_MANIFEST, PublicManifest};
 use crate::model::approx::{QUAD_A, QUAD_B, QUAD_C};
 use crate::model::{Act, Arch, Attn, ModelConfig};
 
@@ -258,10 +258,17 @@ impl MpcConfig {
         if let Some(a) = approx {
             model.approx = a;
         }
-        let text = std::fs::read_to_string(dir.join(MANIFEST))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MANIFEST).display()))?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(MANIFEST).display()))?;
+        // P0 reads the export's manifest; P1 the public part's (`<export>/p1/`), which holds the
+        // same plans and nothing else.
+        let path = [MANIFEST, PUBLIC_MANIFEST]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| dir.join(MANIFEST));
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let manifest: PublicManifest =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let ranges: Option<Vec<OpRange>> = manifest
             .value_ranges
             .as_ref()
