@@ -9,19 +9,23 @@
 # `mpcformer run` locks its run directory, so a second queue (or a run by hand) on the same run
 # fails at once instead of interleaving checkpoints; its line then says FAILED.
 # MPCFORMER_BIN picks the binary (default: target/release/mpcformer of CARGO_TARGET_DIR).
+# MPCFORMER_RUNS picks where run directories live (default: checkpoints). Put it outside the
+# clone (e.g. ~/.cache/mpcformer-runs) when the clone may be replaced between sessions: a run
+# that outlives a session then resumes from there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${MPCFORMER_BIN:-${CARGO_TARGET_DIR:-target}/release/mpcformer}"
 export HF_HUB_OFFLINE=1
 M=recipes/minilm.toml
-mkdir -p logs
+RUNS="${MPCFORMER_RUNS:-checkpoints}"
+mkdir -p logs "$RUNS"
 
 # run NAME TASK [--set ...]: one run of recipes/minilm.toml.
 run() {
     local name=$1 task=$2
     shift 2
     if [ "${#ONLY[@]}" -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $task " ]]; then return; fi
-    local dir=checkpoints/$name
+    local dir=$RUNS/$name
     if [ -f "$dir/summary.json" ]; then
         [ -f "results/$name/summary.json" ] || "$BIN" report "$dir" --save-runs results/ > /dev/null
         echo "done already: $name"
@@ -30,7 +34,7 @@ run() {
     local resume=()
     [ -f "$dir/metrics.jsonl" ] && resume=(--resume)
     echo "$(date +%T) start: $name"
-    if "$BIN" run $M --set data.task="$task" --set "name=$name" "$@" "${resume[@]}" \
+    if "$BIN" run $M --set data.task="$task" --set "name=$name" --set "output_dir=$RUNS" "$@" "${resume[@]}" \
         >> "logs/$name.log" 2>&1; then
         "$BIN" report "$dir" --save-runs results/ > /dev/null
         echo "$(date +%T) done: $name"
@@ -38,7 +42,7 @@ run() {
         echo "$(date +%T) FAILED: $name (logs/$name.log)"
     fi
 }
-teacher_of() { echo "teacher.finetuned_run=checkpoints/minilm-$1-quad+2quad-s42"; }
+teacher_of() { echo "teacher.finetuned_run=$RUNS/minilm-$1-quad+2quad-s42"; }
 
 ONLY=("$@")
 # Levers, each its own labelled row on the seed-42 teacher (RESULTS.md, "What each lever was

@@ -161,6 +161,21 @@ pub fn load_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
                     .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
                     .collect(),
             },
+            // Exports may store f16 or bf16 weights (`export --dtype f16`); both widen exactly.
+            Dtype::F16 => HostTensor::F32 {
+                shape,
+                data: b
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            },
+            Dtype::BF16 => HostTensor::F32 {
+                shape,
+                data: b
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            },
             Dtype::I64 => HostTensor::I64 {
                 shape,
                 data: b
@@ -231,5 +246,44 @@ mod lock_tests {
         assert!(err.contains("in use by another process"), "{err}");
         drop(first);
         lock_dir(dir.path()).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod half_tests {
+    use super::*;
+
+    /// f16 and bf16 tensors (an `export --dtype f16`) read back as the values they encode.
+    #[test]
+    fn half_precision_tensors_widen_exactly() {
+        let vals = [0.5f32, -2.0, 1e-3, 65504.0, -0.1];
+        let f16: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let bf16: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let views = [
+            (
+                "a",
+                safetensors::tensor::TensorView::new(Dtype::F16, vec![5], &f16).unwrap(),
+            ),
+            (
+                "b",
+                safetensors::tensor::TensorView::new(Dtype::BF16, vec![5], &bf16).unwrap(),
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.safetensors");
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+        let map = load_safetensors(&path).unwrap();
+        let got = |k: &str| map[k].to_f64();
+        for (i, v) in vals.iter().enumerate() {
+            assert_eq!(got("a")[i], half::f16::from_f32(*v).to_f32() as f64);
+            assert_eq!(got("b")[i], half::bf16::from_f32(*v).to_f32() as f64);
+        }
+        assert_eq!(got("a")[3], 65504.0);
     }
 }

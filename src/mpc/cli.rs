@@ -26,10 +26,12 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use super::Party;
+use super::client::{self, Query, public_dir, run_session};
 use super::dealer::{Dealer, DealerStats};
 use super::model::{Input, MpcConfig, PartyReport, PlainWeights, ops_json, run_party};
 use super::net::{LAN, NetModel, OpStats, Transport, WAN};
 use super::ring::matmul_kernel_name;
+use super::service::{Server, ServiceOptions, Shutdown, run_dealer};
 use super::session::{Security, accept_p1, connect_dealer, connect_p0, serve_dealer};
 use super::tls::{CertPaths, CertSet, Role, TlsIdentity};
 use super::trunc::Truncation;
@@ -76,8 +78,33 @@ D and P0 are the addresses to listen on (an interface's address, or 0.0.0.0 for 
 are mutual TLS, so only holders of this CA's certificates get past the handshake)."
     )]
     Party(PartyArgs),
-    /// The dealer: hands out seeds and P1's shares of the products.
+    /// The dealer: hands out seeds and P1's shares of the products, session after session.
+    #[command(
+        after_help = "Serves sessions until SIGTERM or Ctrl-C (then lets the running ones finish);
+each session gets seeds of its own. Example:
+  mpcformer mpc dealer --listen 0.0.0.0:7001 --certs certs --max-sessions 8"
+    )]
     Dealer(DealerArgs),
+    /// P0 as a service: loads an export once and serves private inference to clients (P1).
+    #[command(
+        after_help = "Example (see `mpc client`; the dealer on another machine):
+  mpcformer mpc serve --model exports/quickstart --listen 0.0.0.0:7000 --dealer D:7001 --certs certs
+
+One log line per session (id, client certificate fingerprint, shapes, times, bytes, rounds; no
+value). SIGTERM or Ctrl-C: no new sessions, running ones finish."
+    )]
+    Serve(ServeArgs),
+    /// P1 as a client of `mpc serve`: classifies sentences it keeps private.
+    #[command(after_help = "Examples:
+  mpcformer mpc client --model exports/quickstart/p1 --peer P0:7000 --dealer D:7001 --certs certs \\
+      --text \"a gorgeous, witty, seductive movie.\"
+  mpcformer mpc client --model exports/minilm-rte/p1 --peer P0:7000 --dealer D:7001 --certs certs \\
+      --text \"A man is playing a guitar.\" --text-pair \"A man plays music.\"
+  mpcformer mpc client --model exports/quickstart/p1 --peer P0:7000 --dealer D:7001 --certs certs \\
+      --task sst2 --data ../shared/data/glue --limit 32 --batch-size 8 --output preds.json
+
+The client reads only the export's public part (p1/: config, tokenizer, plans).")]
+    Client(ClientArgs),
     /// Writes a CA and a certificate and key for each role (P0, P1, dealer) for `--certs`.
     #[command(
         after_help = "Layout of DIR: ca.pem (every role), p0.pem + p0.key, p1.pem + p1.key,
@@ -256,9 +283,103 @@ pub struct PartyArgs {
 pub struct DealerArgs {
     #[arg(long)]
     pub listen: String,
-    /// Seconds to wait for both parties (and for each of P1's requests).
+    /// Seconds a session may wait for its parties, and for each of P1's requests.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
+    /// Sessions served at once; more are refused until one ends.
+    #[arg(long, default_value_t = 8)]
+    pub max_sessions: usize,
+    /// Stop after this many sessions (default: serve until SIGTERM or Ctrl-C).
+    #[arg(long)]
+    pub sessions: Option<usize>,
+    /// Also append each session's line as JSON to this file.
+    #[arg(long)]
+    pub log_json: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Export directory (`mpcformer export`).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Address to listen on for clients (port 0: any; the address is printed).
+    #[arg(long)]
+    pub listen: String,
+    /// The dealer's address.
+    #[arg(long)]
+    pub dealer: String,
+    /// Sessions served at once; later clients wait for a slot (up to --timeout-s).
+    #[arg(long, default_value_t = 4)]
+    pub max_sessions: usize,
+    /// Stop after this many sessions (default: serve until SIGTERM or Ctrl-C).
+    #[arg(long)]
+    pub sessions: Option<usize>,
+    /// Seconds to wait for a client's message (a client gone silent frees its slot after it).
+    #[arg(long, default_value_t = 120)]
+    pub timeout_s: u64,
+    /// Softmax exp iterations (the clients must pass the same).
+    #[arg(long)]
+    pub exp_iters: Option<u32>,
+    /// `exact` (default) or `local` truncation (the clients must pass the same).
+    #[arg(long, default_value = "exact")]
+    pub truncation: String,
+    /// Also append each session's line as JSON to this file.
+    #[arg(long)]
+    pub log_json: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// The export's public part (`<export>/p1/`) or the export itself.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The server's (P0's) address.
+    #[arg(long)]
+    pub peer: String,
+    /// The dealer's address.
+    #[arg(long)]
+    pub dealer: String,
+    /// A sentence to classify (repeatable).
+    #[arg(long, conflicts_with = "task")]
+    pub text: Vec<String>,
+    /// The second sentence of a pair task, one per --text.
+    #[arg(long)]
+    pub text_pair: Vec<String>,
+    /// Classify a task's split instead (as `eval`: --data, --split, --limit, --text-field).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Data spec (as `eval --data`): a GLUE folder or file, .jsonl/.csv/.parquet, hub:...
+    #[arg(long, requires = "task")]
+    pub data: Option<String>,
+    #[arg(long, default_value = "dev", requires = "task")]
+    pub split: String,
+    /// First N examples only.
+    #[arg(long, requires = "task")]
+    pub limit: Option<usize>,
+    /// Text field(s) of JSONL/CSV/parquet/TSV files (two for a pair).
+    #[arg(long = "text-field", value_delimiter = ',', requires = "task")]
+    pub text_fields: Vec<String>,
+    /// Sentences per batch within the session.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Comma-separated bucket lengths each batch is padded to, or `none` (to its longest).
+    #[arg(long, default_value = "16,32,64,128,256,512")]
+    pub buckets: String,
+    #[arg(long, default_value_t = 120)]
+    pub timeout_s: u64,
+    /// Softmax exp iterations (as the server's).
+    #[arg(long)]
+    pub exp_iters: Option<u32>,
+    /// `exact` (default) or `local` truncation (as the server's).
+    #[arg(long, default_value = "exact")]
+    pub truncation: String,
+    /// Write the predictions and the session's counters as JSON.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
     #[command(flatten)]
     pub tls: TlsArgs,
 }
@@ -269,6 +390,8 @@ pub fn main(args: MpcArgs) -> Result<()> {
         MpcCommand::Bench(a) => bench(a),
         MpcCommand::Party(a) => party(a),
         MpcCommand::Dealer(a) => dealer_main(a),
+        MpcCommand::Serve(a) => serve_main(a),
+        MpcCommand::Client(a) => client_main(a),
         MpcCommand::Certs(a) => certs_main(a),
     }
 }
@@ -455,17 +578,233 @@ fn dealer_main(a: DealerArgs) -> Result<()> {
     let sec = a.tls.security(Role::Dealer)?;
     let l =
         TcpListener::bind(&a.listen).with_context(|| format!("dealer: binding {}", a.listen))?;
+    let shutdown = Shutdown::on_signals().context("dealer: installing the signal handlers")?;
+    // For scripts and tests (port 0 picks one).
+    println!("MPC_LISTENING {}", l.local_addr()?);
+    std::io::Write::flush(&mut std::io::stdout())?;
     eprintln!(
-        "dealer listening on {} ({})",
+        "dealer listening on {} ({}), up to {} sessions at once",
         l.local_addr()?,
-        sec.transport().name()
+        sec.transport().name(),
+        a.max_sessions
     );
-    let s = dealer_serve(l, &sec, Duration::from_secs(a.timeout_s))?;
+    let opts = ServiceOptions {
+        max_sessions: a.max_sessions,
+        timeout: Duration::from_secs(a.timeout_s),
+        stop_after: a.sessions,
+    };
+    let t = run_dealer(l, &sec, &opts, &shutdown, a.log_json.as_deref())?;
     eprintln!(
-        "dealer done: {} items in {} rounds, sent {} bytes, received {} bytes",
-        s.items, s.rounds, s.bytes_sent, s.bytes_recv
+        "dealer stopped: {} sessions ({} failed), {} connections dropped",
+        t.sessions, t.failed, t.dropped_connections
     );
     Ok(())
+}
+
+fn serve_main(a: ServeArgs) -> Result<()> {
+    let sec = a.tls.security(Role::P0)?;
+    let model = a.model.to_string_lossy().to_string();
+    let (mut cfg, weights) = load_spec(&model, true, None, a.exp_iters)?;
+    cfg.truncation = Truncation::parse(&a.truncation)?;
+    let l = TcpListener::bind(&a.listen).with_context(|| format!("serve: binding {}", a.listen))?;
+    let shutdown = Shutdown::on_signals().context("serve: installing the signal handlers")?;
+    println!("MPC_LISTENING {}", l.local_addr()?);
+    eprintln!(
+        "serving {} ({} labels, {}) on {} ({}), dealer {}, up to {} sessions at once",
+        a.model.display(),
+        cfg.model.num_labels,
+        cfg.model.approx.label(),
+        l.local_addr()?,
+        sec.transport().name(),
+        a.dealer,
+        a.max_sessions
+    );
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let server = Server {
+        cfg,
+        weights: weights.expect("P0 loads the weights"),
+        sec,
+        dealer: a.dealer,
+        opts: ServiceOptions {
+            max_sessions: a.max_sessions,
+            timeout: Duration::from_secs(a.timeout_s),
+            stop_after: a.sessions,
+        },
+    };
+    let t = server.run(l, &shutdown, a.log_json.as_deref())?;
+    eprintln!(
+        "serve stopped: {} sessions ({} failed), {} connections dropped",
+        t.sessions, t.failed, t.dropped_connections
+    );
+    Ok(())
+}
+
+/// The client's sentences: from the command line, or a task's split.
+fn client_queries(a: &ClientArgs) -> Result<Vec<Query>> {
+    if let Some(task_name) = &a.task {
+        let task = Task::find(task_name).map_err(anyhow::Error::msg)?;
+        let split = *task
+            .resolve_splits(&a.split)
+            .map_err(anyhow::Error::msg)?
+            .first()
+            .context("no split")?;
+        let fields = Fields {
+            text: a.text_fields.clone(),
+            label: None,
+        };
+        let mut set = data::load(task, a.data.as_deref(), split, &fields)?;
+        if let Some(n) = a.limit {
+            set.examples.truncate(n);
+        }
+        return Ok(set
+            .examples
+            .into_iter()
+            .map(|e| Query {
+                text: e.text_a,
+                text_pair: e.text_b,
+            })
+            .collect());
+    }
+    if a.text.is_empty() {
+        bail!("give --text (and --text-pair for a pair task), or --task with --data");
+    }
+    if !a.text_pair.is_empty() && a.text_pair.len() != a.text.len() {
+        bail!(
+            "{} --text but {} --text-pair: give one --text-pair per --text, or none",
+            a.text.len(),
+            a.text_pair.len()
+        );
+    }
+    Ok(a.text
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Query {
+            text: t.clone(),
+            text_pair: a.text_pair.get(i).cloned(),
+        })
+        .collect())
+}
+
+fn parse_buckets(s: &str) -> Result<Vec<usize>> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    let mut b = s
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .with_context(|| format!("--buckets: `{x}` is not a positive length"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    b.sort_unstable();
+    Ok(b)
+}
+
+fn client_main(a: ClientArgs) -> Result<()> {
+    let sec = a.tls.security(Role::P1)?;
+    let dir = public_dir(&a.model);
+    let dir_s = dir.to_string_lossy().to_string();
+    let (mut cfg, _) = load_spec(&dir_s, false, None, a.exp_iters)?;
+    cfg.truncation = Truncation::parse(&a.truncation)?;
+    let max_len = client::max_length(&dir)?;
+    let tok = crate::tokenize::TextTokenizer::from_dir(&dir, max_len)?;
+    let queries = client_queries(&a)?;
+    let plan = client::plan(&tok, &queries, a.batch_size, &parse_buckets(&a.buckets)?)
+        .map_err(anyhow::Error::msg)?;
+    let report = run_session(
+        cfg.clone(),
+        &sec,
+        &a.peer,
+        &a.dealer,
+        &plan.batches,
+        Duration::from_secs(a.timeout_s),
+        |sid| {
+            eprintln!(
+                "session {} with {}: {} sentences in {} batches",
+                sid.short(),
+                a.peer,
+                queries.len(),
+                plan.batches.len()
+            )
+        },
+    )
+    .map_err(|e| {
+        let hint = match e {
+            super::MpcError::PeerClosed { .. } => {
+                " (the server ended the session: its log says why, e.g. a dealer it could not reach, its --timeout-s or its shutdown)"
+            }
+            _ => "",
+        };
+        anyhow::Error::new(e).context(format!(
+            "P1: session with the server at {}{hint}",
+            a.peer
+        ))
+    })?;
+    let preds = client::predictions(&report.logits, &plan.order, &cfg);
+    for (q, p) in queries.iter().zip(&preds) {
+        let answer = match (&p.label, p.score) {
+            (_, Some(s)) => format!("score {s:.4}"),
+            (Some(l), _) => {
+                let probs: Vec<String> = p
+                    .probabilities
+                    .iter()
+                    .enumerate()
+                    .map(|(j, v)| {
+                        let name = cfg.model.labels.get(j).cloned().unwrap_or(j.to_string());
+                        format!("{name} {v:.4}")
+                    })
+                    .collect();
+                format!("{l}  ({})", probs.join(", "))
+            }
+            _ => String::new(),
+        };
+        let text = match &q.text_pair {
+            Some(b) => format!("{} ||| {b}", q.text),
+            None => q.text.clone(),
+        };
+        let short: String = text.chars().take(60).collect();
+        let ell = if short.len() < text.len() { "…" } else { "" };
+        println!("{:>4}  {answer}  {short}{ell}", p.index);
+    }
+    let t = totals(&report, false);
+    eprintln!(
+        "{} sentences in {} batches over {}: setup {:.2} s, offline {:.2} s, online {:.2} s, {} rounds, sent {:.1} MiB, received {:.1} MiB",
+        queries.len(),
+        report.batches,
+        sec.transport().name(),
+        report.setup_s,
+        report.offline_s,
+        report.forward_s,
+        t.rounds,
+        mib(t.bytes_sent),
+        mib(t.bytes_recv)
+    );
+    write_json(
+        &a.output,
+        &json!({
+            "model": dir_s,
+            "transport": sec.transport().name(),
+            "n": queries.len(),
+            "batch_size": a.batch_size,
+            "shapes": report.shapes,
+            "setup_s": report.setup_s,
+            "offline_s": report.offline_s,
+            "online_s": report.forward_s,
+            "rounds": t.rounds,
+            "bytes_sent": t.bytes_sent,
+            "bytes_recv": t.bytes_recv,
+            "dealer_bytes": t.dealer_bytes,
+            "predictions": preds.iter().zip(&queries).map(|(p, q)| {
+                let mut v = serde_json::to_value(p).unwrap_or_default();
+                v["text"] = json!(q.text);
+                v["text_pair"] = json!(q.text_pair);
+                v
+            }).collect::<Vec<_>>(),
+        }),
+    )
 }
 
 fn certs_main(a: CertsArgs) -> Result<()> {

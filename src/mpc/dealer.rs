@@ -73,11 +73,12 @@ const REPLY_REFUSED: u64 = 2;
 
 /// Why the dealer refused a hello (sent back, so the party's error says it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
+pub enum Refusal {
     Malformed = 1,
     NotYourRole = 2,
     AlreadyServed = 3,
     OtherSession = 4,
+    Busy = 5,
 }
 
 impl Refusal {
@@ -87,19 +88,60 @@ impl Refusal {
             Refusal::NotYourRole,
             Refusal::AlreadyServed,
             Refusal::OtherSession,
+            Refusal::Busy,
         ]
         .into_iter()
         .find(|r| *r as u64 == c)
     }
 
-    fn reason(self) -> &'static str {
+    pub fn reason(self) -> &'static str {
         match self {
             Refusal::Malformed => "malformed hello or another protocol version",
             Refusal::NotYourRole => "the hello claims a role other than the certificate's",
             Refusal::AlreadyServed => "this role's seed was already handed out in this session",
             Refusal::OtherSession => "the hello names another session",
+            Refusal::Busy => "the dealer serves its maximum number of sessions; try again later",
         }
     }
+}
+
+/// Reads a party's hello ([`DealerClient::connect`]) and sends the seed that `claim` gives for
+/// its role and session (one [`Dealer`]'s, or a dealer service's book of sessions), or a
+/// refusal. The role is `authenticated` (from the connection's certificate) when given, and a
+/// hello claiming another is refused; otherwise (plaintext) the claimed one. Returns the bytes
+/// moved with the role and session.
+pub fn greet(
+    chan: &mut dyn Channel,
+    authenticated: Option<Party>,
+    claim: &mut dyn FnMut(Party, SessionId) -> std::result::Result<[u8; 32], Refusal>,
+) -> Result<(Party, SessionId, u64)> {
+    let hello = chan.recv_exact("dealer hello", HELLO_WORDS)?;
+    let claimed = Party::from_index(hello[2] as usize);
+    let session = SessionId::from_words(&hello[3..]);
+    let verdict = match (claimed, session) {
+        _ if hello[0] != DEALER_HELLO || hello[1] != PROTOCOL_VERSION => Err(Refusal::Malformed),
+        (None, _) | (_, None) => Err(Refusal::Malformed),
+        (Some(c), _) if authenticated.is_some_and(|a| a != c) => Err(Refusal::NotYourRole),
+        (Some(c), Some(s)) => claim(c, s).map(|seed| (c, s, seed)),
+    };
+    let mut reply = [0u64; REPLY_WORDS];
+    match &verdict {
+        Ok((_, _, seed)) => {
+            reply[0] = REPLY_SEED;
+            reply[1..].copy_from_slice(&seed_to_words(seed));
+        }
+        Err(r) => {
+            reply[0] = REPLY_REFUSED;
+            reply[1] = *r as u64;
+        }
+    }
+    chan.send("dealer hello", &reply)?;
+    let bytes = 2 * FRAME_HEADER_BYTES + 8 * (HELLO_WORDS + REPLY_WORDS) as u64;
+    let (party, session, _) = verdict.map_err(|r| {
+        let claim = claimed.map_or("no valid role".to_string(), |c| format!("{c:?}"));
+        MpcError::Dealer(format!("refused a hello claiming {claim}: {}", r.reason()))
+    })?;
+    Ok((party, session, bytes))
 }
 
 /// One item of correlated randomness.
@@ -358,6 +400,12 @@ fn words_to_seed(w: &[u64]) -> Result<[u8; 32]> {
     Ok(s)
 }
 
+/// P1's link to the dealer failed mid-session (a restarted or unreachable dealer): say so, since
+/// the bare channel error names only the op.
+fn dealer_link(e: MpcError) -> MpcError {
+    MpcError::Dealer(format!("the link to the dealer failed: {e}"))
+}
+
 /// A party's side of the dealer: its PRG, and for P1 the channel to the dealer.
 pub struct DealerClient {
     party: Party,
@@ -424,7 +472,7 @@ impl DealerClient {
         for r in reqs {
             r.encode(&mut words);
         }
-        chan.send(op, &words)?;
+        chan.send(op, &words).map_err(dealer_link)?;
         Ok(FRAME_HEADER_BYTES + 8 * words.len() as u64)
     }
 
@@ -435,7 +483,7 @@ impl DealerClient {
             return Ok(0);
         };
         let want: usize = reqs.iter().map(Req::answer_len).sum();
-        let words = chan.recv_exact(op, want)?;
+        let words = chan.recv_exact(op, want).map_err(dealer_link)?;
         let mut pos = 0;
         for (r, m) in reqs.iter().zip(mats.iter_mut()) {
             let n = r.answer_len();
@@ -485,6 +533,26 @@ pub struct Dealer {
     pub stats: DealerStats,
 }
 
+impl Dealer {
+    /// `party`'s seed, once, for the session of the first accepted hello only.
+    fn claim(
+        &mut self,
+        party: Party,
+        session: SessionId,
+    ) -> std::result::Result<[u8; 32], Refusal> {
+        if self.given[party.index()] {
+            return Err(Refusal::AlreadyServed);
+        }
+        if self.session.is_some_and(|b| b != session) {
+            return Err(Refusal::OtherSession);
+        }
+        // Marked before the reply goes out: a send that fails may still have delivered it.
+        self.session = Some(session);
+        self.given[party.index()] = true;
+        Ok(self.seeds[party.index()])
+    }
+}
+
 impl Default for Dealer {
     fn default() -> Self {
         Self::new()
@@ -530,47 +598,12 @@ impl Dealer {
         self.given == [true; 2]
     }
 
-    /// Reads a party's hello ([`DealerClient::connect`]) and sends its seed, or a refusal. The
-    /// role is `authenticated` (from the connection's certificate) when given, and a hello
-    /// claiming another is refused; otherwise (plaintext) the claimed one. Each role's seed goes
+    /// Reads a party's hello and sends its seed, or a refusal ([`greet`]). Each role's seed goes
     /// out once, and only to hellos naming the session of the first accepted one.
     pub fn greet(&mut self, chan: &mut dyn Channel, authenticated: Option<Party>) -> Result<Party> {
-        let hello = chan.recv_exact("dealer hello", HELLO_WORDS)?;
+        let (party, _, bytes) = greet(chan, authenticated, &mut |p, s| self.claim(p, s))?;
         self.stats.bytes_recv += FRAME_HEADER_BYTES + 8 * HELLO_WORDS as u64;
-        let claimed = Party::from_index(hello[2] as usize);
-        let session = SessionId::from_words(&hello[3..]);
-        let verdict = match (claimed, session) {
-            _ if hello[0] != DEALER_HELLO || hello[1] != PROTOCOL_VERSION => {
-                Err(Refusal::Malformed)
-            }
-            (None, _) | (_, None) => Err(Refusal::Malformed),
-            (Some(c), _) if authenticated.is_some_and(|a| a != c) => Err(Refusal::NotYourRole),
-            (Some(c), _) if self.given[c.index()] => Err(Refusal::AlreadyServed),
-            (_, Some(s)) if self.session.is_some_and(|b| b != s) => Err(Refusal::OtherSession),
-            (Some(c), Some(s)) => Ok((c, s)),
-        };
-        let mut reply = [0u64; REPLY_WORDS];
-        let out = match verdict {
-            Ok((party, session)) => {
-                reply[0] = REPLY_SEED;
-                reply[1..].copy_from_slice(&seed_to_words(&self.seeds[party.index()]));
-                Ok((party, session))
-            }
-            Err(r) => {
-                reply[0] = REPLY_REFUSED;
-                reply[1] = r as u64;
-                Err(r)
-            }
-        };
-        chan.send("dealer hello", &reply)?;
-        self.stats.bytes_sent += FRAME_HEADER_BYTES + 8 * REPLY_WORDS as u64;
-        let (party, session) = out.map_err(|r| {
-            let claim = claimed.map_or("no valid role".to_string(), |c| format!("{c:?}"));
-            MpcError::Dealer(format!("refused a hello claiming {claim}: {}", r.reason()))
-        })?;
-        // Marked only once the seed is on its way: a failed send hands nothing out.
-        self.session = Some(session);
-        self.given[party.index()] = true;
+        self.stats.bytes_sent += bytes - (FRAME_HEADER_BYTES + 8 * HELLO_WORDS as u64);
         Ok(party)
     }
 

@@ -49,6 +49,10 @@
 //!    (Quad / ReLU, 2Quad / 2ReLU / softmax, per layer), BERT or RoBERTa; sessions in-process
 //!    or over TCP; [`cli`]: `mpcformer mpc run` / `mpc bench` (`--variants`, `--seq` lists:
 //!    per-op table and speedups over the teacher).
+//! 7. [`service`]: the long-running roles, `mpc dealer` and `mpc serve` (P0): many sessions,
+//!    one after another and at once, each with its own dealer session; strays, dead clients and
+//!    SIGTERM handled. [`client`]: `mpc client` (P1): local tokenisation, bucketed batches,
+//!    labels and probabilities.
 //!
 //! # What may be printed
 //!
@@ -57,12 +61,14 @@
 //! [`share::AShare`] print the shape, never the data.
 
 pub mod cli;
+pub mod client;
 pub mod compare;
 pub mod dealer;
 pub mod model;
 pub mod net;
 pub mod protocols;
 pub mod ring;
+pub mod service;
 pub mod session;
 pub mod share;
 pub mod tls;

@@ -1055,6 +1055,9 @@ pub struct PartyReport {
     pub encoder_offline_s: f64,
     pub setup_s: f64,
     pub batches: usize,
+    /// `[batch, seq]` of each batch, in order (public: P1 announces them).
+    #[serde(default)]
+    pub shapes: Vec<(usize, usize)>,
     /// Logits `[n · num_labels]` in batch order (P1 only).
     pub logits: Vec<f64>,
 }
@@ -1101,6 +1104,7 @@ pub fn run_party(
                 online_s += t.elapsed().as_secs_f64();
                 report.logits.extend(logits);
                 report.batches += 1;
+                report.shapes.push((inp.batch, inp.seq));
             }
             ctx.op("input");
             ctx.net.send(&[0, 0])?;
@@ -1130,6 +1134,7 @@ pub fn run_party(
             model.forward(&mut ctx, &inp)?;
             online_s += t.elapsed().as_secs_f64();
             report.batches += 1;
+            report.shapes.push((b, s));
         },
     }
     report.forward_s = online_s;

@@ -57,17 +57,21 @@ impl Security {
 
 /// The session both parties agreed on. Public (the dealer and both parties know it); `Debug`
 /// shows a prefix.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionId(pub [u8; 32]);
 
 impl std::fmt::Debug for SessionId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let hex: String = self.0[..4].iter().map(|b| format!("{b:02x}")).collect();
-        write!(f, "SessionId({hex}…)")
+        write!(f, "SessionId({}…)", self.short())
     }
 }
 
 impl SessionId {
+    /// The first 8 hex digits, for log lines (the id is public).
+    pub fn short(&self) -> String {
+        self.0[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     fn from_nonces(n0: &[u64], n1: &[u64]) -> Self {
         let mut h = Sha256::new();
         h.update(b"mpcformer session id v2");
@@ -136,7 +140,12 @@ impl Settings {
     }
 }
 
-fn session_err(role: Role, peer: &str, step: &str, reason: impl std::fmt::Display) -> MpcError {
+pub(super) fn session_err(
+    role: Role,
+    peer: &str,
+    step: &str,
+    reason: impl std::fmt::Display,
+) -> MpcError {
     MpcError::Session {
         role: role.to_string(),
         peer: peer.to_string(),
@@ -169,7 +178,7 @@ pub fn connect(
 }
 
 /// What became of one accepted connection.
-enum Attempt<T> {
+pub(super) enum Attempt<T> {
     /// The peer we wait for.
     Done(T),
     /// Not it (a scan, garbage, a failed handshake, a refused hello): dropped.
@@ -195,7 +204,7 @@ fn accept_until<T>(
 
 /// The server side of one connection: TLS handshake (if any) and the client's role. Under TLS
 /// the role comes from the certificate and must be one of `allowed`; in plaintext it is unknown.
-fn server_handshake(
+pub(super) fn server_handshake(
     stream: std::net::TcpStream,
     addr: SocketAddr,
     sec: &Security,
@@ -307,7 +316,7 @@ fn hello_round(chan: &mut TcpChannel, me: Party, ours: &PartyHello) -> Result<Ve
 /// Exchanges hellos over an established link and returns the session id. A failed exchange is
 /// a stray; a hello of another version or role, or other settings, is an error on both sides
 /// (both hellos are sent before either side checks), naming what differs.
-fn party_hello(
+pub(super) fn party_hello(
     chan: &mut TcpChannel,
     me: Party,
     settings: &Settings,

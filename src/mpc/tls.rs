@@ -273,6 +273,22 @@ pub fn cert_is_for(cert: &CertificateDer<'_>, role: Role) -> bool {
     ee.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
+/// Who the peer of a completed handshake is, for logs: `sha256:` and the first 16 hex digits of
+/// its certificate's fingerprint (every client of a service holds a P1 certificate; the
+/// fingerprint tells them apart without parsing names).
+pub fn peer_fingerprint(conn: &rustls::Connection) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let leaf = conn.peer_certificates()?.first()?;
+    let d = Sha256::digest(leaf.as_ref());
+    Some(format!(
+        "sha256:{}",
+        d[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ))
+}
+
 /// The role of the peer of a completed handshake, from its verified certificate: the one role
 /// of `allowed` the leaf is valid for (`None` if none, or if it names more than one).
 pub fn peer_role(conn: &rustls::Connection, allowed: &[Role]) -> Option<Role> {

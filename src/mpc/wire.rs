@@ -649,28 +649,43 @@ pub fn accept_stream(listener: &TcpListener, deadline: Instant) -> Result<(TcpSt
         .map(|a| a.to_string())
         .unwrap_or_default();
     let timeout = deadline.saturating_duration_since(Instant::now());
-    let conn_err = |source| MpcError::Connect {
-        addr: addr.clone(),
-        timeout,
-        source,
-    };
-    listener.set_nonblocking(true).map_err(conn_err)?;
+    match poll_accept(listener, deadline) {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => Err(MpcError::Connect {
+            addr,
+            timeout,
+            source: io::Error::new(ErrorKind::TimedOut, "no peer connected"),
+        }),
+        Err(source) => Err(MpcError::Connect {
+            addr,
+            timeout,
+            source,
+        }),
+    }
+}
+
+/// One TCP connection on `listener` by `deadline`, or `None` if none came (blocking mode on
+/// return). Polls, so a service loop can look at its shutdown flag between calls.
+pub fn poll_accept(
+    listener: &TcpListener,
+    deadline: Instant,
+) -> io::Result<Option<(TcpStream, SocketAddr)>> {
+    listener.set_nonblocking(true)?;
     loop {
         match listener.accept() {
             Ok((s, a)) => {
-                s.set_nonblocking(false).map_err(conn_err)?;
-                return Ok((s, a));
+                s.set_nonblocking(false)?;
+                return Ok(Some((s, a)));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
                 if Instant::now() >= deadline {
-                    return Err(conn_err(io::Error::new(
-                        ErrorKind::TimedOut,
-                        "no peer connected",
-                    )));
+                    return Ok(None);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(conn_err(e)),
+            // A peer that reset before we took it is its own problem, not the listener's.
+            Err(e) if e.kind() == ErrorKind::ConnectionAborted => continue,
+            Err(e) => return Err(e),
         }
     }
 }
