@@ -754,10 +754,10 @@ fn client_main(a: ClientArgs) -> Result<()> {
                     .enumerate()
                     .map(|(j, v)| {
                         let name = cfg.model.labels.get(j).cloned().unwrap_or(j.to_string());
-                        format!("{name} {v:.4}")
+                        format!("{name}: {v:.4}")
                     })
                     .collect();
-                format!("{l}  ({})", probs.join(", "))
+                format!("{l}  [{}]", probs.join(", "))
             }
             _ => String::new(),
         };
