@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use mpcformer::bench::Shape;
 use mpcformer::model::{Act, Approx, Attn};
-use mpcformer::mpc::dealer::{Dealer, DealerClient, weight_mask};
+use mpcformer::mpc::dealer::{Dealer, DealerClient, Req, weight_mask};
 use mpcformer::mpc::model::MpcConfig;
 use mpcformer::mpc::net::{Channel, TcpChannel, mem_pair};
 use mpcformer::mpc::session::{
-    Security, SessionId, Settings, accept_p1, connect, connect_dealer, connect_p0, serve_dealer,
+    PROTOCOL_VERSION, Security, SessionId, Settings, accept_p1, connect, connect_dealer,
+    connect_p0, serve_dealer,
 };
 use mpcformer::mpc::tls::{CertSet, Role, TlsIdentity};
 use mpcformer::mpc::{MpcError, Party};
@@ -112,10 +113,34 @@ fn frame(words: &[u64]) -> Vec<u8> {
 /// What the real parties open with: P1's hello to P0 and a party's hello to the dealer, so a
 /// server that let the connection through would answer (a hello, a seed or a refusal).
 fn p1_hello() -> Vec<u8> {
-    frame(&[u64::from_le_bytes(*b"mpcf-p2p"), 2, 1, 7, 7, 0])
+    frame(&[
+        u64::from_le_bytes(*b"mpcf-p2p"),
+        PROTOCOL_VERSION,
+        1,
+        7,
+        7,
+        0,
+    ])
 }
 fn dealer_hello(party: u64) -> Vec<u8> {
-    frame(&[u64::from_le_bytes(*b"mpcf-dlr"), 2, party, 1, 2, 3, 4])
+    let mut w = vec![
+        u64::from_le_bytes(*b"mpcf-dlr"),
+        PROTOCOL_VERSION,
+        party,
+        1,
+        2,
+        3,
+        4,
+    ];
+    if party == 0 {
+        w.extend([5, 6, 7, 8]);
+    }
+    frame(&w)
+}
+
+/// A party's first draws from its seed: equal draws, equal seeds.
+fn draws(d: &mut DealerClient) -> Vec<u64> {
+    d.draw(&[Req::Mul { n: 4 }]).remove(0).a
 }
 
 fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
@@ -188,9 +213,14 @@ fn real_session(
     let (_c1, sid1) = connect_p0(p0_addr, &sec1, s, T).unwrap();
     let (_c0, sid0) = p0.join().unwrap().unwrap();
     assert_eq!(sid0, sid1);
-    let d0 = connect_dealer(dealer_addr, &sec0, Party::P0, sid0, T).unwrap();
-    assert_eq!(d0.weight_mask(3, 5).unwrap(), weight_mask(&seed0, 3, 5));
-    let mut d1 = connect_dealer(dealer_addr, &sec1, Party::P1, sid1, T).unwrap();
+    let ws = [7u8; 32];
+    let mut d0 = connect_dealer(dealer_addr, &sec0, Party::P0, sid0, Some(ws), T).unwrap();
+    assert_eq!(d0.weight_mask(3, 5).unwrap(), weight_mask(&ws, 3, 5));
+    assert_eq!(
+        draws(&mut d0),
+        draws(&mut DealerClient::new(Party::P0, seed0, None).unwrap())
+    );
+    let mut d1 = connect_dealer(dealer_addr, &sec1, Party::P1, sid1, None, T).unwrap();
     d1.finish().unwrap();
 }
 
@@ -239,25 +269,26 @@ fn a_p1_certificate_claiming_p0_gets_no_seed() {
     let sid = SessionId([9; 32]);
 
     let chan = connect(&d_addr, &sec1, Role::P1, Role::Dealer, T).unwrap();
-    let e = DealerClient::connect(Party::P0, Box::new(chan), sid)
+    let e = DealerClient::connect(Party::P0, Box::new(chan), sid, None)
         .map(|_| ())
         .unwrap_err();
     assert!(e.to_string().contains("claims a role other than"), "{e}");
 
-    let d0 = connect_dealer(&d_addr, &sec0, Party::P0, sid, T).unwrap();
-    assert_eq!(d0.weight_mask(1, 4).unwrap(), weight_mask(&seeds[0], 1, 4));
-    let e = connect_dealer(&d_addr, &sec0, Party::P0, sid, T)
+    let mut d0 = connect_dealer(&d_addr, &sec0, Party::P0, sid, None, T).unwrap();
+    let p0_seed = DealerClient::new(Party::P0, seeds[0], None).unwrap();
+    assert_eq!(draws(&mut d0), draws(&mut { p0_seed }));
+    let e = connect_dealer(&d_addr, &sec0, Party::P0, sid, None, T)
         .map(|_| ())
         .unwrap_err();
     assert!(e.to_string().contains("already handed out"), "{e}");
-    let e = connect_dealer(&d_addr, &sec1, Party::P1, SessionId([8; 32]), T)
+    let e = connect_dealer(&d_addr, &sec1, Party::P1, SessionId([8; 32]), None, T)
         .map(|_| ())
         .unwrap_err();
     assert!(e.to_string().contains("another session"), "{e}");
     // No error or Debug output carries a seed byte pattern.
     assert!(!format!("{e:?}").contains("11, 11"));
 
-    let mut d1 = connect_dealer(&d_addr, &sec1, Party::P1, sid, T).unwrap();
+    let mut d1 = connect_dealer(&d_addr, &sec1, Party::P1, sid, None, T).unwrap();
     d1.finish().unwrap();
     dealer.join().unwrap().unwrap();
 }
@@ -423,8 +454,8 @@ fn a_port_scan_before_the_peer_does_not_end_the_session() {
     let (_c1, sid1) = connect_p0(&p0_addr, &Security::Plaintext, &s, T).unwrap();
     let (_c0, sid0) = p0.join().unwrap().unwrap();
     assert_eq!(sid0, sid1);
-    connect_dealer(&d_addr, &Security::Plaintext, Party::P0, sid0, T).unwrap();
-    let mut d1 = connect_dealer(&d_addr, &Security::Plaintext, Party::P1, sid1, T).unwrap();
+    connect_dealer(&d_addr, &Security::Plaintext, Party::P0, sid0, None, T).unwrap();
+    let mut d1 = connect_dealer(&d_addr, &Security::Plaintext, Party::P1, sid1, None, T).unwrap();
     d1.finish().unwrap();
     dealer.join().unwrap().unwrap();
 

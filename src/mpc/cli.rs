@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use super::Party;
 use super::client::{self, Query, public_dir, run_session};
 use super::dealer::{Dealer, DealerStats};
-use super::model::{Input, MpcConfig, PartyReport, PlainWeights, ops_json, run_party};
+use super::model::{Input, MpcConfig, PartyReport, PlainWeights, PreparedP0, ops_json, run_party};
 use super::net::{LAN, NetModel, OpStats, Transport, WAN};
 use super::ring::matmul_kernel_name;
 use super::service::{Server, ServiceOptions, Shutdown, run_dealer};
@@ -544,7 +544,7 @@ fn party(a: PartyArgs) -> Result<()> {
             std::io::Write::flush(&mut std::io::stdout())?;
             let (chan, sid) = accept_p1(&l, &sec, &settings, timeout)?;
             let peer = chan.peer_addr().to_string();
-            let dealer = connect_dealer(&a.dealer, &sec, p, sid, timeout)?;
+            let dealer = connect_dealer(&a.dealer, &sec, p, sid, None, timeout)?;
             run_party(p, cfg, weights.as_ref(), None, Box::new(chan), dealer)
                 .with_context(|| format!("P0: session with P1 at {peer}"))?
         }
@@ -556,7 +556,7 @@ fn party(a: PartyArgs) -> Result<()> {
             // For scripts and tests: the session with P0 has begun.
             println!("MPC_CONNECTED");
             std::io::Write::flush(&mut std::io::stdout())?;
-            let dealer = connect_dealer(&a.dealer, &sec, p, sid, timeout)?;
+            let dealer = connect_dealer(&a.dealer, &sec, p, sid, None, timeout)?;
             run_party(p, cfg, None, Some(&inputs), Box::new(chan), dealer)
                 .with_context(|| format!("P1: session with P0 at {peer}"))?
         }
@@ -620,9 +620,13 @@ fn serve_main(a: ServeArgs) -> Result<()> {
         a.max_sessions
     );
     std::io::Write::flush(&mut std::io::stdout())?;
+    let prepared = PreparedP0::new(cfg, &weights.expect("P0 loads the weights"))?;
+    eprintln!(
+        "weights encoded and masked once, in {:.2} s",
+        prepared.setup_s
+    );
     let server = Server {
-        cfg,
-        weights: weights.expect("P0 loads the weights"),
+        prepared,
         sec,
         dealer: a.dealer,
         opts: ServiceOptions {

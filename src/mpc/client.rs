@@ -210,7 +210,7 @@ pub fn run_session(
     let settings = cfg.settings();
     let inputs: Vec<Input> = batches.iter().map(Input::from_host).collect();
     let (chan, sid) = connect_p0(peer, sec, &settings, timeout)?;
-    let dealer = connect_dealer(dealer, sec, Party::P1, sid, timeout)?;
+    let dealer = connect_dealer(dealer, sec, Party::P1, sid, None, timeout)?;
     begun(sid);
     run_party(Party::P1, cfg, None, Some(&inputs), Box::new(chan), dealer)
 }

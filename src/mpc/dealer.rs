@@ -67,6 +67,8 @@ pub const MAX_CACHED_MASK_WORDS: usize = 1 << 29;
 
 const DEALER_HELLO: u64 = u64::from_le_bytes(*b"mpcf-dlr");
 const HELLO_WORDS: usize = 7;
+/// P0's hello also carries its weight seed (see [`DealerClient::connect`]).
+const P0_HELLO_WORDS: usize = HELLO_WORDS + 4;
 const REPLY_WORDS: usize = 5;
 const REPLY_SEED: u64 = 1;
 const REPLY_REFUSED: u64 = 2;
@@ -105,24 +107,40 @@ impl Refusal {
     }
 }
 
+/// How the dealer hands out a seed: `claim(role, session, P0's weight seed)` gives the role's
+/// seed for the session or a refusal (one [`Dealer`]'s, or a dealer service's book of sessions).
+pub type Claim<'a> =
+    dyn FnMut(Party, SessionId, Option<[u8; 32]>) -> std::result::Result<[u8; 32], Refusal> + 'a;
+
 /// Reads a party's hello ([`DealerClient::connect`]) and sends the seed that `claim` gives for
-/// its role and session (one [`Dealer`]'s, or a dealer service's book of sessions), or a
-/// refusal. The role is `authenticated` (from the connection's certificate) when given, and a
-/// hello claiming another is refused; otherwise (plaintext) the claimed one. Returns the bytes
-/// moved with the role and session.
+/// its role and session, or a refusal. The role is `authenticated` (from the connection's
+/// certificate) when given, and a hello claiming another is refused; otherwise (plaintext) the
+/// claimed one. Returns the role, the session and the bytes moved.
 pub fn greet(
     chan: &mut dyn Channel,
     authenticated: Option<Party>,
-    claim: &mut dyn FnMut(Party, SessionId) -> std::result::Result<[u8; 32], Refusal>,
+    claim: &mut Claim<'_>,
 ) -> Result<(Party, SessionId, u64)> {
-    let hello = chan.recv_exact("dealer hello", HELLO_WORDS)?;
-    let claimed = Party::from_index(hello[2] as usize);
-    let session = SessionId::from_words(&hello[3..]);
+    let hello = chan.recv_max("dealer hello", P0_HELLO_WORDS as u64)?;
+    let claimed = hello.get(2).and_then(|&p| Party::from_index(p as usize));
+    let want = match claimed {
+        Some(Party::P0) => P0_HELLO_WORDS,
+        _ => HELLO_WORDS,
+    };
+    let (session, weight_seed) = if hello.len() == want {
+        let ws = (want == P0_HELLO_WORDS).then(|| words_to_seed(&hello[HELLO_WORDS..]));
+        (SessionId::from_words(&hello[3..HELLO_WORDS]), ws)
+    } else {
+        (None, None)
+    };
     let verdict = match (claimed, session) {
         _ if hello[0] != DEALER_HELLO || hello[1] != PROTOCOL_VERSION => Err(Refusal::Malformed),
         (None, _) | (_, None) => Err(Refusal::Malformed),
         (Some(c), _) if authenticated.is_some_and(|a| a != c) => Err(Refusal::NotYourRole),
-        (Some(c), Some(s)) => claim(c, s).map(|seed| (c, s, seed)),
+        (Some(c), Some(s)) => match weight_seed.transpose() {
+            Ok(ws) => claim(c, s, ws).map(|seed| (c, s, seed)),
+            Err(_) => Err(Refusal::Malformed),
+        },
     };
     let mut reply = [0u64; REPLY_WORDS];
     match &verdict {
@@ -136,7 +154,7 @@ pub fn greet(
         }
     }
     chan.send("dealer hello", &reply)?;
-    let bytes = 2 * FRAME_HEADER_BYTES + 8 * (HELLO_WORDS + REPLY_WORDS) as u64;
+    let bytes = 2 * FRAME_HEADER_BYTES + 8 * (hello.len() + REPLY_WORDS) as u64;
     let (party, session, _) = verdict.map_err(|r| {
         let claim = claimed.map_or("no valid role".to_string(), |c| format!("{c:?}"));
         MpcError::Dealer(format!("refused a hello claiming {claim}: {}", r.reason()))
@@ -409,7 +427,9 @@ fn dealer_link(e: MpcError) -> MpcError {
 /// A party's side of the dealer: its PRG, and for P1 the channel to the dealer.
 pub struct DealerClient {
     party: Party,
-    seed: [u8; 32],
+    /// P0's per-model weight masks come from this seed (by default the session seed; `mpc
+    /// serve` keeps one per loaded model, so it masks its weights once).
+    weight_seed: [u8; 32],
     rng: ChaCha20Rng,
     chan: Option<Box<dyn Channel>>,
 }
@@ -422,17 +442,34 @@ impl DealerClient {
         }
         Ok(Self {
             party,
-            seed,
+            weight_seed: seed,
             rng: ChaCha20Rng::from_seed(seed),
             chan,
         })
     }
 
+    /// Masks weights with `weight_seed` instead of the session seed (the dealer must be told:
+    /// [`DealerClient::connect`] does).
+    pub fn with_weight_seed(mut self, weight_seed: [u8; 32]) -> Self {
+        self.weight_seed = weight_seed;
+        self
+    }
+
     /// Connects to a dealer over `chan`: announces the party and the session, receives its
-    /// seed (or the dealer's refusal).
-    pub fn connect(party: Party, mut chan: Box<dyn Channel>, session: SessionId) -> Result<Self> {
+    /// seed (or the dealer's refusal). P0 also tells the dealer the seed of its weight masks:
+    /// `weight_seed`, or a fresh one.
+    pub fn connect(
+        party: Party,
+        mut chan: Box<dyn Channel>,
+        session: SessionId,
+        weight_seed: Option<[u8; 32]>,
+    ) -> Result<Self> {
         let mut hello = vec![DEALER_HELLO, PROTOCOL_VERSION, party.index() as u64];
         hello.extend(session.to_words());
+        let weight_seed = (party == Party::P0).then(|| weight_seed.unwrap_or_else(os_seed));
+        if let Some(ws) = &weight_seed {
+            hello.extend(seed_to_words(ws));
+        }
         chan.send("dealer hello", &hello)?;
         let reply = chan.recv_exact("dealer hello", REPLY_WORDS)?;
         let seed = match reply[0] {
@@ -449,7 +486,11 @@ impl DealerClient {
             Party::P0 => None,
             Party::P1 => Some(chan),
         };
-        Self::new(party, seed, chan)
+        let c = Self::new(party, seed, chan)?;
+        Ok(match weight_seed {
+            Some(ws) => c.with_weight_seed(ws),
+            None => c,
+        })
     }
 
     pub fn party(&self) -> Party {
@@ -495,7 +536,7 @@ impl DealerClient {
 
     /// P0's per-model mask of weight `id` (`None` for P1, which must not know it).
     pub fn weight_mask(&self, id: u64, len: usize) -> Option<Vec<u64>> {
-        (self.party == Party::P0).then(|| weight_mask(&self.seed, id, len))
+        (self.party == Party::P0).then(|| weight_mask(&self.weight_seed, id, len))
     }
 
     /// P1: tells the dealer the session is over.
@@ -530,6 +571,8 @@ pub struct Dealer {
     session: Option<SessionId>,
     /// Whether each party's seed has been handed out.
     given: [bool; 2],
+    /// P0's weight seed, from its hello (in process: `seeds[0]`).
+    weight_seed: Option<[u8; 32]>,
     pub stats: DealerStats,
 }
 
@@ -539,6 +582,7 @@ impl Dealer {
         &mut self,
         party: Party,
         session: SessionId,
+        weight_seed: Option<[u8; 32]>,
     ) -> std::result::Result<[u8; 32], Refusal> {
         if self.given[party.index()] {
             return Err(Refusal::AlreadyServed);
@@ -549,6 +593,9 @@ impl Dealer {
         // Marked before the reply goes out: a send that fails may still have delivered it.
         self.session = Some(session);
         self.given[party.index()] = true;
+        if party == Party::P0 {
+            self.weight_seed = weight_seed;
+        }
         Ok(self.seeds[party.index()])
     }
 }
@@ -578,8 +625,21 @@ impl Dealer {
             max_round_words: DEFAULT_MAX_ROUND_WORDS,
             session: None,
             given: [false; 2],
+            weight_seed: None,
             stats: DealerStats::default(),
         }
+    }
+
+    /// Masks P0's weights from `weight_seed` (a dealer service, for the session of a P0 that
+    /// said so in its hello).
+    pub fn with_weight_seed(mut self, weight_seed: [u8; 32]) -> Self {
+        self.weight_seed = Some(weight_seed);
+        self
+    }
+
+    /// The seed of P0's weight masks.
+    fn weight_seed(&self) -> [u8; 32] {
+        self.weight_seed.unwrap_or(self.seeds[0])
     }
 
     /// Caps the material of one round (words of both parties' `a`, `b`, `c`).
@@ -601,9 +661,10 @@ impl Dealer {
     /// Reads a party's hello and sends its seed, or a refusal ([`greet`]). Each role's seed goes
     /// out once, and only to hellos naming the session of the first accepted one.
     pub fn greet(&mut self, chan: &mut dyn Channel, authenticated: Option<Party>) -> Result<Party> {
-        let (party, _, bytes) = greet(chan, authenticated, &mut |p, s| self.claim(p, s))?;
-        self.stats.bytes_recv += FRAME_HEADER_BYTES + 8 * HELLO_WORDS as u64;
-        self.stats.bytes_sent += bytes - (FRAME_HEADER_BYTES + 8 * HELLO_WORDS as u64);
+        let (party, _, bytes) = greet(chan, authenticated, &mut |p, s, w| self.claim(p, s, w))?;
+        let reply = FRAME_HEADER_BYTES + 8 * REPLY_WORDS as u64;
+        self.stats.bytes_recv += bytes - reply;
+        self.stats.bytes_sent += reply;
         Ok(party)
     }
 
@@ -673,7 +734,7 @@ impl Dealer {
     }
 
     fn mask(&mut self, id: u64, len: usize) -> &[u64] {
-        let seed = self.seeds[0];
+        let seed = self.weight_seed();
         if self.masks.get(&id).is_none_or(|m| m.len() != len) {
             self.reserve_cache(len);
             self.masks.insert(id, weight_mask(&seed, id, len));
@@ -723,7 +784,7 @@ impl Dealer {
                 Req::WeightMatMul { id, m, k, n } => {
                     let a = m1.a;
                     if !self.packed.contains_key(&(id, k, n)) {
-                        let p = PackedRhs::new(&weight_mask(&self.seeds[0], id, k * n), k, n);
+                        let p = PackedRhs::new(&weight_mask(&self.weight_seed(), id, k * n), k, n);
                         self.reserve_cache(k * n);
                         self.packed.insert((id, k, n), p);
                     }

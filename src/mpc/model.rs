@@ -1110,35 +1110,120 @@ pub fn run_party(
             ctx.net.send(&[0, 0])?;
             ctx.dealer.finish()?;
         }
-        Party::P0 => loop {
-            ctx.op("input");
-            let shape = ctx.net.recv_exact(2)?;
-            let Some((b, s)) = model.cfg.check_input_shape(&shape)? else {
-                break;
-            };
-            let t = Instant::now();
-            if model.cfg.offline {
-                model.preprocess(&mut ctx, b, s)?;
-            }
-            offline_s += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            ctx.op("input");
-            let mask = ctx.net.recv_exact(b * s)?;
-            let inp = Input {
-                batch: b,
-                seq: s,
-                mask,
-                ids: None,
-                type_ids: None,
-            };
-            model.forward(&mut ctx, &inp)?;
-            online_s += t.elapsed().as_secs_f64();
-            report.batches += 1;
-            report.shapes.push((b, s));
-        },
+        Party::P0 => serve_batches(&model, &mut ctx, &mut report)?,
     }
-    report.forward_s = online_s;
-    report.offline_s = offline_s;
+    report.forward_s += online_s;
+    report.offline_s += offline_s;
+    report.encoder_s = ctx.encoder_s;
+    report.encoder_offline_s = ctx.encoder_offline_s;
+    report.ops = ctx.net.stats.snapshot();
+    Ok(report)
+}
+
+/// P0 after setup: P1's batches until P1 ends the session with an empty shape.
+fn serve_batches(model: &MpcModel, ctx: &mut Ctx, report: &mut PartyReport) -> Result<()> {
+    loop {
+        ctx.op("input");
+        let shape = ctx.net.recv_exact(2)?;
+        let Some((b, s)) = model.cfg.check_input_shape(&shape)? else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        if model.cfg.offline {
+            model.preprocess(ctx, b, s)?;
+        }
+        report.offline_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        ctx.op("input");
+        let mask = ctx.net.recv_exact(b * s)?;
+        let inp = Input {
+            batch: b,
+            seq: s,
+            mask,
+            ids: None,
+            type_ids: None,
+        };
+        model.forward(ctx, &inp)?;
+        report.forward_s += t.elapsed().as_secs_f64();
+        report.batches += 1;
+        report.shapes.push((b, s));
+    }
+}
+
+/// Frames P0's setup would send, kept instead ([`PreparedP0`]).
+#[derive(Default)]
+struct SetupRecorder(Arc<std::sync::Mutex<Vec<Vec<u64>>>>);
+
+impl Channel for SetupRecorder {
+    fn send(&mut self, _op: &str, words: &[u64]) -> Result<()> {
+        self.0.lock().expect("recorder").push(words.to_vec());
+        Ok(())
+    }
+
+    fn recv(&mut self, op: &str) -> Result<Vec<u64>> {
+        Err(MpcError::Config(format!(
+            "{op}: P0's setup receives nothing"
+        )))
+    }
+}
+
+/// P0's side of a model, set up once for many sessions (`mpc serve`): the encoded weights, and
+/// the masked weights `F = W − B0` every client receives, under masks `B0` from a seed of this
+/// model alone (`weight_seed`, told to the dealer in each session's hello). A session then
+/// only sends `F` ([`run_prepared_p0`]).
+///
+/// One `F` for every client is safe: `F` is `W` under a one-time pad that only P0 and the
+/// dealer know, and each session's products with it use fresh per-session masks (the dealer's
+/// `c1 = a·B0 − c0` is uniform to P1, whatever it saw before).
+pub struct PreparedP0 {
+    pub model: MpcModel,
+    frames: Vec<Vec<u64>>,
+    pub weight_seed: [u8; 32],
+    /// Time spent preparing (once).
+    pub setup_s: f64,
+}
+
+impl PreparedP0 {
+    pub fn new(cfg: MpcConfig, weights: &PlainWeights) -> Result<Self> {
+        let t = Instant::now();
+        let weight_seed = os_seed();
+        let rec = SetupRecorder::default();
+        let frames = rec.0.clone();
+        let dealer = DealerClient::new(Party::P0, os_seed(), None)?.with_weight_seed(weight_seed);
+        let mut ctx = Ctx::new(cfg.fp(), Net::new(Box::new(rec)), dealer);
+        ctx.truncation = cfg.truncation;
+        let model = MpcModel::setup(&mut ctx, cfg, Some(weights))?;
+        drop(ctx);
+        let frames = std::mem::take(&mut *frames.lock().expect("recorder"));
+        Ok(Self {
+            model,
+            frames,
+            weight_seed,
+            setup_s: t.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// P0's session with a prepared model: sends the masked weights (op `setup`), then serves P1's
+/// batches. `dealer` must have been connected with `prep.weight_seed`.
+pub fn run_prepared_p0(
+    prep: &PreparedP0,
+    peer: Box<dyn Channel>,
+    dealer: DealerClient,
+) -> Result<PartyReport> {
+    let mut ctx = Ctx::new(prep.model.cfg.fp(), Net::new(peer), dealer);
+    ctx.truncation = prep.model.cfg.truncation;
+    let t0 = Instant::now();
+    ctx.op("setup");
+    for f in &prep.frames {
+        ctx.net.send(f)?;
+    }
+    let mut report = PartyReport {
+        party: Party::P0.index(),
+        setup_s: t0.elapsed().as_secs_f64(),
+        ..PartyReport::default()
+    };
+    serve_batches(&prep.model, &mut ctx, &mut report)?;
     report.encoder_s = ctx.encoder_s;
     report.encoder_offline_s = ctx.encoder_offline_s;
     report.ops = ctx.net.stats.snapshot();

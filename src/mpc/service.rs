@@ -5,10 +5,10 @@
 //! - **Dealer**: a [`SessionBook`] draws each session's two seeds from the OS when the first of
 //!   its parties says hello, and hands each role its seed once, over that role's authenticated
 //!   link. P1's connection is then served by a [`Dealer`] holding that session's seeds alone.
-//! - **P0** ([`Server`]): loads the export once. Per client: the TLS handshake (the certificate
-//!   must be P1's), the hello (session id, settings check), a dealer session of its own, the
-//!   setup (the weights masked with that session's seed, sent to the client), then the
-//!   client's batches.
+//! - **P0** ([`Server`]): loads the export and masks its weights once ([`PreparedP0`]). Per
+//!   client: the TLS handshake (the certificate must be P1's), the hello (session id, settings
+//!   check), a dealer session of its own (told the model's weight seed), the masked weights
+//!   sent, then the client's batches.
 //!
 //! A stray (port scan, failed handshake, garbage) costs a connection thread for at most
 //! [`HANDSHAKE_TIMEOUT`] and never a session slot. At most `max_sessions` + [`HANDSHAKE_SLOTS`]
@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::dealer::{Dealer, Refusal, greet};
-use super::model::{MpcConfig, PartyReport, PlainWeights, run_party};
+use super::model::{PartyReport, PreparedP0, run_prepared_p0};
 use super::net::OpStats;
 use super::session::{
     Attempt, HANDSHAKE_TIMEOUT, Security, SessionId, Settings, connect_dealer, party_hello,
@@ -293,6 +293,8 @@ impl SessionLog {
 struct Pending {
     seeds: [[u8; 32]; 2],
     given: [bool; 2],
+    /// P0's weight seed, from its hello.
+    weight_seed: Option<[u8; 32]>,
     created: Instant,
     done: bool,
 }
@@ -333,6 +335,7 @@ impl SessionBook {
         &mut self,
         party: Party,
         session: SessionId,
+        weight_seed: Option<[u8; 32]>,
     ) -> std::result::Result<[u8; 32], Refusal> {
         self.purge();
         if !self.sessions.contains_key(&session) && self.sessions.len() >= self.max_sessions {
@@ -341,6 +344,7 @@ impl SessionBook {
         let p = self.sessions.entry(session).or_insert_with(|| Pending {
             seeds: [os_seed(), os_seed()],
             given: [false; 2],
+            weight_seed: None,
             created: Instant::now(),
             done: false,
         });
@@ -348,14 +352,18 @@ impl SessionBook {
             return Err(Refusal::AlreadyServed);
         }
         p.given[party.index()] = true;
+        if party == Party::P0 {
+            p.weight_seed = weight_seed;
+        }
         Ok(p.seeds[party.index()])
     }
 
-    /// A dealer for P1's link of `session` (whose seed P1 has claimed).
-    fn dealer(&self, session: SessionId) -> Option<Dealer> {
-        self.sessions
-            .get(&session)
-            .map(|p| Dealer::from_seeds(p.seeds))
+    /// A dealer for P1's link of `session`, once its P0 has named its weight seed; `Err` with
+    /// the reason to wait no longer (`Ok(None)`: not yet).
+    fn dealer(&self, session: SessionId) -> std::result::Result<Option<Dealer>, &'static str> {
+        let p = self.sessions.get(&session).ok_or("the session has ended")?;
+        Ok(p.weight_seed
+            .map(|ws| Dealer::from_seeds(p.seeds).with_weight_seed(ws)))
     }
 
     fn end(&mut self, session: SessionId) {
@@ -413,7 +421,7 @@ fn dealer_connection(
         .unwrap_or_else(|| "plaintext".into());
     chan.set_timeout(HANDSHAKE_TIMEOUT.min(opts.timeout));
     // The book is locked for the claim only, not while the hello travels.
-    let mut claim = |p, s| book.lock().expect("book lock").claim(p, s);
+    let mut claim = |p, s, w| book.lock().expect("book lock").claim(p, s, w);
     let (party, session) = match greet(&mut chan, role.and_then(Role::party), &mut claim) {
         Ok((p, s, _)) => (p, s),
         Err(e) => return log.dropped(me, addr, &e),
@@ -422,14 +430,25 @@ fn dealer_connection(
         return;
     }
     chan.set_timeout(opts.timeout);
-    let mut dealer = book
-        .lock()
-        .expect("book lock")
-        .dealer(session)
-        .expect("P1 has just claimed this session");
-    let r = dealer.serve(&mut chan);
+    // P1 may say hello before its P0: wait for P0's weight seed (P1 asks for nothing before P0
+    // has sent it the masked weights, which P0 does only after its own hello).
+    let by = Instant::now() + opts.timeout;
+    let mut dealer = loop {
+        match book.lock().expect("book lock").dealer(session) {
+            Ok(Some(d)) => break Ok(d),
+            Ok(None) if Instant::now() < by => {}
+            Ok(None) => break Err("P0 did not come within the timeout"),
+            Err(why) => break Err(why),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let r = match &mut dealer {
+        Ok(d) => d.serve(&mut chan),
+        Err(why) => Err(MpcError::Dealer(why.to_string())),
+    };
+    let stats = dealer.map(|d| d.stats).unwrap_or_default();
     book.lock().expect("book lock").end(session);
-    let s = &dealer.stats;
+    let s = &stats;
     log.session(&SessionRecord {
         role: "dealer",
         session: session.short(),
@@ -453,10 +472,9 @@ fn dealer_connection(
 // P0.
 // ---------------------------------------------------------------------------------------------
 
-/// `mpc serve`: P0 with one loaded export, serving clients.
+/// `mpc serve`: P0 with one export, loaded and masked once, serving clients.
 pub struct Server {
-    pub cfg: MpcConfig,
-    pub weights: PlainWeights,
+    pub prepared: PreparedP0,
     pub sec: Security,
     /// The dealer's address.
     pub dealer: String,
@@ -472,7 +490,7 @@ impl Server {
         log_json: Option<&Path>,
     ) -> anyhow::Result<ServiceTotals> {
         let log = SessionLog::open(log_json)?;
-        let settings = self.cfg.settings();
+        let settings = self.prepared.model.cfg.settings();
         let slots = Slots::new(self.opts.max_sessions);
         let stop = || {
             shutdown.requested()
@@ -541,17 +559,11 @@ impl Server {
             None => Err(MpcError::Config(
                 "no session slot came free within the timeout (or the server is stopping)".into(),
             )),
-            Some(_slot) => connect_dealer(&self.dealer, &self.sec, Party::P0, sid, timeout)
-                .and_then(|dealer| {
-                    run_party(
-                        Party::P0,
-                        self.cfg.clone(),
-                        Some(&self.weights),
-                        None,
-                        Box::new(chan),
-                        dealer,
-                    )
-                }),
+            Some(_slot) => {
+                let ws = Some(self.prepared.weight_seed);
+                connect_dealer(&self.dealer, &self.sec, Party::P0, sid, ws, timeout)
+                    .and_then(|dealer| run_prepared_p0(&self.prepared, Box::new(chan), dealer))
+            }
         };
         record.wall_s = started.elapsed().as_secs_f64();
         match result {

@@ -30,7 +30,7 @@ use super::wire::{accept_stream, connect_stream};
 use super::{MpcError, Party, Result};
 
 /// Version of the session and dealer messages; both ends must agree.
-pub const PROTOCOL_VERSION: u64 = 2;
+pub const PROTOCOL_VERSION: u64 = 3;
 /// Time a new connection has to finish its TLS handshake and hello.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Words of the largest hello accepted (the real ones have a few dozen).
@@ -396,16 +396,18 @@ pub fn connect_p0(
     }
 }
 
-/// A party: connects to the dealer at `addr` and receives its seed for session `sid`.
+/// A party: connects to the dealer at `addr` and receives its seed for session `sid`. P0 names
+/// the seed of its weight masks (`None`: a fresh one; `mpc serve` keeps one per model).
 pub fn connect_dealer(
     addr: &str,
     sec: &Security,
     party: Party,
     sid: SessionId,
+    weight_seed: Option<[u8; 32]>,
     timeout: Duration,
 ) -> Result<DealerClient> {
     let chan = connect(addr, sec, party.into(), Role::Dealer, timeout)?;
-    DealerClient::connect(party, Box::new(chan), sid)
+    DealerClient::connect(party, Box::new(chan), sid, weight_seed)
         .map_err(|e| session_err(party.into(), addr, "dealer hello", e))
 }
 
