@@ -39,8 +39,10 @@
 //! ([`MAX_CACHED_MASK_WORDS`]).
 //!
 //! **Weights** are P0's and fixed across inferences. Each private weight `W` (id `j`) gets a
-//! per-model mask `B0 = PRG(s0, stream 1 + j)`; P0 sends `F = W − B0` to P1 **once per model**
-//! (setup). A product `x·W` then needs, per inference, only P1's `e = x1 − a` (P1 → P0) for a
+//! per-model mask `B0 = PRG(w, stream 1 + j)` from P0's **weight seed** `w`, which P0 names in
+//! its hello to the dealer (a fresh one per session by default; `mpc serve` keeps one per loaded
+//! model, so it masks once and sends every client the same `F`). P0 sends `F = W − B0` to P1 at
+//! the start of each session (setup). A product `x·W` then needs, per inference, only P1's `e = x1 − a` (P1 → P0) for a
 //! fresh `a` from P1's seed, and the dealer's share of `a·B0`:
 //! `z0 = (x0 + e)·W + c0`, `z1 = a·F + c1` (with `c1 = a·B0 − c0`), so `z0 + z1 = x·W`.
 
