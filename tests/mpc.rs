@@ -15,12 +15,14 @@ use mpcformer::export::{self, ExportOptions, Source};
 use mpcformer::io::{HostTensor, batch_from_safetensors};
 use mpcformer::model::{Act, Attn, Overrides, load_pretrained};
 use mpcformer::mpc::dealer::{Dealer, DealerClient};
-use mpcformer::mpc::model::{Input, MpcConfig, PlainWeights, run_in_process};
+use mpcformer::mpc::model::{
+    Input, MpcConfig, PlainWeights, PreparedP0, run_in_process, run_party, run_prepared_p0,
+};
 use mpcformer::mpc::net::{Net, mem_pair};
 use mpcformer::mpc::protocols::{ChebPlan, Ctx, NewtonKind, NewtonPlan, Op, PrivWeight};
 use mpcformer::mpc::ring::{FixedPoint, RingTensor};
 use mpcformer::mpc::session::{Security, serve_dealer};
-use mpcformer::mpc::share::AShare;
+use mpcformer::mpc::share::{AShare, os_seed};
 use mpcformer::mpc::tls::{CertSet, Role};
 use mpcformer::mpc::{MpcError, Party};
 use mpcformer::tokenize::HostBatch;
@@ -782,6 +784,63 @@ fn tiny_students_end_to_end_in_process() {
         assert!(e <= LOGIT_TOL, "tiny {arch}: max logit diff {e:.3e}");
         assert_eq!(rounds, predicted);
     }
+}
+
+/// One P0 setup for many sessions (`mpc serve`): the weights masked once under a per-model
+/// weight seed, two sessions with fresh dealer seeds each, both right. A dealer not told the
+/// weight seed answers for other masks, and the logits are garbage: the seed is what binds them.
+#[test]
+fn a_prepared_p0_serves_sessions_with_weights_masked_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (exp, _, _) = export_tiny(tmp.path(), "bert", Act::Quad, Attn::TwoQuad);
+    let cfg = MpcConfig::from_export(&exp).unwrap();
+    let prep = PreparedP0::new(cfg.clone(), &PlainWeights::from_export(&exp).unwrap()).unwrap();
+    let batch = fixtures().join("tiny-bert/batch0.safetensors");
+    let inputs = vec![Input::from_host(&host_batch(&batch))];
+    let want = plaintext_logits(&exp, &batch);
+    let session = |tell_dealer: bool| -> Vec<f64> {
+        let t = Duration::from_secs(60);
+        let (c0, c1) = mem_pair(t);
+        let (d1, mut dd) = mem_pair(t);
+        let seeds = [os_seed(), os_seed()];
+        let mut dealer = Dealer::from_seeds(seeds);
+        if tell_dealer {
+            dealer = dealer.with_weight_seed(prep.weight_seed);
+        }
+        std::thread::scope(|s| {
+            s.spawn(move || dealer.serve(&mut dd));
+            let p0 = s.spawn(|| {
+                let dc = DealerClient::new(Party::P0, seeds[0], None)
+                    .unwrap()
+                    .with_weight_seed(prep.weight_seed);
+                run_prepared_p0(&prep, Box::new(c0), dc)
+            });
+            let dc = DealerClient::new(Party::P1, seeds[1], Some(Box::new(d1))).unwrap();
+            let r1 = run_party(
+                Party::P1,
+                cfg.clone(),
+                None,
+                Some(&inputs),
+                Box::new(c1),
+                dc,
+            );
+            let r0 = p0.join().unwrap();
+            if tell_dealer {
+                let r0 = r0.unwrap();
+                assert_eq!(r0.shapes, vec![(inputs[0].batch, inputs[0].seq)]);
+            }
+            r1.unwrap().logits
+        })
+    };
+    for i in 0..2 {
+        let e = max_err(&session(true), &want);
+        assert!(e <= LOGIT_TOL, "session {i}: max logit diff {e:.3e}");
+    }
+    let e = max_err(&session(false), &want);
+    assert!(
+        e > 1.0,
+        "a dealer with other weight masks: max logit diff {e:.3e}"
+    );
 }
 
 /// Issue 9: the teacher (erf GeLU + softmax) and the Quad+2ReLU student under MPC agree with
