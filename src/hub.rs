@@ -49,8 +49,30 @@ pub fn repo_file(repo: &Repo, file: &str) -> Result<Option<PathBuf>, String> {
     }
 }
 
+/// Whether `id` is a Hub repository id as the Hub validates one (`huggingface_hub`'s
+/// `validate_repo_id`): `name` or `org/name` — canonical models such as `bert-base-uncased` and
+/// `roberta-base` have no organisation — each part made of ASCII letters, digits, `-`, `_` and
+/// `.`, starting and ending with a letter, digit or `_`, without `--` or `..` (the cache's
+/// separator), not ending in `.git`, 96 characters at most.
+pub fn is_repo_id(id: &str) -> bool {
+    let part_ok = |p: &str| {
+        let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        p.chars().all(|c| word(c) || c == '-' || c == '.')
+            && p.starts_with(word)
+            && p.ends_with(word)
+    };
+    let parts: Vec<&str> = id.split('/').collect();
+    (1..=2).contains(&parts.len())
+        && parts.iter().all(|p| part_ok(p))
+        && !id.contains("--")
+        && !id.contains("..")
+        && !id.ends_with(".git")
+        && id.len() <= 96
+}
+
 /// A local directory for `spec`: the path itself if it is a directory, else the snapshot
-/// directory of the Hub model `org/name` (optionally `org/name@revision`), downloaded as needed.
+/// directory of the Hub model `name` or `org/name` (optionally `@revision`), downloaded as
+/// needed. A path that does not exist and reads as a Hub id is looked up on the Hub.
 pub fn model_dir(spec: &str) -> Result<PathBuf, LoadError> {
     let path = Path::new(spec);
     if path.is_dir() {
@@ -66,10 +88,12 @@ pub fn model_dir(spec: &str) -> Result<PathBuf, LoadError> {
         Some((id, rev)) => (id, rev.to_string()),
         None => (spec, "main".to_string()),
     };
-    if id.split('/').count() != 2 || id.starts_with('.') || id.starts_with('/') {
+    if !is_repo_id(id) {
         return Err(LoadError::Hub {
             id: spec.into(),
-            msg: "no such directory, and not a Hub id of the form `org/name`".into(),
+            msg: "no such directory, and not a Hub id (`name` or `org/name`, e.g. \
+                  `bert-base-uncased`, `sentence-transformers/all-MiniLM-L6-v2`)"
+                .into(),
         });
     }
     let repo = Repo::with_revision(id.to_string(), RepoType::Model, revision);
@@ -81,9 +105,11 @@ pub fn model_dir(spec: &str) -> Result<PathBuf, LoadError> {
         .map_err(hub_err)?
         .ok_or_else(|| {
             hub_err(if offline() {
-                "not in the local Hugging Face cache and HF_HUB_OFFLINE is set".into()
+                "no such directory, and not in the local Hugging Face cache (HF_HUB_OFFLINE is \
+                 set: nothing is downloaded)"
+                    .into()
             } else {
-                "the repository has no config.json".into()
+                "no such directory, and no config.json in that Hub repository".into()
             })
         })?;
     // Tokenizer files are optional: a repo has one of the formats.

@@ -128,7 +128,8 @@ impl ApproxArgs {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// Model directory (config.json + model.safetensors + tokenizer) or Hub id (`org/name`).
+    /// Model directory (config.json + model.safetensors + tokenizer) or Hub id
+    /// (`bert-base-uncased`, `org/name`).
     #[arg(long)]
     model: String,
     /// Input sentence; repeat for a batch (right-padded to the longest).

@@ -1,9 +1,10 @@
 //! `pytorch_model.bin` without PyTorch: the zip serialization `torch.save` uses for a state dict
 //! (PyTorch ≥ 1.6), written and read back for exactly the tensors an export holds.
 //!
-//! The file is a ZIP archive, every record stored (no compression), each record's data aligned
-//! to [`ALIGN`] bytes with an extra field `FB` of `Z` padding as PyTorch's writer does, all
-//! under one directory `<archive>/` (PyTorch uses the file's stem, `pytorch_model`):
+//! The file is a ZIP archive (the `zip` crate writes and reads it), every record stored (no
+//! compression), each record's data aligned to [`ALIGN`] bytes by a padding extra field with
+//! PyTorch's id `FB`, all under one directory `<archive>/` (PyTorch uses the file's stem,
+//! `pytorch_model`):
 //!
 //! - `data.pkl`: a pickle (protocol 2) of a `collections.OrderedDict` name → tensor, each tensor
 //!   `torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())` with
@@ -17,13 +18,17 @@
 //! Not written: `.format_version` / `.storage_alignment` (recent PyTorch's; without them
 //! `torch.load` reads every record through the central directory instead of computing offsets
 //! from its own writer's layout) and `.data/serialization_id` (random in PyTorch; the file stays
-//! a function of the weights). Local headers carry the CRC and sizes (no data descriptors), the
-//! archive is plain ZIP (no zip64: at most 4 GiB). [`read`] parses such a file (and small
-//! `torch.save` files of the same kind) back, checking every record's CRC-32.
+//! a function of the weights). A record of 4 GiB or more is written with zip64 sizes, as
+//! PyTorch's writer does; the archive's directory switches to zip64 by itself when offsets pass
+//! 4 GiB. The pickle is this module's own: no crate writes `torch.save`'s. [`read`] parses such
+//! a file (and small `torch.save` files of the same kind) back, checking every record's CRC-32.
 
 use std::collections::HashMap;
+use std::io::{Cursor, Write};
 
 use anyhow::{Context, Result, bail, ensure};
+use zip::write::SimpleFileOptions;
+use zip::{CompressionMethod, DateTime, ZipArchive, ZipWriter};
 
 /// The file name transformers and MPCFormer look for.
 pub const FILE: &str = "pytorch_model.bin";
@@ -32,11 +37,10 @@ pub const ARCHIVE: &str = "pytorch_model";
 /// Alignment of every record's data, as PyTorch's writer aligns it.
 pub const ALIGN: usize = 64;
 
-const LOCAL: u32 = 0x0403_4b50;
-const CENTRAL: u32 = 0x0201_4b50;
-const END: u32 = 0x0605_4b50;
-/// 1980-01-01 in MS-DOS date format (00:00:00), for every record.
-const DOS_DATE: u16 = 0x21;
+/// The id of PyTorch's padding extra field, `FB`.
+const PAD_FIELD: u16 = u16::from_le_bytes(*b"FB");
+/// Records this large need zip64 sizes.
+const ZIP64_RECORD: usize = u32::MAX as usize;
 
 /// Storage type of a tensor: its element type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,14 +147,38 @@ pub fn write(tensors: &[Tensor<'_>]) -> Result<Vec<u8>> {
     }
     pkl.op(b'u').op(b'.'); // SETITEMS, STOP
 
-    let mut zip = ZipWriter::default();
-    zip.record("data.pkl", &pkl.0)?;
-    zip.record("byteorder", b"little")?;
-    for (key, t) in tensors.iter().enumerate() {
-        zip.record(&format!("data/{key}"), t.data)?;
+    let keys: Vec<String> = (0..tensors.len()).map(|k| format!("data/{k}")).collect();
+    let mut records: Vec<(&str, &[u8])> = vec![("data.pkl", &pkl.0), ("byteorder", b"little")];
+    records.extend(
+        keys.iter()
+            .map(String::as_str)
+            .zip(tensors.iter().map(|t| t.data)),
+    );
+    records.push(("version", b"3\n"));
+    archive(&records, false)
+}
+
+/// A stored ZIP archive of `records` under [`ARCHIVE`]`/`, each record's data [`ALIGN`]-aligned;
+/// zip64 sizes for records that need them, or for all with `force_zip64` (tests).
+fn archive(records: &[(&str, &[u8])], force_zip64: bool) -> Result<Vec<u8>> {
+    let mut zip = ZipWriter::new(Cursor::new(Vec::new()));
+    for (name, data) in records {
+        let options = SimpleFileOptions::default()
+            .compression_method(CompressionMethod::Stored)
+            // Fixed, so that the file is a function of the weights.
+            .last_modified_time(DateTime::default())
+            .large_file(force_zip64 || data.len() >= ZIP64_RECORD)
+            .with_alignment_and_header_id(ALIGN as u16, PAD_FIELD);
+        let name = format!("{ARCHIVE}/{name}");
+        zip.start_file(name.as_str(), options)
+            .with_context(|| format!("{FILE}: starting record {name}"))?;
+        zip.write_all(data)
+            .with_context(|| format!("{FILE}: writing record {name}"))?;
     }
-    zip.record("version", b"3\n")?;
-    zip.finish()
+    Ok(zip
+        .finish()
+        .context("finishing the ZIP archive")?
+        .into_inner())
 }
 
 /// A protocol-2 pickle, without memo (every reader accepts that).
@@ -229,115 +257,6 @@ impl Pickle {
     }
 }
 
-/// A stored ZIP archive with [`ALIGN`]-aligned record data, all under [`ARCHIVE`]`/`.
-#[derive(Default)]
-struct ZipWriter {
-    out: Vec<u8>,
-    central: Vec<u8>,
-    count: usize,
-}
-
-fn u16_of(n: usize, what: &str) -> Result<u16> {
-    u16::try_from(n).with_context(|| format!("{what} {n} does not fit a ZIP field"))
-}
-
-fn u32_of(n: usize, what: &str) -> Result<u32> {
-    u32::try_from(n).with_context(|| {
-        format!("{what} {n} is past 4 GiB: {FILE} without zip64 cannot hold it (--no-pytorch-bin)")
-    })
-}
-
-impl ZipWriter {
-    fn record(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let name = format!("{ARCHIVE}/{name}");
-        let offset = self.out.len();
-        // The extra field: "FB", its length, then 'Z's up to the next aligned offset.
-        let unpadded = offset + 30 + name.len() + 4;
-        let pad = (ALIGN - unpadded % ALIGN) % ALIGN;
-        let crc = crc32(data);
-        let (name_len, extra_len) = (u16_of(name.len(), "name length")?, u16_of(4 + pad, "pad")?);
-        let (size, offset32) = (
-            u32_of(data.len(), "record size")?,
-            u32_of(offset, "offset")?,
-        );
-        let o = &mut self.out;
-        o.extend_from_slice(&LOCAL.to_le_bytes());
-        for v in [20u16, 0, 0, 0, DOS_DATE] {
-            // version needed, flags, method (stored), time, date
-            o.extend_from_slice(&v.to_le_bytes());
-        }
-        for v in [crc, size, size] {
-            o.extend_from_slice(&v.to_le_bytes());
-        }
-        o.extend_from_slice(&name_len.to_le_bytes());
-        o.extend_from_slice(&extra_len.to_le_bytes());
-        o.extend_from_slice(name.as_bytes());
-        o.extend_from_slice(b"FB");
-        o.extend_from_slice(&(pad as u16).to_le_bytes());
-        o.resize(o.len() + pad, b'Z');
-        debug_assert_eq!(o.len() % ALIGN, 0);
-        o.extend_from_slice(data);
-
-        let c = &mut self.central;
-        c.extend_from_slice(&CENTRAL.to_le_bytes());
-        for v in [20u16, 20, 0, 0, 0, DOS_DATE] {
-            // made by, needed, flags, method, time, date
-            c.extend_from_slice(&v.to_le_bytes());
-        }
-        for v in [crc, size, size] {
-            c.extend_from_slice(&v.to_le_bytes());
-        }
-        for v in [name_len, 0, 0, 0, 0] {
-            // name, extra, comment lengths, disk, internal attributes
-            c.extend_from_slice(&v.to_le_bytes());
-        }
-        c.extend_from_slice(&0u32.to_le_bytes()); // external attributes
-        c.extend_from_slice(&offset32.to_le_bytes());
-        c.extend_from_slice(name.as_bytes());
-        self.count += 1;
-        Ok(())
-    }
-
-    fn finish(mut self) -> Result<Vec<u8>> {
-        let cd_offset = u32_of(self.out.len(), "central directory offset")?;
-        let cd_size = u32_of(self.central.len(), "central directory size")?;
-        u32_of(self.out.len() + self.central.len() + 22, "file size")?;
-        let n = u16_of(self.count, "record count")?;
-        self.out.extend_from_slice(&self.central);
-        self.out.extend_from_slice(&END.to_le_bytes());
-        for v in [0u16, 0, n, n] {
-            self.out.extend_from_slice(&v.to_le_bytes());
-        }
-        self.out.extend_from_slice(&cd_size.to_le_bytes());
-        self.out.extend_from_slice(&cd_offset.to_le_bytes());
-        self.out.extend_from_slice(&0u16.to_le_bytes()); // comment length
-        Ok(self.out)
-    }
-}
-
-/// CRC-32 (IEEE, as ZIP uses it).
-pub fn crc32(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, e) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *e = c;
-        }
-        t
-    });
-    !data.iter().fold(!0u32, |c, &b| {
-        table[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8)
-    })
-}
-
 // ---- Reading ----
 
 /// One record of the archive: its full name and where its data lies in the file.
@@ -348,72 +267,35 @@ pub struct Record {
     pub len: usize,
 }
 
-fn le16(b: &[u8], at: usize) -> Result<usize> {
-    b.get(at..at + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
-        .context("truncated ZIP structure")
-}
-
-fn le32(b: &[u8], at: usize) -> Result<usize> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize)
-        .context("truncated ZIP structure")
-}
-
 /// The records of a stored ZIP archive, in central-directory order, every CRC-32 checked.
 pub fn records(bytes: &[u8]) -> Result<Vec<Record>> {
-    let lo = bytes.len().saturating_sub(22 + 0xffff);
-    let end = (lo..=bytes.len().saturating_sub(22))
-        .rev()
-        .find(|&i| le32(bytes, i).ok() == Some(END as usize))
-        .context("not a ZIP archive (no end of central directory)")?;
-    let n = le16(bytes, end + 10)?;
-    let mut at = le32(bytes, end + 16)?;
-    if n == 0xffff || at == 0xffff_ffff {
-        bail!("zip64 archives are not supported");
-    }
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
+    let mut zip = ZipArchive::new(Cursor::new(bytes)).context("not a ZIP archive")?;
+    let mut out = Vec::with_capacity(zip.len());
+    for i in 0..zip.len() {
+        let file = zip
+            .by_index_raw(i)
+            .with_context(|| format!("ZIP record {i}"))?;
+        let name = file.name().unwrap_or_default().to_string();
         ensure!(
-            le32(bytes, at)? == CENTRAL as usize,
-            "bad central directory entry at {at}"
+            file.compression() == CompressionMethod::Stored
+                && file.compressed_size() == file.size(),
+            "{name}: compressed ({:?}); PyTorch archives are stored",
+            file.compression()
         );
-        let method = le16(bytes, at + 10)?;
-        let crc = le32(bytes, at + 16)? as u32;
-        let (csize, size) = (le32(bytes, at + 20)?, le32(bytes, at + 24)?);
-        let (name_len, extra_len, comment_len) = (
-            le16(bytes, at + 28)?,
-            le16(bytes, at + 30)?,
-            le16(bytes, at + 32)?,
-        );
-        let local = le32(bytes, at + 42)?;
-        let name = bytes
-            .get(at + 46..at + 46 + name_len)
-            .context("truncated ZIP structure")?;
-        let name = String::from_utf8_lossy(name).to_string();
-        ensure!(
-            method == 0 && csize == size,
-            "{name}: compressed (method {method}); PyTorch archives are stored"
-        );
-        ensure!(
-            le32(bytes, local)? == LOCAL as usize,
-            "{name}: bad local header at {local}"
-        );
-        let offset = local + 30 + le16(bytes, local + 26)? + le16(bytes, local + 28)?;
+        let offset = file
+            .data_start()
+            .with_context(|| format!("{name}: no data offset"))?;
+        let (offset, len) = (usize::try_from(offset)?, usize::try_from(file.size())?);
         let data = bytes
-            .get(offset..offset + size)
+            .get(offset..offset + len)
             .with_context(|| format!("{name}: data past the end of the file"))?;
+        let crc = crc32fast::hash(data);
         ensure!(
-            crc32(data) == crc,
-            "{name}: CRC-32 {:08x} does not match the archive's {crc:08x}",
-            crc32(data)
+            crc == file.crc32(),
+            "{name}: CRC-32 {crc:08x} does not match the archive's {:08x}",
+            file.crc32()
         );
-        out.push(Record {
-            name,
-            offset,
-            len: size,
-        });
-        at += 46 + name_len + extra_len + comment_len;
+        out.push(Record { name, offset, len });
     }
     Ok(out)
 }
@@ -532,162 +414,16 @@ fn usizes(v: &Val) -> Result<Vec<usize>> {
 /// A pickle of an `OrderedDict` of `_rebuild_tensor_v2` tensors (with or without memo, as
 /// `torch.save` and [`write`] write it); other objects are refused.
 fn unpickle(p: &[u8]) -> Result<Vec<(String, Rebuilt)>> {
-    let mut stack: Vec<Val> = Vec::new();
-    let mut memo: HashMap<usize, Val> = HashMap::new();
-    let mut i = 0;
-    let take = |i: &mut usize, n: usize| -> Result<&[u8]> {
-        let s = p.get(*i..*i + n).context("truncated pickle")?;
-        *i += n;
-        Ok(s)
-    };
-    let pop = |stack: &mut Vec<Val>| stack.pop().context("pickle stack underflow");
-    let pop_mark = |stack: &mut Vec<Val>| -> Result<Vec<Val>> {
-        let m = stack
-            .iter()
-            .rposition(|v| matches!(v, Val::Mark))
-            .context("no MARK")?;
-        let items = stack.split_off(m + 1);
-        stack.pop();
-        Ok(items)
-    };
+    let mut ops = Ops { p, i: 0 };
+    let mut m = Unpickler::default();
     loop {
-        let op = take(&mut i, 1)?[0];
-        match op {
-            0x80 => {
-                take(&mut i, 1)?;
-            }
-            b'c' => {
-                let mut lines = p[i..].splitn(3, |&b| b == b'\n');
-                let (Some(m), Some(n), Some(_)) = (lines.next(), lines.next(), lines.next()) else {
-                    bail!("truncated GLOBAL")
-                };
-                i += m.len() + n.len() + 2;
-                stack.push(Val::Global(format!(
-                    "{}.{}",
-                    String::from_utf8_lossy(m),
-                    String::from_utf8_lossy(n)
-                )));
-            }
-            b'q' | b'r' => {
-                let idx = if op == b'q' {
-                    take(&mut i, 1)?[0] as usize
-                } else {
-                    le32(take(&mut i, 4)?, 0)?
-                };
-                memo.insert(idx, stack.last().context("BINPUT on empty stack")?.clone());
-            }
-            b'h' | b'j' => {
-                let idx = if op == b'h' {
-                    take(&mut i, 1)?[0] as usize
-                } else {
-                    le32(take(&mut i, 4)?, 0)?
-                };
-                stack.push(memo.get(&idx).context("BINGET of unknown memo")?.clone());
-            }
-            b'(' => stack.push(Val::Mark),
-            b')' => stack.push(Val::Tuple(vec![])),
-            b't' => {
-                let items = pop_mark(&mut stack)?;
-                stack.push(Val::Tuple(items));
-            }
-            0x85..=0x87 => {
-                let n = (op - 0x84) as usize;
-                ensure!(stack.len() >= n, "pickle stack underflow");
-                let items = stack.split_off(stack.len() - n);
-                stack.push(Val::Tuple(items));
-            }
-            b'N' => stack.push(Val::None),
-            0x88 => stack.push(Val::Bool),
-            0x89 => stack.push(Val::Bool),
-            b'K' => stack.push(Val::Int(take(&mut i, 1)?[0] as i64)),
-            b'M' => stack.push(Val::Int(le16(take(&mut i, 2)?, 0)? as i64)),
-            b'J' => {
-                let b = take(&mut i, 4)?;
-                stack.push(Val::Int(i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64));
-            }
-            0x8a => {
-                let n = take(&mut i, 1)?[0] as usize;
-                let b = take(&mut i, n)?;
-                ensure!(n <= 8, "LONG1 of {n} bytes");
-                let mut buf = if b.last().is_some_and(|x| x & 0x80 != 0) {
-                    [0xff; 8]
-                } else {
-                    [0; 8]
-                };
-                buf[..n].copy_from_slice(b);
-                stack.push(Val::Int(i64::from_le_bytes(buf)));
-            }
-            b'X' => {
-                let n = le32(take(&mut i, 4)?, 0)?;
-                let s = take(&mut i, n)?;
-                stack.push(Val::Str(
-                    std::str::from_utf8(s)
-                        .context("BINUNICODE is not UTF-8")?
-                        .to_string(),
-                ));
-            }
-            b'}' => stack.push(Val::Dict(vec![])),
-            b'Q' => {
-                let pid = pop(&mut stack)?;
-                let Val::Tuple(t) = &pid else {
-                    bail!("persistent id {pid:?}")
-                };
-                match t.as_slice() {
-                    [Val::Str(s), Val::Global(g), Val::Str(key), Val::Str(_), n]
-                        if s == "storage" =>
-                    {
-                        let class = g.strip_prefix("torch.").unwrap_or(g);
-                        let st = Storage::from_class(class)
-                            .with_context(|| format!("storage type {g} (f32/f16 only)"))?;
-                        stack.push(Val::Storage(st, key.clone(), as_usize(n)?));
-                    }
-                    _ => bail!("persistent id {pid:?}"),
-                }
-            }
-            b'R' => {
-                let args = pop(&mut stack)?;
-                let f = pop(&mut stack)?;
-                let (Val::Global(f), Val::Tuple(args)) = (&f, &args) else {
-                    bail!("REDUCE of {f:?} with {args:?}")
-                };
-                let v = match (f.as_str(), args.as_slice()) {
-                    ("collections.OrderedDict", []) => Val::Dict(vec![]),
-                    (
-                        "torch._utils._rebuild_tensor_v2",
-                        [Val::Storage(st, key, n), off, size, stride, _, _, ..],
-                    ) => Val::Tensor(Box::new(Rebuilt {
-                        storage: *st,
-                        key: key.clone(),
-                        numel: *n,
-                        offset: as_usize(off)?,
-                        shape: usizes(size)?,
-                        stride: usizes(stride)?,
-                    })),
-                    _ => bail!("REDUCE of {f} with {args:?} is not a state dict's"),
-                };
-                stack.push(v);
-            }
-            b's' | b'u' => {
-                let items = if op == b's' {
-                    ensure!(stack.len() >= 2, "pickle stack underflow");
-                    stack.split_off(stack.len() - 2)
-                } else {
-                    pop_mark(&mut stack)?
-                };
-                ensure!(items.len() % 2 == 0, "SETITEMS with an odd number of items");
-                let Some(Val::Dict(d)) = stack.last_mut() else {
-                    bail!("SETITEMS without a dict")
-                };
-                let mut it = items.into_iter();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    d.push((k, v));
-                }
-            }
-            b'.' => break,
-            _ => bail!("pickle opcode 0x{op:02x} at {} is not supported", i - 1),
+        let op = ops.byte()?;
+        if op == b'.' {
+            break;
         }
+        m.step(op, &mut ops)?;
     }
-    let Some(Val::Dict(d)) = stack.pop() else {
+    let Some(Val::Dict(d)) = m.stack.pop() else {
         bail!("the pickle is not a dict")
     };
     d.into_iter()
@@ -698,14 +434,250 @@ fn unpickle(p: &[u8]) -> Result<Vec<(String, Rebuilt)>> {
         .collect()
 }
 
+/// The opcode stream and its arguments.
+struct Ops<'a> {
+    p: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Ops<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let s = self.p.get(self.i..self.i + n).context("truncated pickle")?;
+        self.i += n;
+        Ok(s)
+    }
+
+    fn byte(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A `\n`-terminated line (GLOBAL's module and name).
+    fn line(&mut self) -> Result<String> {
+        let rest = &self.p[self.i..];
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .context("truncated GLOBAL")?;
+        self.i += n + 1;
+        Ok(String::from_utf8_lossy(&rest[..n]).to_string())
+    }
+}
+
+/// The pickle machine: its stack and memo.
+#[derive(Default)]
+struct Unpickler {
+    stack: Vec<Val>,
+    memo: HashMap<usize, Val>,
+}
+
+impl Unpickler {
+    fn pop(&mut self) -> Result<Val> {
+        self.stack.pop().context("pickle stack underflow")
+    }
+
+    /// The items above the topmost MARK, the MARK removed.
+    fn pop_mark(&mut self) -> Result<Vec<Val>> {
+        let m = self
+            .stack
+            .iter()
+            .rposition(|v| matches!(v, Val::Mark))
+            .context("no MARK")?;
+        let items = self.stack.split_off(m + 1);
+        self.stack.pop();
+        Ok(items)
+    }
+
+    fn pop_n(&mut self, n: usize) -> Result<Vec<Val>> {
+        ensure!(self.stack.len() >= n, "pickle stack underflow");
+        Ok(self.stack.split_off(self.stack.len() - n))
+    }
+
+    /// One opcode (STOP is the caller's).
+    fn step(&mut self, op: u8, ops: &mut Ops) -> Result<()> {
+        let v = match op {
+            0x80 => {
+                ops.byte()?; // PROTO
+                return Ok(());
+            }
+            b'c' => Val::Global(format!("{}.{}", ops.line()?, ops.line()?)),
+            b'q' | b'r' => {
+                let idx = if op == b'q' {
+                    ops.byte()? as usize
+                } else {
+                    ops.u32()? as usize
+                };
+                let top = self.stack.last().context("BINPUT on empty stack")?;
+                self.memo.insert(idx, top.clone());
+                return Ok(());
+            }
+            b'h' | b'j' => {
+                let idx = if op == b'h' {
+                    ops.byte()? as usize
+                } else {
+                    ops.u32()? as usize
+                };
+                self.memo
+                    .get(&idx)
+                    .context("BINGET of unknown memo")?
+                    .clone()
+            }
+            b'(' => Val::Mark,
+            b')' => Val::Tuple(vec![]),
+            b't' => Val::Tuple(self.pop_mark()?),
+            0x85..=0x87 => Val::Tuple(self.pop_n((op - 0x84) as usize)?),
+            b'N' => Val::None,
+            0x88 | 0x89 => Val::Bool,
+            b'K' => Val::Int(ops.byte()? as i64),
+            b'M' => Val::Int(ops.u16()? as i64),
+            b'J' => Val::Int(ops.u32()? as i32 as i64),
+            0x8a => Val::Int(long1(ops)?),
+            b'X' => {
+                let n = ops.u32()? as usize;
+                let s = std::str::from_utf8(ops.take(n)?).context("BINUNICODE is not UTF-8")?;
+                Val::Str(s.to_string())
+            }
+            b'}' => Val::Dict(vec![]),
+            b'Q' => {
+                let pid = self.pop()?;
+                persistent_load(pid)?
+            }
+            b'R' => {
+                let args = self.pop()?;
+                let f = self.pop()?;
+                reduce(f, args)?
+            }
+            b's' | b'u' => {
+                let items = if op == b's' {
+                    self.pop_n(2)?
+                } else {
+                    self.pop_mark()?
+                };
+                return self.set_items(items);
+            }
+            _ => bail!("pickle opcode 0x{op:02x} at {} is not supported", ops.i - 1),
+        };
+        self.stack.push(v);
+        Ok(())
+    }
+
+    /// SETITEM(S): key, value pairs into the dict below them.
+    fn set_items(&mut self, items: Vec<Val>) -> Result<()> {
+        ensure!(
+            items.len().is_multiple_of(2),
+            "SETITEMS with an odd number of items"
+        );
+        let Some(Val::Dict(d)) = self.stack.last_mut() else {
+            bail!("SETITEMS without a dict")
+        };
+        let mut it = items.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            d.push((k, v));
+        }
+        Ok(())
+    }
+}
+
+/// LONG1: little-endian two's complement of up to 8 bytes.
+fn long1(ops: &mut Ops) -> Result<i64> {
+    let n = ops.byte()? as usize;
+    let b = ops.take(n)?;
+    ensure!(n <= 8, "LONG1 of {n} bytes");
+    let mut buf = if b.last().is_some_and(|x| x & 0x80 != 0) {
+        [0xff; 8]
+    } else {
+        [0; 8]
+    };
+    buf[..n].copy_from_slice(b);
+    Ok(i64::from_le_bytes(buf))
+}
+
+/// BINPERSID: `('storage', torch.<Type>Storage, key, location, numel)`.
+fn persistent_load(pid: Val) -> Result<Val> {
+    let Val::Tuple(t) = &pid else {
+        bail!("persistent id {pid:?}")
+    };
+    match t.as_slice() {
+        [Val::Str(s), Val::Global(g), Val::Str(key), Val::Str(_), n] if s == "storage" => {
+            let class = g.strip_prefix("torch.").unwrap_or(g);
+            let st = Storage::from_class(class)
+                .with_context(|| format!("storage type {g} (f32/f16 only)"))?;
+            Ok(Val::Storage(st, key.clone(), as_usize(n)?))
+        }
+        _ => bail!("persistent id {pid:?}"),
+    }
+}
+
+/// REDUCE, for the two callables a state dict uses.
+fn reduce(f: Val, args: Val) -> Result<Val> {
+    let (Val::Global(f), Val::Tuple(args)) = (&f, &args) else {
+        bail!("REDUCE of {f:?} with {args:?}")
+    };
+    match (f.as_str(), args.as_slice()) {
+        ("collections.OrderedDict", []) => Ok(Val::Dict(vec![])),
+        (
+            "torch._utils._rebuild_tensor_v2",
+            [Val::Storage(st, key, n), off, size, stride, _, _, ..],
+        ) => Ok(Val::Tensor(Box::new(Rebuilt {
+            storage: *st,
+            key: key.clone(),
+            numel: *n,
+            offset: as_usize(off)?,
+            shape: usizes(size)?,
+            stride: usizes(stride)?,
+        }))),
+        _ => bail!("REDUCE of {f} with {args:?} is not a state dict's"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The sizes in the local header at `at`: 0xffffffff each when they live in a zip64 field.
+    fn local_sizes(bytes: &[u8], at: usize) -> [u32; 2] {
+        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+        assert_eq!(u32_at(at), 0x0403_4b50, "a local header at {at}");
+        [u32_at(at + 18), u32_at(at + 22)]
+    }
+
     #[test]
-    fn crc32_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
+    fn zip64_records_read_back() {
+        let big: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let recs: [(&str, &[u8]); 3] = [("check", b"123456789"), ("big", &big), ("empty", b"")];
+        for force_zip64 in [false, true] {
+            let bytes = archive(&recs, force_zip64).unwrap();
+            let sizes = local_sizes(&bytes, 0);
+            if force_zip64 {
+                assert_eq!(sizes, [u32::MAX; 2], "sizes in the zip64 field");
+            } else {
+                assert_eq!(sizes, [9, 9]);
+            }
+            let read = records(&bytes).unwrap();
+            assert_eq!(read.len(), 3);
+            for (r, (name, data)) in read.iter().zip(recs) {
+                assert_eq!(r.name, format!("{ARCHIVE}/{name}"));
+                assert_eq!(r.offset % ALIGN, 0, "{r:?}");
+                assert_eq!(&bytes[r.offset..r.offset + r.len], data, "{name}");
+            }
+            // The CRC the archive records is the standard CRC-32 (its check value).
+            let mut zip = ZipArchive::new(Cursor::new(&bytes)).unwrap();
+            assert_eq!(zip.by_index_raw(0).unwrap().crc32(), 0xCBF4_3926);
+            // A flipped data byte fails its CRC.
+            let mut bad = bytes.clone();
+            bad[read[1].offset + 500] ^= 1;
+            let e = format!("{:#}", records(&bad).unwrap_err());
+            assert!(e.contains("big: CRC-32"), "{e}");
+        }
     }
 
     #[test]

@@ -37,6 +37,7 @@ use super::tls::{CertPaths, CertSet, Role, TlsIdentity};
 use super::trunc::Truncation;
 use crate::bench::Shape;
 use crate::data::{self, Fields, Label, Order, Task, Tokenized};
+use crate::export::format::{P1_DIR, PUBLIC_MANIFEST};
 use crate::io::{HostTensor, load_safetensors, save_safetensors};
 use crate::model::{Act, Approx, Attn, Overrides};
 use crate::tokenize::HostBatch;
@@ -873,8 +874,8 @@ fn launch(
     let t = Instant::now();
     // P1 gets the export's public part, as a client on another machine would: it never reads
     // the weights, the recipe or the metrics.
-    let p1_part = Path::new(model).join(crate::export::P1_DIR);
-    let p1_model = if p1_part.join(crate::export::PUBLIC_MANIFEST).is_file() {
+    let p1_part = Path::new(model).join(P1_DIR);
+    let p1_model = if p1_part.join(PUBLIC_MANIFEST).is_file() {
         p1_part.to_string_lossy().to_string()
     } else {
         model.to_string()

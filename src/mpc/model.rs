@@ -47,7 +47,7 @@ use super::session::{PROTOCOL_VERSION, Settings};
 use super::share::{AShare, os_seed};
 use super::trunc::Truncation;
 use super::{MpcError, Party, Result};
-use crate::export::{MANIFEST, OpRange, PUBLIC_MANIFEST, PublicManifest};
+use crate::export::format::{MANIFEST, OpRange, PUBLIC_MANIFEST, PublicManifest};
 use crate::model::approx::{QUAD_A, QUAD_B, QUAD_C};
 use crate::model::{Act, Arch, Attn, ModelConfig};
 
@@ -301,7 +301,7 @@ impl MpcConfig {
         });
         let versions = serde_json::json!({
             "session_protocol": PROTOCOL_VERSION,
-            "export_format": crate::export::FORMAT_VERSION,
+            "export_format": crate::export::format::FORMAT_VERSION,
         });
         let plans = serde_json::to_value(self).expect("the plans serialise");
         Settings::new(&[
