@@ -8,6 +8,7 @@ pub mod kernels;
 pub mod load;
 pub mod names;
 pub mod save;
+pub mod shapes;
 
 use std::path::PathBuf;
 

@@ -35,10 +35,10 @@ use super::service::{Server, ServiceOptions, Shutdown, run_dealer};
 use super::session::{Security, accept_p1, connect_dealer, connect_p0, serve_dealer};
 use super::tls::{CertPaths, CertSet, Role, TlsIdentity};
 use super::trunc::Truncation;
-use crate::bench::Shape;
 use crate::data::{self, Fields, Label, Order, Task, Tokenized};
 use crate::export::format::{P1_DIR, PUBLIC_MANIFEST};
 use crate::io::{HostTensor, load_safetensors, save_safetensors};
+use crate::model::shapes::Shape;
 use crate::model::{Act, Approx, Attn, Overrides};
 use crate::tokenize::HostBatch;
 

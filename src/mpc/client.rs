@@ -25,8 +25,8 @@ pub const DEFAULT_BUCKETS: [usize; 6] = [16, 32, 64, 128, 256, 512];
 /// The export directory P1 reads: `<export>/p1/` when the export has one, else the directory
 /// itself (already a public part, or an older export).
 pub fn public_dir(model: &Path) -> PathBuf {
-    let p1 = model.join(crate::export::P1_DIR);
-    if p1.join(crate::export::PUBLIC_MANIFEST).is_file() {
+    let p1 = model.join(crate::export::format::P1_DIR);
+    if p1.join(crate::export::format::PUBLIC_MANIFEST).is_file() {
         p1
     } else {
         model.to_path_buf()
@@ -35,21 +35,24 @@ pub fn public_dir(model: &Path) -> PathBuf {
 
 /// The longest input the export was made for (its manifest's `max_length`).
 pub fn max_length(dir: &Path) -> anyhow::Result<usize> {
-    let path = [crate::export::PUBLIC_MANIFEST, crate::export::MANIFEST]
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: no {} or {} (is it an export, or its p1/ part?)",
-                dir.display(),
-                crate::export::PUBLIC_MANIFEST,
-                crate::export::MANIFEST
-            )
-        })?;
+    let path = [
+        crate::export::format::PUBLIC_MANIFEST,
+        crate::export::format::MANIFEST,
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .find(|p| p.is_file())
+    .ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: no {} or {} (is it an export, or its p1/ part?)",
+            dir.display(),
+            crate::export::format::PUBLIC_MANIFEST,
+            crate::export::format::MANIFEST
+        )
+    })?;
     let text =
         std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let m: crate::export::PublicManifest =
+    let m: crate::export::format::PublicManifest =
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(m.max_length)
 }

@@ -55,7 +55,7 @@
 //! steps of the reciprocals and inverse square roots, means, the pooler's tanh), values whose
 //! probabilities sum to one per row (the softmax's and 2Quad's last product), and shifts of
 //! values at f bits (`x/2^n` before exp, `x/2` in GeLU): ~10⁵–10⁶ truncations of O(1) values
-//! per BERT-base forward at length 512 instead of ~10⁸ (README, "Limits").
+//! per BERT-base forward at length 512 instead of ~10⁸ (docs/src/secure-inference.md, "Limits").
 
 use super::protocols::{Ctx, Op};
 use super::share::{AShare, BShare, truncate_elem};
