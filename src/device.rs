@@ -40,6 +40,18 @@ impl Backend {
     }
 }
 
+/// How far batches are padded on `device`, as a multiple of positions, when the recipe or
+/// command does not say: Flex runs any shape at no extra cost, so to the longest example (1);
+/// GPU backends compile (and autotune) kernels for every new shape, which on wgpu costs seconds
+/// per shape, so to the maximum length: one shape per batch size.
+pub fn default_pad_multiple(device: &Device, max_len: usize) -> usize {
+    if device.clone().inner() == Device::flex() {
+        1
+    } else {
+        max_len
+    }
+}
+
 /// Makes glibc's malloc keep and reuse freed blocks instead of returning them to the kernel.
 ///
 /// Flex allocates a fresh buffer for almost every op's output (a MiniLM layer's activations are

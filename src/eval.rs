@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::data::{self, Dataset, Fields, Label, Order, Task, Tokenized};
+use crate::device::default_pad_multiple;
 use crate::metric::{self, GlueAverage, Scores};
 use crate::model::{Arch, ModelConfig, Overrides, SequenceClassifier, load_pretrained};
 use crate::tokenize::TextTokenizer;
@@ -238,6 +239,12 @@ pub fn load_for_task(setup: &Setup, task: &'static Task) -> Result<TaskModel> {
     })
 }
 
+/// Tokenises `data` for `tm`, padded as `device` wants it ([`default_pad_multiple`]).
+fn tokenize(data: &Dataset, tm: &TaskModel, device: &Device) -> Result<Tokenized> {
+    let t = Tokenized::new(data, &tm.tokenizer).map_err(anyhow::Error::msg)?;
+    Ok(t.pad_to_multiple_of(default_pad_multiple(device, tm.tokenizer.max_len)))
+}
+
 /// Scores `model` on a labelled dataset.
 pub fn evaluate(
     tm: &TaskModel,
@@ -253,7 +260,7 @@ pub fn evaluate(
             task.title, data.split, data.source
         )
     })?;
-    let tokenized = Tokenized::new(data, &tm.tokenizer).map_err(anyhow::Error::msg)?;
+    let tokenized = tokenize(data, tm, device)?;
     let title = format!("{} {}", task.title, data.split);
     let outputs = run_model(&tm.model, &tokenized, batch_size, device, &title);
     let pred = predictions(&outputs, task, &tm.label_map);
@@ -341,7 +348,7 @@ pub fn predict_tasks(
                 data.len(),
                 data.source
             );
-            let tokenized = Tokenized::new(&data, &tm.tokenizer).map_err(anyhow::Error::msg)?;
+            let tokenized = tokenize(&data, &tm, &setup.device)?;
             let title = format!("{} {}", task.title, s.name);
             let outputs = run_model(
                 &tm.model,

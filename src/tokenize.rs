@@ -190,6 +190,31 @@ impl HostBatch {
         b
     }
 
+    /// Right-pads to `seq` positions (mask 0, the pad id, token type 0); a batch already that
+    /// long or longer is returned as it is.
+    pub fn pad_to(&self, seq: usize, pad_id: u32) -> HostBatch {
+        if seq <= self.seq {
+            return self.clone();
+        }
+        let mut out = HostBatch {
+            input_ids: vec![pad_id as i64; self.batch * seq],
+            attention_mask: vec![0; self.batch * seq],
+            token_type_ids: vec![0; self.batch * seq],
+            batch: self.batch,
+            seq,
+        };
+        for r in 0..self.batch {
+            let (from, to) = (
+                r * self.seq..(r + 1) * self.seq,
+                r * seq..r * seq + self.seq,
+            );
+            out.input_ids[to.clone()].copy_from_slice(&self.input_ids[from.clone()]);
+            out.attention_mask[to.clone()].copy_from_slice(&self.attention_mask[from.clone()]);
+            out.token_type_ids[to].copy_from_slice(&self.token_type_ids[from]);
+        }
+        out
+    }
+
     pub fn to_inputs(&self, device: &Device) -> Inputs {
         let t = |v: &Vec<i64>| {
             Tensor::<2, Int>::from_data(TensorData::new(v.clone(), [self.batch, self.seq]), device)

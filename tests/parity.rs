@@ -1,5 +1,6 @@
 //! Parity with PyTorch + transformers on the tiny fixtures: every stored tensor of every batch in
-//! every approximation variant, the loss, and the gradients of every parameter.
+//! every approximation variant, the loss, and the gradients of every parameter, on Flex and,
+//! with `--features wgpu`, on wgpu (CI: Mesa's lavapipe), at the same tolerances.
 
 mod common;
 
@@ -47,8 +48,8 @@ fn task_loss(
     }
 }
 
-fn forward_parity(fixture: &str) {
-    let device = Device::flex();
+fn forward_parity(fixture: &str, device: &Device) {
+    let device = device.clone();
     let dir = fixtures().join(fixture);
     let mut checked = 0;
     for (variant, act, attn) in VARIANTS {
@@ -96,8 +97,8 @@ fn forward_parity(fixture: &str) {
                 &reference[&format!("{variant}.logits")],
                 1e-4,
             );
-            // Half-batches side by side (a frozen teacher's forward): every captured tensor
-            // joined back along the batch axis.
+            // Half-batches side by side (a frozen teacher's forward on Flex): every captured
+            // tensor joined back along the batch axis.
             let threaded = model.forward_threaded(&inputs, Capture::ALL, 2);
             let last = out.encoder.hidden_states.len() - 1;
             assert_close(
@@ -166,8 +167,8 @@ fn forward_parity(fixture: &str) {
     assert!(checked > 50, "only {checked} tensors compared");
 }
 
-fn grad_parity(fixture: &str) {
-    let device = Device::flex().autodiff();
+fn grad_parity(fixture: &str, device: &Device) {
+    let device = device.clone().autodiff();
     let dir = fixtures().join(fixture);
     let grads_ref = load(&dir.join("grads_batch0.safetensors"));
     let batch = dir.join("batch0.safetensors");
@@ -221,32 +222,50 @@ fn grad_parity(fixture: &str) {
     }
 }
 
-#[test]
-fn tiny_bert_forward() {
-    forward_parity("tiny-bert");
+/// Every parity check, on one device.
+macro_rules! parity_tests {
+    ($device:expr) => {
+        #[test]
+        fn tiny_bert_forward() {
+            super::forward_parity("tiny-bert", &$device);
+        }
+
+        #[test]
+        fn tiny_roberta_forward() {
+            super::forward_parity("tiny-roberta", &$device);
+        }
+
+        #[test]
+        fn tiny_bert_regression_forward() {
+            super::forward_parity("tiny-bert-regression", &$device);
+        }
+
+        #[test]
+        fn tiny_bert_gradients() {
+            super::grad_parity("tiny-bert", &$device);
+        }
+
+        #[test]
+        fn tiny_roberta_gradients() {
+            super::grad_parity("tiny-roberta", &$device);
+        }
+
+        #[test]
+        fn tiny_bert_regression_gradients() {
+            super::grad_parity("tiny-bert-regression", &$device);
+        }
+    };
 }
 
-#[test]
-fn tiny_roberta_forward() {
-    forward_parity("tiny-roberta");
+mod on_flex {
+    use burn::prelude::Device;
+    parity_tests!(Device::flex());
 }
 
-#[test]
-fn tiny_bert_regression_forward() {
-    forward_parity("tiny-bert-regression");
-}
-
-#[test]
-fn tiny_bert_gradients() {
-    grad_parity("tiny-bert");
-}
-
-#[test]
-fn tiny_roberta_gradients() {
-    grad_parity("tiny-roberta");
-}
-
-#[test]
-fn tiny_bert_regression_gradients() {
-    grad_parity("tiny-bert-regression");
+/// `cargo test --features wgpu --test parity on_wgpu`; a machine without a Vulkan device fails
+/// here rather than skipping: CI installs lavapipe (`.ci/run`).
+#[cfg(feature = "wgpu")]
+mod on_wgpu {
+    use burn::prelude::Device;
+    parity_tests!(Device::wgpu(Default::default()));
 }

@@ -43,6 +43,7 @@ fn synthetic(n: usize) -> Tokenized {
         labels: (0..n).map(|i| Some(Label::Class(i % 3))).collect(),
         pad_id: 0,
         truncated: 0,
+        pad_multiple: 1,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Tokenise a dataset once, then cut it into batches: padded to the longest example of each
-//! batch, optionally bucketed by length, shuffled deterministically from a seed; for evaluation
-//! the last partial batch is kept.
+//! batch (rounded up to a multiple, see [`Tokenized::pad_to_multiple_of`]), optionally bucketed
+//! by length, shuffled deterministically from a seed; for evaluation the last partial batch is
+//! kept.
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -16,6 +17,8 @@ pub struct Tokenized {
     pub pad_id: u32,
     /// Examples that were cut to the maximum length.
     pub truncated: usize,
+    /// Batches are padded to a multiple of this (1: to their longest example).
+    pub pad_multiple: usize,
 }
 
 /// One batch: which examples (indices into the dataset), their padded inputs and labels.
@@ -110,6 +113,7 @@ impl Tokenized {
             labels: data.examples.iter().map(|e| e.label).collect(),
             pad_id: tok.pad_id,
             truncated,
+            pad_multiple: 1,
         })
     }
 
@@ -132,12 +136,22 @@ impl Tokenized {
         plan_batches(&self.lengths(), batch_size, order, drop_last)
     }
 
-    /// Pads the examples at `indices` to the longest of them.
+    /// Pads every batch to a multiple of `multiple` positions, as `transformers`'
+    /// `DataCollatorWithPadding(pad_to_multiple_of=…)` does. Backends that compile kernels for
+    /// each shape (wgpu, CUDA) then see a few shapes instead of one per batch length.
+    pub fn pad_to_multiple_of(mut self, multiple: usize) -> Self {
+        self.pad_multiple = multiple.max(1);
+        self
+    }
+
+    /// Pads the examples at `indices` to the longest of them, rounded up to the padding multiple.
     pub fn batch(&self, indices: &[usize]) -> Batch {
         let refs: Vec<&Encoded> = indices.iter().map(|&i| &self.encoded[i]).collect();
+        let inputs = HostBatch::collate(&refs, self.pad_id);
+        let seq = inputs.seq.div_ceil(self.pad_multiple) * self.pad_multiple;
         Batch {
             indices: indices.to_vec(),
-            inputs: HostBatch::collate(&refs, self.pad_id),
+            inputs: inputs.pad_to(seq, self.pad_id),
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
         }
     }
@@ -229,5 +243,56 @@ impl SplitMix64 {
             let j = self.below(i + 1);
             v.swap(i, j);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenized(lengths: &[usize]) -> Tokenized {
+        let encoded = lengths
+            .iter()
+            .map(|&n| Encoded {
+                ids: (1..=n as u32).collect(),
+                type_ids: vec![0; n],
+                tokens: Vec::new(),
+            })
+            .collect();
+        Tokenized {
+            encoded,
+            labels: vec![None; lengths.len()],
+            pad_id: 0,
+            truncated: 0,
+            pad_multiple: 1,
+        }
+    }
+
+    #[test]
+    fn batches_pad_to_the_longest_rounded_up_to_the_multiple() {
+        let t = tokenized(&[3, 5, 2]);
+        assert_eq!(t.batch(&[0, 2]).inputs.seq, 3);
+        let t = t.pad_to_multiple_of(4);
+        assert_eq!(t.batch(&[0, 2]).inputs.seq, 4);
+        assert_eq!(t.batch(&[1]).inputs.seq, 8);
+        let b = t.batch(&[0, 2]).inputs;
+        assert_eq!(b.input_ids, vec![1, 2, 3, 0, 1, 2, 0, 0]);
+        assert_eq!(b.attention_mask, vec![1, 1, 1, 0, 1, 1, 0, 0]);
+    }
+
+    #[test]
+    fn padding_keeps_rows_and_masks_the_rest() {
+        let b = HostBatch {
+            input_ids: vec![101, 7, 102, 101, 102, 0],
+            attention_mask: vec![1, 1, 1, 1, 1, 0],
+            token_type_ids: vec![0, 0, 0, 0, 0, 0],
+            batch: 2,
+            seq: 3,
+        };
+        let p = b.pad_to(5, 0);
+        assert_eq!(p.seq, 5);
+        assert_eq!(p.input_ids, vec![101, 7, 102, 0, 0, 101, 102, 0, 0, 0]);
+        assert_eq!(p.attention_mask, vec![1, 1, 1, 0, 0, 1, 1, 0, 0, 0]);
+        assert_eq!(b.pad_to(2, 0), b, "never shortens");
     }
 }

@@ -65,9 +65,7 @@ impl Act {
 
     pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         match self {
-            Act::Gelu => {
-                kernels::elementwise::<kernels::Gelu, D>(x).unwrap_or_else(activation::gelu)
-            }
+            Act::Gelu => kernels::elementwise::<kernels::Gelu, D>(x).unwrap_or_else(gelu_erf),
             Act::GeluTanh => activation::gelu_approximate(x),
             Act::Relu => activation::relu(x),
             // Horner form: one multiply fewer than the textbook polynomial, same values in f32
@@ -76,6 +74,20 @@ impl Act {
                 .unwrap_or_else(|x| (x.clone() * QUAD_A + QUAD_B) * x + QUAD_C),
         }
     }
+}
+
+/// Exact GeLU, `x·½(1 + erf(x/√2))`, built from `erf` so that autodiff differentiates it exactly.
+///
+/// Burn 0.22's `activation::gelu` computes erf GeLU forward, but its default `gelu_backward`
+/// (burn-backend `ops/activation.rs`), which every CubeCL backend (wgpu, CUDA) inherits, is the
+/// derivative of the *tanh* approximation: gradients ~1e-3 off, caught by `tests/parity.rs`
+/// `on_wgpu` against PyTorch. Flex overrides it correctly, and Flex takes the fused kernel above.
+fn gelu_erf<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    (x.clone() * std::f64::consts::FRAC_1_SQRT_2)
+        .erf()
+        .add_scalar(1.0)
+        * x
+        * 0.5
 }
 
 impl FromStr for Act {

@@ -76,27 +76,6 @@ pub fn bucket_len(len: usize, buckets: &[usize]) -> usize {
     buckets.iter().copied().find(|&b| b >= len).unwrap_or(len)
 }
 
-/// Right-pads a batch to `seq` positions (mask 0, the pad id, token type 0).
-fn pad_to(b: &HostBatch, seq: usize, pad_id: u32) -> HostBatch {
-    if seq <= b.seq {
-        return b.clone();
-    }
-    let mut out = HostBatch {
-        input_ids: vec![pad_id as i64; b.batch * seq],
-        attention_mask: vec![0; b.batch * seq],
-        token_type_ids: vec![0; b.batch * seq],
-        batch: b.batch,
-        seq,
-    };
-    for r in 0..b.batch {
-        let (from, to) = (r * b.seq..(r + 1) * b.seq, r * seq..r * seq + b.seq);
-        out.input_ids[to.clone()].copy_from_slice(&b.input_ids[from.clone()]);
-        out.attention_mask[to.clone()].copy_from_slice(&b.attention_mask[from.clone()]);
-        out.token_type_ids[to].copy_from_slice(&b.token_type_ids[from]);
-    }
-    out
-}
-
 /// Tokenises `queries` and groups them by length into batches of `batch_size`, each padded to
 /// its bucket (`buckets` empty: to its longest sentence). Buckets past the tokenizer's maximum
 /// length are dropped, and that length is the last bucket.
@@ -134,7 +113,7 @@ pub fn plan(
         let refs: Vec<&Encoded> = idx.iter().map(|&i| &encoded[i]).collect();
         let b = HostBatch::collate(&refs, tok.pad_id);
         out.batches
-            .push(pad_to(&b, bucket_len(b.seq, &caps), tok.pad_id));
+            .push(b.pad_to(bucket_len(b.seq, &caps), tok.pad_id));
         out.order.extend(idx);
     }
     Ok(out)
@@ -230,21 +209,6 @@ mod tests {
         assert_eq!(bucket_len(17, &b), 32);
         assert_eq!(bucket_len(65, &b), 65);
         assert_eq!(bucket_len(7, &[]), 7);
-    }
-
-    #[test]
-    fn padding_keeps_rows_and_masks_the_rest() {
-        let b = HostBatch {
-            input_ids: vec![101, 7, 102, 101, 102, 0],
-            attention_mask: vec![1, 1, 1, 1, 1, 0],
-            token_type_ids: vec![0, 0, 0, 0, 0, 0],
-            batch: 2,
-            seq: 3,
-        };
-        let p = pad_to(&b, 5, 0);
-        assert_eq!(p.seq, 5);
-        assert_eq!(p.input_ids, vec![101, 7, 102, 0, 0, 101, 102, 0, 0, 0]);
-        assert_eq!(p.attention_mask, vec![1, 1, 1, 0, 0, 1, 1, 0, 0, 0]);
     }
 
     #[test]

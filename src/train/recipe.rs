@@ -174,6 +174,12 @@ pub struct DataSpec {
     pub spec: Option<String>,
     #[serde(default)]
     pub max_len: Option<usize>,
+    /// Pad each batch to a multiple of this many positions (`transformers`'
+    /// `pad_to_multiple_of`); default: to the longest example on Flex, to `max_len` on GPU
+    /// backends, which compile kernels per shape. Stage 1's hidden-state MSE averages over padded
+    /// positions too, as the reference's does, so this is part of the recipe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_to_multiple_of: Option<usize>,
     #[serde(default = "default_train_split")]
     pub train_split: String,
     #[serde(default = "default_eval_split")]

@@ -315,19 +315,27 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         &recipe.data.eval_split,
         (recipe.data.eval_limit, recipe.data.eval_sample),
     )?;
+    let pad = recipe
+        .data
+        .pad_to_multiple_of
+        .unwrap_or_else(|| crate::device::default_pad_multiple(&device, max_len));
+    let tokenize = |set: &Dataset| -> Result<Tokenized> {
+        let t = Tokenized::new(set, &tokenizer).map_err(anyhow::Error::msg)?;
+        Ok(t.pad_to_multiple_of(pad))
+    };
     let stage1_train = match transfer_set(recipe, task, &train_set)? {
-        Some(t) => Some(Tokenized::new(&t, &tokenizer).map_err(anyhow::Error::msg)?),
+        Some(t) => Some(tokenize(&t)?),
         None => None,
     };
     let d = TaskData {
         task,
         stage1_train,
-        train: Tokenized::new(&train_set, &tokenizer).map_err(anyhow::Error::msg)?,
-        dev: Tokenized::new(&dev_set, &tokenizer).map_err(anyhow::Error::msg)?,
+        train: tokenize(&train_set)?,
+        dev: tokenize(&dev_set)?,
         dev_set,
     };
     eprintln!(
-        "{}: {} train / {} dev examples of {}, max length {max_len}",
+        "{}: {} train / {} dev examples of {}, max length {max_len}, batches padded to a multiple of {pad}",
         recipe.name,
         d.train.len(),
         d.dev.len(),
