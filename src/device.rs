@@ -95,3 +95,49 @@ pub fn keep_freed_memory() {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--device cuda` and a recipe's `device = "cuda"` name the same backend.
+    #[test]
+    fn cuda_is_named_the_same_on_the_cli_and_in_recipes() {
+        use clap::ValueEnum;
+        assert_eq!(Backend::from_str("cuda", false), Ok(Backend::Cuda));
+        #[derive(serde::Deserialize)]
+        struct R {
+            device: Backend,
+        }
+        let r: R = toml::from_str("device = \"cuda\"").unwrap();
+        assert_eq!(r.device, Backend::Cuda);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_rebuild() {
+        let e = Backend::Cuda.device().unwrap_err().to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+
+    /// Where no NVIDIA driver is installed (this project's machines and CI), `--device cuda` is
+    /// an error at once rather than a panic on the first kernel.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_without_a_driver_is_an_error() {
+        // SAFETY: as in `cuda_driver_present`.
+        let present = unsafe {
+            let h = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY);
+            if !h.is_null() {
+                libc::dlclose(h);
+            }
+            !h.is_null()
+        };
+        if present {
+            eprintln!("SKIPPED: libcuda.so.1 is installed here; nothing to check");
+            return;
+        }
+        let e = Backend::Cuda.device().unwrap_err().to_string();
+        assert!(e.contains("libcuda.so.1"), "{e}");
+    }
+}
