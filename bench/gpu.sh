@@ -235,7 +235,7 @@ torch_step() {
     else
         step torch 150 "$OUT/torch-gpu.json" "$PY" bench/torch_gpu.py --out "$OUT/torch-gpu.json" \
             --device cuda --shapes "${SHAPES// /,}" --cases "${CASES// /,}" --batch "$BATCH" \
-            --seq "$SEQ" --warmup 3 --steps 10
+            --seq "$SEQ" --warmup 3 --steps 10 --require-cuda
     fi
 }
 

@@ -19,7 +19,7 @@ only, as the 2Quad patch replaces eager attention). float32 throughout, TF32 mat
 Writes one JSON file: versions, the GPU, and per case {status, median_s, tokens_per_s, all_s, ...}
 or {status: "failed", error}. A case that fails does not stop the others; the exit status is 1 if
 any case failed. Without CUDA (no torch.cuda device), and --device cuda, it prints why, writes
-{status: "skipped", reason} and exits 0; --device cpu runs the same cases on the CPU (slow: use
+{status: "skipped", reason} and exits 0 (with --require-cuda: status "failed", exit 1); --device cpu runs the same cases on the CPU (slow: use
 --steps 1 --warmup 0 --shapes minilm --batch 2 to test the script).
 
 bench_torch.py and gen_tiny_fixtures.py are looked up in --tools, then $MPCFORMER_SHARED/tools,
@@ -28,7 +28,7 @@ copies them, because shared/ does not travel to the device machine).
 
 Usage: python3 bench/torch_gpu.py --out torch-gpu.json [--device cuda] [--shapes minilm,bert-base]
            [--cases distill,train,infer] [--attn sdpa,eager] [--batch 32] [--seq 128]
-           [--warmup 3] [--steps 10] [--tf32] [--tools DIR]
+           [--warmup 3] [--steps 10] [--tf32] [--tools DIR] [--require-cuda]
 """
 import argparse
 import json
@@ -59,13 +59,15 @@ def write(path, res):
     os.replace(tmp, path)
 
 
-def skip(path, res, reason):
-    """No usable device: not an error of this script, so exit 0 with the reason on record."""
-    print(f"torch_gpu.py: skipped: {reason}", file=sys.stderr)
-    res["status"] = "skipped"
+def skip(path, res, reason, required):
+    """No usable device: not an error of this script, so exit 0 with the reason on record --
+    unless the caller knows there is a GPU (--require-cuda, as bench/gpu.sh passes), where it is."""
+    status = "failed" if required else "skipped"
+    print(f"torch_gpu.py: {status}: {reason}", file=sys.stderr)
+    res["status"] = status
     res["reason"] = reason
     write(path, res)
-    sys.exit(0)
+    sys.exit(1 if required else 0)
 
 
 def main():
@@ -81,6 +83,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (off by default)")
     ap.add_argument("--tools", help="folder holding bench_torch.py and gen_tiny_fixtures.py")
+    ap.add_argument("--require-cuda", action="store_true",
+                    help="no torch or no CUDA device is a failure (exit 1), not a skip")
     a = ap.parse_args()
 
     res = {"script": "bench/torch_gpu.py", "device": a.device, "batch": a.batch, "seq": a.seq,
@@ -88,11 +92,11 @@ def main():
     try:
         import torch
     except ImportError as e:
-        skip(a.out, res, f"PyTorch is not installed for {sys.executable} ({e})")
+        skip(a.out, res, f"PyTorch is not installed for {sys.executable} ({e})", a.require_cuda)
     res["torch"] = torch.__version__
     if a.device == "cuda" and not torch.cuda.is_available():
         skip(a.out, res, f"torch {torch.__version__} sees no CUDA device "
-             f"(built for CUDA {torch.version.cuda}; is there an NVIDIA GPU and driver?)")
+             f"(built for CUDA {torch.version.cuda}; is there an NVIDIA GPU and driver?)", a.require_cuda)
 
     for d in tools_dirs(a.tools):
         if os.path.exists(os.path.join(d, "bench_torch.py")):
