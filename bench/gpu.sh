@@ -19,7 +19,8 @@
 # Knobs (environment): GPU_SH_BUDGET_S (450 s for all steps), GPU_SH_BACKENDS ("cuda wgpu"),
 # GPU_SH_SHAPES ("minilm bert-base"), GPU_SH_CASES ("distill train infer"), GPU_SH_BATCH (32),
 # GPU_SH_SEQ (128), GPU_SH_WARMUP (2), GPU_SH_STEPS (5), GPU_SH_QUICKSTART (1: run it),
-# GPU_SH_TORCH (1: run bench/torch_gpu.py), MPCFORMER_BIN, PYTHON (python3), and GPU_SH_FORCE=1
+# GPU_SH_TORCH (1: run bench/torch_gpu.py), GPU_SH_SMOKE_S (90) and GPU_SH_BENCH_S (75): the
+# timeout of each tiny bench and of each bench, GPU_SH_QUICKSTART_S (150), MPCFORMER_BIN, PYTHON (python3), and GPU_SH_FORCE=1
 # to run the GPU steps even with no NVIDIA GPU (to exercise this script on another machine).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -42,6 +43,8 @@ SEQ=${GPU_SH_SEQ:-128}
 WARMUP=${GPU_SH_WARMUP:-2}
 NSTEPS=${GPU_SH_STEPS:-5}
 PY=${PYTHON:-python3}
+SMOKE_S=${GPU_SH_SMOKE_S:-90}
+BENCH_S=${GPU_SH_BENCH_S:-75}
 START=$(date +%s)
 
 log() { echo "$*" | tee -a "$LOG" >&2; }
@@ -99,19 +102,8 @@ skip() { record "$1" skipped "$2" 0 "" "" "${3:-}"; }
 # ---- Environment -------------------------------------------------------------------------------
 log "== bench/gpu.sh $(date -u +%FT%TZ) on $(hostname), $(nproc) cores; budget ${BUDGET}s; out $OUT"
 
-# The Vulkan loader (wgpu needs libvulkan.so.1); the device README's way: unpack the carried
-# packages at /, as root. Only these packages: others can break /.
-if compgen -G ".gl/*.deb" >/dev/null; then
-    if ((EUID == 0)) && command -v dpkg >/dev/null; then
-        for f in .gl/*.deb; do dpkg -x "$f" / || log "dpkg -x $f failed"; done
-        ldconfig
-        log "unpacked $(ls .gl/*.deb | wc -l) loader packages from .gl/"
-    else
-        log "not unpacking .gl/ (needs root and dpkg)"
-    fi
-fi
 if [[ -z ${VK_DRIVER_FILES:-} && ! -e /usr/share/vulkan/icd.d/nvidia_icd.json &&
-    -e /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]]; then
+    ! -e /etc/vulkan/icd.d/nvidia_icd.json && -e /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]]; then
     # Where the device machine's driver mount keeps its Vulkan ICD (device README).
     export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
     export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
@@ -143,7 +135,6 @@ fi
     echo "nvcc: $(command -v nvcc || echo none)"
     echo "libcuda: $(ldconfig -p 2>/dev/null | grep -m1 'libcuda.so.1' || echo 'not in ldconfig')"
     echo "libnvrtc: $(ldconfig -p 2>/dev/null | grep -m1 'libnvrtc.so' || echo 'not in ldconfig')"
-    echo "libvulkan: $(ldconfig -p 2>/dev/null | grep -m1 'libvulkan.so.1' || echo 'not in ldconfig')"
 } >"$WORK/env.txt"
 cat "$WORK/env.txt" >>"$LOG"
 
@@ -161,13 +152,40 @@ if ((GPU == 0)) && [[ ${GPU_SH_FORCE:-0} == 1 ]]; then
     GPU=1
 fi
 
+# The Vulkan loader (wgpu needs libvulkan.so.1), the device README's way: unpack the carried
+# packages at /, as root. Only there: with a GPU and no loader installed (never on a developer's
+# or CI's machine), and only these packages: others can break /.
+if ((GPU == 1)) && compgen -G ".gl/*.deb" >/dev/null; then
+    if ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1'; then
+        log "libvulkan.so.1 is installed: not unpacking .gl/"
+    elif ((EUID == 0)) && command -v dpkg >/dev/null; then
+        for f in .gl/*.deb; do dpkg -x "$f" / || log "dpkg -x $f failed"; done
+        ldconfig
+        log "unpacked $(ls .gl/*.deb | wc -l) loader packages from .gl/"
+    else
+        log "not unpacking .gl/ (needs root and dpkg): wgpu will find no Vulkan loader"
+    fi
+fi
+if ((GPU == 1)); then
+    vk="libvulkan: $(ldconfig -p 2>/dev/null | grep -m1 'libvulkan.so.1' || echo 'not in ldconfig')"
+    echo "$vk" >>"$WORK/env.txt"
+    log "$vk"
+fi
+
 # ---- The binary --------------------------------------------------------------------------------
 BIN=${MPCFORMER_BIN:-}
 if [[ -z $BIN ]]; then
     if [[ -x bench/gpu-bin/mpcformer ]]; then
         BIN=bench/gpu-bin/mpcformer
     elif [[ -f bench/gpu-bin/mpcformer.xz ]]; then
-        xz -dc bench/gpu-bin/mpcformer.xz >"$WORK/mpcformer" && chmod +x "$WORK/mpcformer" && BIN=$WORK/mpcformer
+        # As bench/build-gpu-bin.sh carries it (compressed to fit a device call); python3's lzma
+        # where xz is not installed.
+        if command -v xz >/dev/null; then
+            xz -dc bench/gpu-bin/mpcformer.xz >"$WORK/mpcformer"
+        else
+            "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+                bench/gpu-bin/mpcformer.xz "$WORK/mpcformer"
+        fi && chmod +x "$WORK/mpcformer" && BIN=$WORK/mpcformer
     elif [[ -x ${CARGO_TARGET_DIR:-target}/release/mpcformer ]]; then
         BIN=${CARGO_TARGET_DIR:-target}/release/mpcformer
     fi
@@ -198,7 +216,7 @@ smoke() { # BACKEND — a tiny `bench infer`: does the backend start, compile ke
     elif [[ $COMPILED != *"$be"* ]]; then
         record "$name" failed "the binary was built without $be ($COMPILED); rebuild with bench/build-gpu-bin.sh" 0 "" "" ""
     else
-        step "$name" 90 "$WORK/$name.json" "$BIN" bench infer --shape minilm --batch 2 --seq 16 \
+        step "$name" "$SMOKE_S" "$WORK/$name.json" "$BIN" bench infer --shape minilm --batch 2 --seq 16 \
             --warmup 1 --steps 1 --device "$be" --output "$WORK/$name.json"
         [[ $LAST_STATUS == ok ]] && USABLE[$be]=1
     fi
@@ -218,7 +236,7 @@ run_benches() { # BACKEND
                 skip "$name" "$hung timed out"
             else
                 # shellcheck disable=SC2046  # bench_args is a word list by design
-                step "$name" 75 "$WORK/bench-$be-$shape-$case.json" "$BIN" $(bench_args "$case" "$shape" "$be")
+                step "$name" "$BENCH_S" "$WORK/bench-$be-$shape-$case.json" "$BIN" $(bench_args "$case" "$shape" "$be")
                 [[ $LAST_STATUS == timeout ]] && hung=$name
             fi
         done
@@ -248,7 +266,7 @@ quickstart_step() { # BACKEND
     elif [[ -z ${USABLE[$be]:-} ]]; then
         skip "quickstart-$be" "smoke-$be did not pass"
     else
-        step "quickstart-$be" 150 "$WORK/runs-$be/quickstart/summary.json" "$BIN" run recipes/quickstart.toml \
+        step "quickstart-$be" "${GPU_SH_QUICKSTART_S:-150}" "$WORK/runs-$be/quickstart/summary.json" "$BIN" run recipes/quickstart.toml \
             --set "device=$be" --set "output_dir=$WORK/runs-$be"
     fi
 }
