@@ -90,7 +90,9 @@ step() {
         record "$name" failed "timed out after ${t} s" "$secs" "$rc" "$result" "$*"
         LAST_STATUS=timeout
     else
-        reason=$(grep -v '^\s*$' "$WORK/$name.out" | grep -iE 'error|panick|fail' | tail -n 1)
+        # The last line that names an error, and the one after it: a panic's message follows
+        # its "panicked at" line.
+        reason=$(grep -v '^\s*$' "$WORK/$name.out" | grep -iE -A1 'error|panick|fail' | tail -n 2 | tr '\n' ' ')
         [[ -n $reason ]] || reason=$(grep -v '^\s*$' "$WORK/$name.out" | tail -n 1)
         record "$name" failed "exit $rc: ${reason:0:400}" "$secs" "$rc" "$result" "$*"
         LAST_STATUS=failed
