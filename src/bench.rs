@@ -134,9 +134,15 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
     };
     device.seed(0);
     let mut step_s = Vec::with_capacity(steps);
-    let mut time = |i: usize, f: &mut dyn FnMut() -> f32| {
+    let mut time = |i: usize, f: &mut dyn FnMut() -> f32| -> Result<()> {
         let t0 = Instant::now();
         let v = f();
+        // GPU backends queue work: the step reads its loss before backward and the optimizer
+        // step, so without waiting here their kernels would be timed in the next step (and the
+        // last step's not at all). On Flex this returns at once.
+        device
+            .sync()
+            .map_err(|e| anyhow::anyhow!("{device:?}: a step failed on the device: {e:?}"))?;
         let dt = t0.elapsed().as_secs_f64();
         eprintln!(
             "{} step {i}: {dt:.3} s (loss/out {v:.4})",
@@ -145,6 +151,7 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
         if i >= warmup {
             step_s.push(dt);
         }
+        Ok(())
     };
     match case {
         Case::Infer => {
@@ -155,7 +162,7 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
                 time(i, &mut || {
                     let logits = model.logits_threaded(&inputs, threads);
                     logits.sum().into_scalar::<f32>()
-                });
+                })?;
             }
         }
         Case::Train => {
@@ -171,7 +178,7 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
                     let grads = GradientsParams::from_grads(loss.backward(), &model);
                     model = optim.step(1e-4, model.clone(), grads);
                     v
-                });
+                })?;
             }
         }
         Case::Distill => {
@@ -208,7 +215,7 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
                     let grads = GradientsParams::from_grads(total.backward(), &student);
                     student = optim.step(1e-4, student.clone(), grads);
                     v
-                });
+                })?;
             }
         }
     }

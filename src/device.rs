@@ -1,5 +1,5 @@
-//! Backend selection. Always explicit: with both Flex and wgpu compiled in, Burn's
-//! `Device::default()` would silently pick wgpu.
+//! Backend selection. Always explicit: with Flex and a GPU backend compiled in, Burn's
+//! `Device::default()` would silently pick the GPU one.
 
 use burn::prelude::*;
 
@@ -21,6 +21,8 @@ pub enum Backend {
     Flex,
     /// GPU through wgpu (build with `--features wgpu`).
     Wgpu,
+    /// NVIDIA GPU through CUDA (build with `--features cuda`); the first GPU.
+    Cuda,
 }
 
 impl Backend {
@@ -36,6 +38,15 @@ impl Backend {
             Backend::Wgpu => anyhow::bail!(
                 "this binary was built without wgpu support; rebuild with `cargo build --release --features wgpu`"
             ),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda => {
+                cuda_driver_present()?;
+                Ok(Device::cuda(0))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Backend::Cuda => anyhow::bail!(
+                "this binary was built without CUDA support; rebuild with `cargo build --release --features cuda`"
+            ),
         }
     }
 }
@@ -50,6 +61,28 @@ pub fn default_pad_multiple(device: &Device, max_len: usize) -> usize {
     } else {
         max_len
     }
+}
+
+/// Fails with a plain message where no NVIDIA driver is installed. Burn's CUDA device is lazy and
+/// cudarc loads `libcuda` on the first kernel, where a missing driver is a panic deep in a
+/// worker; asking the dynamic loader first turns the common case into an error at `--device`.
+#[cfg(feature = "cuda")]
+fn cuda_driver_present() -> anyhow::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: dlopen/dlclose on a constant NUL-terminated name; the handle is closed at once
+        // and no symbol from it is used. libcuda's initialisers only register the library.
+        let handle = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY) };
+        if handle.is_null() {
+            anyhow::bail!(
+                "--device cuda: the NVIDIA driver library libcuda.so.1 is not installed on this \
+                 machine (no NVIDIA GPU driver); use --device flex"
+            );
+        }
+        // SAFETY: `handle` came from the successful dlopen above.
+        unsafe { libc::dlclose(handle) };
+    }
+    Ok(())
 }
 
 /// Makes glibc's malloc keep and reuse freed blocks instead of returning them to the kernel.
@@ -72,5 +105,51 @@ pub fn keep_freed_memory() {
                 libc::mallopt(libc::M_TOP_PAD, 256 << 20);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--device cuda` and a recipe's `device = "cuda"` name the same backend.
+    #[test]
+    fn cuda_is_named_the_same_on_the_cli_and_in_recipes() {
+        use clap::ValueEnum;
+        assert_eq!(Backend::from_str("cuda", false), Ok(Backend::Cuda));
+        #[derive(serde::Deserialize)]
+        struct R {
+            device: Backend,
+        }
+        let r: R = toml::from_str("device = \"cuda\"").unwrap();
+        assert_eq!(r.device, Backend::Cuda);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_rebuild() {
+        let e = Backend::Cuda.device().unwrap_err().to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+
+    /// Where no NVIDIA driver is installed (this project's machines and CI), `--device cuda` is
+    /// an error at once rather than a panic on the first kernel.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_without_a_driver_is_an_error() {
+        // SAFETY: as in `cuda_driver_present`.
+        let present = unsafe {
+            let h = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY);
+            if !h.is_null() {
+                libc::dlclose(h);
+            }
+            !h.is_null()
+        };
+        if present {
+            eprintln!("SKIPPED: libcuda.so.1 is installed here; nothing to check");
+            return;
+        }
+        let e = Backend::Cuda.device().unwrap_err().to_string();
+        assert!(e.contains("libcuda.so.1"), "{e}");
     }
 }

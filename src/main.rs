@@ -17,10 +17,27 @@ use mpcformer::tokenize::{Encoded, HostBatch, TextTokenizer};
 use mpcformer::train::recipe::Recipe;
 use mpcformer::train::run;
 
+/// `--version` adds the backends compiled in, so a copied binary can be told apart.
+const LONG_VERSION: &str = long_version();
+
+const fn long_version() -> &'static str {
+    // `concat!` takes literals only, so the four feature sets are spelled out.
+    if cfg!(all(feature = "wgpu", feature = "cuda")) {
+        concat!(env!("CARGO_PKG_VERSION"), " (backends: flex, wgpu, cuda)")
+    } else if cfg!(feature = "wgpu") {
+        concat!(env!("CARGO_PKG_VERSION"), " (backends: flex, wgpu)")
+    } else if cfg!(feature = "cuda") {
+        concat!(env!("CARGO_PKG_VERSION"), " (backends: flex, cuda)")
+    } else {
+        concat!(env!("CARGO_PKG_VERSION"), " (backends: flex)")
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "mpcformer",
     version,
+    long_version = LONG_VERSION,
     about = "MPC-friendly BERT/RoBERTa: Quad/2Quad/2ReLU approximations, distillation, export, 2-party inference"
 )]
 struct Cli {

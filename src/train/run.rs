@@ -289,11 +289,13 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             dir.display()
         );
     }
+    // Before the run directory exists: a device that is not there (a build without the backend,
+    // no driver) must not leave a run behind that only --resume gets past.
+    let device = recipe.device.device()?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let _lock = crate::io::lock_dir(&dir)?;
     write_atomic(&dir.join("recipe.toml"), recipe.resolved_toml().as_bytes())?;
     let mut log = MetricsLog::open(&dir.join("metrics.jsonl"))?;
-    let device = recipe.device.device()?;
     let ad = device.clone().autodiff();
     device.seed(recipe.seed);
     ad.seed(recipe.seed);
