@@ -1,5 +1,5 @@
-//! What Burn 0.22's `burn::tensor::distributed` does on the backends this crate builds. None of
-//! them can reduce gradients across devices, which is why training runs on one device
+//! What Burn 0.22's `burn::tensor::distributed` does on the backends this crate builds. Neither
+//! can reduce gradients across devices, which is why training runs on one device
 //! (docs/src/gpu.md, "More than one device"). These tests pin the failures down so that a Burn
 //! upgrade that lifts them shows up here: each one is the smallest program that hits its limit.
 
@@ -45,28 +45,38 @@ fn all_reduce_refuses_a_flex_tensor() {
 }
 
 /// wgpu is a CubeCL runtime, which the dispatch lets through, but CubeCL implements collectives
-/// on CUDA (NCCL) only: the client refuses the all-reduce on the calling thread
-/// (cubecl-runtime 0.11.3 src/client.rs, `expect_device_transport`). Needs a Vulkan driver
-/// (lavapipe will do): `cargo test --release --features wgpu --test distributed`.
+/// on CUDA (NCCL) only. The refusal (cubecl-runtime 0.11.3 src/client.rs:956) happens on the
+/// device's worker thread, which catches it: `all_reduce(..).resolve()` returns, and the error
+/// comes out of the first read of the result. Needs a Vulkan driver (lavapipe will do):
+/// `cargo test --release --features wgpu --test distributed`.
 #[cfg(feature = "wgpu")]
 #[test]
-#[should_panic(expected = "which has no transport between its devices")]
-fn all_reduce_refuses_a_wgpu_tensor() {
+fn all_reduce_on_wgpu_fails_at_the_first_read() {
     let d = Device::wgpu(Default::default());
-    let _ = all_reduce(Tensor::<1>::ones([4], &d), ReduceOperation::Mean, vec![d]).resolve();
+    let r = all_reduce(Tensor::<1>::ones([4], &d), ReduceOperation::Mean, vec![d]).resolve();
+    let err = format!("{:?}", r.try_into_data().unwrap_err());
+    assert!(
+        err.contains("has no transport between its devices"),
+        "{err}"
+    );
 }
 
-/// The DDP path itself on wgpu, reduced to one device and one parameter: `backward()` queues
-/// the gradient to the sync server, whose thread then hits the refused all-reduce; the training
-/// thread fails after it.
+/// The DDP path itself on wgpu, reduced to one device and one parameter: `backward()` hands the
+/// gradient to the sync server, whose all-reduce is refused as above; `backward()` returns
+/// normally and the gradient cannot be read.
 #[cfg(feature = "wgpu")]
 #[test]
-#[should_panic]
-fn ddp_backward_on_wgpu_fails() {
+fn ddp_backward_on_wgpu_leaves_an_unreadable_gradient() {
     let d = Device::wgpu(Default::default()).autodiff();
     let _ctx = DistributedContext::init(vec![d.clone()], mean());
     let p = Tensor::<1>::ones([4], &d)
         .require_grad()
         .set_distributed(ParamId::new());
-    let _ = (p * 2.0).sum().backward();
+    let grads = (p.clone() * 2.0).sum().backward();
+    let g = p.grad(&grads).expect("a gradient is registered");
+    let err = format!("{:?}", g.try_into_data().unwrap_err());
+    assert!(
+        err.contains("has no transport between its devices"),
+        "{err}"
+    );
 }
