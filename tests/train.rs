@@ -14,6 +14,7 @@ use mpcformer::distill::{Student, init_student, intermediate_loss};
 use mpcformer::model::{self, Capture, Overrides};
 use mpcformer::tokenize::Encoded;
 use mpcformer::train::fit::{LossTerms, MetricsLog, Stage};
+use mpcformer::train::precision::Precision;
 use mpcformer::train::recipe::{StageConfig, StageKind, StudentSpec};
 
 /// Random token sequences in tiny-bert's vocabulary (120), lengths 5..12.
@@ -82,6 +83,7 @@ fn stage1_losses(spec: StudentSpec) -> Vec<f64> {
         train: &train,
         seed: 3,
         device: ad.clone(),
+        precision: Precision::F32,
         resume: false,
         tag: None,
     };
@@ -216,6 +218,7 @@ fn nan_loss_stops_with_the_step() {
         train: &train,
         seed: 0,
         device: ad.clone(),
+        precision: Precision::F32,
         resume: false,
         tag: None,
     };

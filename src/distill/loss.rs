@@ -3,8 +3,13 @@
 //! Stage 1 ("intermediate"): Σ MSE over attention scores + Σ MSE over hidden states, unweighted.
 //! Stage 2 ("prediction"): soft cross-entropy against the teacher's logits (classification) or MSE
 //! against the gold score (regression).
+//!
+//! Every loss computes in f32: under mixed precision (`train::precision`) the student's outputs
+//! may be half precision, and a sum of squares over a batch's attention scores is what overflows
+//! f16 first. The casts are no-ops on f32 inputs.
 
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::activation::{log_softmax, softmax};
 
 use crate::model::approx::MASK_NEG;
@@ -13,13 +18,14 @@ use crate::model::approx::MASK_NEG;
 /// padded keys). Our encoder returns the raw scores; this puts the mask back.
 pub fn with_additive_mask(scores: Tensor<4>, key_mask: Tensor<2>) -> Tensor<4> {
     let [b, _, _, lk] = scores.dims();
+    let key_mask = key_mask.cast(DType::F32);
     let additive = (key_mask.reshape([b, 1, 1, lk]).neg() + 1.0) * MASK_NEG;
-    scores + additive
+    scores.cast(DType::F32) + additive
 }
 
 /// `F.mse_loss`: mean over all elements.
 pub fn mse<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<1> {
-    (a - b).square().mean()
+    (a.cast(DType::F32) - b.cast(DType::F32)).square().mean()
 }
 
 /// TinyBERT's attention term: entries ≤ −100 (the masked keys) are set to 0 in both the student's
@@ -52,6 +58,7 @@ pub fn soft_cross_entropy(
     norm: SoftCeNorm,
 ) -> Tensor<1> {
     let [_, k] = student.dims();
+    let (student, teacher) = (student.cast(DType::F32), teacher.cast(DType::F32));
     let p = softmax(teacher / temperature, 1);
     let ce = (p * log_softmax(student / temperature, 1))
         .sum_dim(1)

@@ -211,7 +211,7 @@ pub fn intermediate_loss(
     for (si, ti) in map.hidden() {
         let h = s.encoder.hidden_states[si].clone();
         let h = match &student.fit_dense {
-            Some(fd) => fd.forward(h),
+            Some(fd) => crate::model::bert::apply_linear(fd, h),
             None => h,
         };
         hid = hid + mse(h, t.encoder.hidden_states[ti].clone());

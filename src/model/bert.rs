@@ -7,7 +7,7 @@
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation;
+use burn::tensor::{DType, activation};
 use rayon::prelude::*;
 
 use super::approx::{Approx, LayerApprox};
@@ -58,8 +58,16 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// `LayerNorm(x + residual)`: BERT adds the residual right before every LayerNorm but the
     /// embeddings', and the fused kernel does both in one pass.
+    ///
+    /// Always in f32, whatever its inputs' precision: under mixed precision (`train::precision`)
+    /// the residual stream stays f32 and only the Linear layers compute in half precision, as
+    /// PyTorch's autocast keeps `layer_norm` in f32. The casts are no-ops on f32 inputs.
     pub fn forward<const D: usize>(&self, x: Tensor<D>, residual: Option<Tensor<D>>) -> Tensor<D> {
-        match kernels::layer_norm(x, residual, self.gamma.val(), self.beta.val(), self.epsilon) {
+        let f32 = |t: Tensor<D>| t.cast(DType::F32);
+        let (x, residual) = (f32(x), residual.map(f32));
+        let gamma = self.gamma.val().cast(DType::F32);
+        let beta = self.beta.val().cast(DType::F32);
+        match kernels::layer_norm(x, residual, gamma, beta, self.epsilon) {
             Ok(y) => y,
             Err((x, residual, gamma, beta)) => {
                 let x = residual.map_or(x.clone(), |r| x + r);
@@ -69,12 +77,19 @@ impl LayerNorm {
     }
 }
 
+/// `layer(x)` in the precision of the layer's weight: a mixed-precision compute copy
+/// (`train::precision`) holds half-precision Linear weights while the residual stream is f32.
+pub fn apply_linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dtype = layer.weight.val().dtype();
+    layer.forward(x.cast(dtype))
+}
+
 /// A Linear layer over [B, S, D] as one [B·S, D] product: Burn keeps a 128-row batch as a
 /// batched matmul that packs the weight again for every sequence; one tall product packs it once
 /// and splits the rows over the cores.
 fn dense(layer: &Linear, x: Tensor<3>) -> Tensor<3> {
     let [b, s, d] = x.dims();
-    let y = layer.forward(x.reshape([b * s, d]));
+    let y = apply_linear(layer, x.reshape([b * s, d]));
     let out = y.dims()[1];
     y.reshape([b, s, out])
 }
@@ -298,12 +313,23 @@ impl BertSelfAttention {
         // Scores, then the normaliser's fused kernel, then the context: on Flex this beats the
         // backend's one-pass attention op (its softmax is a scalar loop; BENCHMARKS.md).
         let scores = q.matmul(k.swap_dims(2, 3));
+        // The normaliser runs in f32 (a half-precision score squared by 2Quad and summed over
+        // the keys overflows f16); its weights meet `v` in `v`'s precision.
+        let normalise = |scores: Tensor<4>| {
+            approx
+                .attn
+                .apply(scores.cast(DType::F32), key_mask.cast(DType::F32), c)
+        };
+        let dtype = v.dtype();
         if !weights {
-            let probs = approx.attn.apply(scores, key_mask, c);
-            return (merge(self.dropout.forward(probs).matmul(v)), None);
+            let probs = normalise(scores);
+            return (
+                merge(self.dropout.forward(probs).cast(dtype).matmul(v)),
+                None,
+            );
         }
-        let probs = approx.attn.apply(scores.clone(), key_mask, c);
-        let ctx = merge(self.dropout.forward(probs.clone()).matmul(v));
+        let probs = normalise(scores.clone());
+        let ctx = merge(self.dropout.forward(probs.clone()).cast(dtype).matmul(v));
         (ctx, Some((scores, probs)))
     }
 }
@@ -539,13 +565,11 @@ impl SequenceClassifier {
             .reshape([b, d]);
         let head = &self.classifier;
         let pooled_output = match (&self.bert.pooler, &head.dense) {
-            (_, Some(dense)) => activation::tanh(dense.forward(head.dropout.forward(first))),
-            (Some(pooler), None) => activation::tanh(pooler.dense.forward(first)),
+            (_, Some(dense)) => activation::tanh(apply_linear(dense, head.dropout.forward(first))),
+            (Some(pooler), None) => activation::tanh(apply_linear(&pooler.dense, first)),
             (None, None) => first,
         };
-        let logits = head
-            .out_proj
-            .forward(head.dropout.forward(pooled_output.clone()));
+        let logits = apply_linear(&head.out_proj, head.dropout.forward(pooled_output.clone()));
         ClassifierOutput {
             encoder,
             pooled_output,

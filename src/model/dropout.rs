@@ -48,7 +48,10 @@ impl Dropout {
             Err(x) => {
                 let shape = x.shape();
                 let mask = keep_mask(seed, shape.num_elements(), keep);
-                x * Tensor::<D>::from_data(TensorData::new(mask, shape), &device)
+                // In the device's default float type; `x` may be half precision.
+                let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &device);
+                let dtype = x.dtype();
+                x * mask.cast(dtype)
             }
         }
     }

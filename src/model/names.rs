@@ -60,6 +60,13 @@ impl PathTracker {
             .cloned()
             .collect()
     }
+    /// Whether the current field is declared by the struct named `ty` (e.g. `Linear`).
+    pub fn in_struct(&self, ty: &str) -> bool {
+        self.containers
+            .last()
+            .and_then(|c| c.strip_prefix("Struct:"))
+            .is_some_and(|c| c == ty)
+    }
     pub fn is_linear_weight(&self) -> bool {
         // A field is entered with the type of the struct that declares it.
         self.path.last().is_some_and(|p| p == "weight")

@@ -26,6 +26,9 @@ pub struct LoopState {
     pub best_step: Option<u64>,
     /// Seconds spent in the stage before this checkpoint (wall time survives a resume).
     pub elapsed_s: f64,
+    /// f16 training's loss scaler, so that a resumed run scales as the uninterrupted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<super::precision::LossScale>,
 }
 
 struct Collect {

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::checkpoint::{Checkpoints, LoopState, load_params, params};
 use super::optim::Optimizer;
+use super::precision::{Precision, initialized};
 use super::recipe::{StageKind, StageSettings};
 use crate::data::{Batch, Order, Tokenized};
 use crate::io::{HostTensor, load_safetensors, save_safetensors};
@@ -59,6 +60,9 @@ pub struct Stage<'a> {
     pub seed: u64,
     /// The autodiff device the model lives on.
     pub device: Device,
+    /// The Linear layers' precision in the forward and backward passes (the master weights and
+    /// the optimiser stay f32).
+    pub precision: Precision,
     pub resume: bool,
     /// Written after the stage's name in the log (`finetune lr=5e-5`), when one stage runs
     /// several times in a run (a learning-rate sweep).
@@ -124,6 +128,9 @@ impl Stage<'_> {
             (model, st) = Checkpoints::restore(&ck, model, &mut optim, &self.device)?;
             eprintln!("{name}: resumed from {} (step {})", ck.display(), st.step);
         }
+        if st.loss_scale.is_none() {
+            st.loss_scale = self.precision.loss_scale();
+        }
         let bar = ProgressBar::new(total).with_position(st.step);
         bar.set_style(
             ProgressStyle::with_template(
@@ -154,7 +161,17 @@ impl Stage<'_> {
             while st.batch < plan.len() && st.step < total {
                 self.device.seed(step_seed(self.seed, self.kind, st.step));
                 let batch = self.train.batch(&plan[st.batch]);
-                let terms = loss_fn(&model, &batch)?;
+                // Lazily initialised parameters (a model built from a config) take their values
+                // from the generator in the order they are first used: the f32 forward pass
+                // draws the embeddings first, the compute copy every Linear first. Such a
+                // model's first step runs in f32, so every precision starts from the weights
+                // (and dropout masks) of the f32 run.
+                let precision = if initialized(&model) {
+                    self.precision
+                } else {
+                    Precision::F32
+                };
+                let terms = loss_fn(&precision.compute_copy(&model), &batch)?;
                 let loss = terms.total.clone().into_scalar::<f32>();
                 if !loss.is_finite() {
                     bail!(
@@ -165,9 +182,26 @@ impl Stage<'_> {
                             .map_or("none".into(), |p| p.display().to_string())
                     );
                 }
-                let grads = GradientsParams::from_grads(terms.total.backward(), &model);
+                let scaler = match precision {
+                    Precision::F16 => st.loss_scale.as_mut(),
+                    _ => None,
+                };
+                let total_loss = match &scaler {
+                    Some(ls) => terms.total * ls.scale,
+                    None => terms.total,
+                };
+                // The compute copy's parameters are casts of `model`'s: the gradients are
+                // collected on the f32 masters.
+                let grads = GradientsParams::from_grads(total_loss.backward(), &model);
+                let grads = match scaler {
+                    Some(ls) => ls.unscale(&model, grads),
+                    None => Some(grads),
+                };
                 let lr = s.schedule.lr(s.lr, st.step, total);
-                model = optim.step(model, grads, lr);
+                // A step whose scaled gradients overflowed is skipped (the scale was halved).
+                if let Some(grads) = grads {
+                    model = optim.step(model, grads, lr);
+                }
                 st.step += 1;
                 st.batch += 1;
                 window.1 += batch.inputs.batch * batch.inputs.seq;
@@ -180,6 +214,10 @@ impl Stage<'_> {
                         "loss": loss, "lr": lr, "tokens_per_s": tps});
                     for (k, v) in &terms.parts {
                         line[*k] = json!(v.clone().into_scalar::<f32>());
+                    }
+                    if let Some(ls) = &st.loss_scale {
+                        line["loss_scale"] = json!(ls.scale);
+                        line["skipped_steps"] = json!(ls.skipped);
                     }
                     log.write(line)?;
                 }

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod fit;
 pub mod optim;
+pub mod precision;
 pub mod recipe;
 pub mod run;
 pub mod schedule;

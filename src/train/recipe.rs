@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use toml::Value;
 
 use super::optim::{OptimizerConfig, OptimizerKind};
+use super::precision::Precision;
 use super::schedule::Schedule;
 use crate::device::Backend;
 use crate::distill::loss::SoftCeNorm;
@@ -59,6 +60,11 @@ pub struct Recipe {
     pub output_dir: PathBuf,
     #[serde(default)]
     pub device: Backend,
+    /// Precision of the Linear layers in training: `f32` (default), `f16` (with dynamic loss
+    /// scaling) or `bf16`; master weights and optimiser state stay f32 (`train::precision`).
+    /// Left out of the resolved recipe when f32, so f32 recipes keep their hash.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// Stages to run, in order.
     pub stages: Vec<StageKind>,
     pub teacher: TeacherSpec,

@@ -247,6 +247,7 @@ fn reuse_teacher(recipe: &Recipe, src: &Path, teacher_dir: &Path) -> Result<()> 
         "data.eval_limit",
         "data.eval_sample",
         "device",
+        "precision",
     ]);
     let differ: Vec<&str> = teacher_keys
         .into_iter()
@@ -290,8 +291,10 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         );
     }
     // Before the run directory exists: a device that is not there (a build without the backend,
-    // no driver) must not leave a run behind that only --resume gets past.
+    // no driver) or a precision it refuses must not leave a run behind that only --resume gets
+    // past.
     let device = recipe.device.device()?;
+    recipe.precision.check(&device)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let _lock = crate::io::lock_dir(&dir)?;
     write_atomic(&dir.join("recipe.toml"), recipe.resolved_toml().as_bytes())?;
@@ -353,6 +356,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         },
         seed: recipe.seed,
         device: ad.clone(),
+        precision: recipe.precision,
         resume,
         tag: None,
     };
@@ -429,6 +433,9 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                 ..plain
             }
         };
+        // The teacher's forward pass in the student's precision: its Linear layers are cast
+        // once here (the losses take its outputs in f32).
+        let frozen = recipe.precision.compute_copy(&frozen);
         let teacher_threads = crate::model::bert::inference_threads(&teacher_device);
         let mut last = None;
         for &kind in recipe.stages.iter().filter(|k| **k != StageKind::Finetune) {
@@ -590,6 +597,7 @@ fn finetune(
             train: stage.train,
             seed: stage.seed,
             device: stage.device.clone(),
+            precision: stage.precision,
             resume: stage.resume,
             tag: Some(format!("lr={lr:e}")),
         };
