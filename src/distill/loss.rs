@@ -38,6 +38,42 @@ pub fn attention_mse(student_masked: Tensor<4>, teacher_masked: Tensor<4>) -> Te
     mse(zero_low(student_masked), zero_low(teacher_masked))
 }
 
+/// What stage 1 matches of each attention layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionTarget {
+    /// MSE between the raw scores, masked as TinyBERT (the reference). Under 2Quad it holds the
+    /// student's scores where the teacher's softmax wants them, although `(s + c)²` turns the
+    /// same scores into other weights (and is not even monotone below `−c`).
+    #[default]
+    Scores,
+    /// KL(teacher ‖ student) between the attention distributions of each real query, averaged
+    /// over heads and queries (MiniLM's attention transfer): the student may move its scores
+    /// wherever its own normaliser gives the teacher's weights.
+    Probs,
+}
+
+impl AttentionTarget {
+    pub fn is_scores(&self) -> bool {
+        *self == AttentionTarget::Scores
+    }
+}
+
+/// Added inside the logarithms of [`attention_kl`]: 2Quad gives exactly 0 weight at `s = −c`.
+pub const KL_EPS: f64 = 1e-6;
+
+/// Σₖ p·(ln(p + ε) − ln(q + ε)) per query row of `teacher` p and `student` q ([B, H, Lq, Lk],
+/// each row a distribution over the real keys), averaged over heads and the real queries of
+/// `query_mask` ([B, Lq], 1 = real token).
+pub fn attention_kl(student: Tensor<4>, teacher: Tensor<4>, query_mask: Tensor<2>) -> Tensor<1> {
+    let [b, h, lq, _] = student.dims();
+    let (q, p) = (student.cast(DType::F32), teacher.cast(DType::F32));
+    let rows = (p.clone() * ((p + KL_EPS).log() - (q + KL_EPS).log())).sum_dim(3);
+    let m = query_mask.cast(DType::F32).reshape([b, 1, lq, 1]);
+    let real_rows = m.clone().sum() * h as f64;
+    (rows * m).sum() / real_rows
+}
+
 /// How soft cross-entropy is normalised.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -177,6 +213,55 @@ mod tests {
             let t: Tensor<2> = leaf(&f["in.teacher_logits_reg"], &device).detach();
             check(&f, "logits_mse", s.clone(), mse(s, t));
         }
+    }
+
+    /// The KL term and its gradient `−p / (q + ε)` per real row, / (heads · real queries),
+    /// against plain f64 loops over distributions from softmax (teacher) and 2Quad (student).
+    #[test]
+    fn attention_kl_matches_direct_sum() {
+        use crate::model::approx::Attn;
+        let device = Device::flex().autodiff();
+        let [b, h, l] = [2usize, 3, 5];
+        let raw: Vec<f32> = (0..b * h * l * l)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 3.0)
+            .collect();
+        let scores = |shift: f32| {
+            let v: Vec<f32> = raw.iter().map(|x| x * 0.7 + shift).collect();
+            Tensor::<4>::from_data(TensorData::new(v, [b, h, l, l]), &device)
+        };
+        let mask_rows = [[1.0f32, 1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]];
+        let mask = Tensor::<2>::from_data(TensorData::new(mask_rows.concat(), [b, l]), &device);
+        let p = Attn::Softmax.composite(scores(0.0), mask.clone(), 5.0);
+        let q = Attn::TwoQuad
+            .composite(scores(0.4), mask.clone(), 5.0)
+            .detach()
+            .require_grad();
+        let loss = attention_kl(q.clone(), p.clone(), mask);
+        let got = scalar(loss.clone());
+        let grad = HostTensor::from_float(q.grad(&loss.backward()).unwrap()).to_f64();
+        let (pv, qv) = (
+            HostTensor::from_float(p.detach()).to_f64(),
+            HostTensor::from_float(q.detach()).to_f64(),
+        );
+        let real_queries: f64 = mask_rows.iter().flatten().map(|&x| x as f64).sum();
+        let n = h as f64 * real_queries;
+        let (mut want, mut worst) = (0.0f64, 0.0f64);
+        for (bi, row) in mask_rows.iter().enumerate() {
+            for hi in 0..h {
+                for (qi, &real) in row.iter().enumerate() {
+                    for k in 0..l {
+                        let i = ((bi * h + hi) * l + qi) * l + k;
+                        let (pk, qk, real) = (pv[i], qv[i], real as f64);
+                        want += real * pk * ((pk + KL_EPS).ln() - (qk + KL_EPS).ln()) / n;
+                        let g = -real * pk / (qk + KL_EPS) / n;
+                        worst = worst.max((grad[i] - g).abs() / g.abs().max(1e-3));
+                    }
+                }
+            }
+        }
+        assert!(want > 0.01, "the two normalisers should disagree: {want}");
+        assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
+        assert!(worst <= 1e-4, "gradient: worst relative gap {worst:e}");
     }
 
     #[test]

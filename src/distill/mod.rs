@@ -7,12 +7,15 @@ use anyhow::{Result, bail};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
+use crate::model::bert::Capture;
 use crate::model::load::RawTensor;
 use crate::model::{
     Checkpoint, ClassifierOutput, LoadOptions, LoadReport, ModelConfig, SequenceClassifier,
 };
 use crate::train::recipe::{StageSettings, StudentInit, StudentSpec};
-use loss::{attention_mse, mse, soft_cross_entropy, with_additive_mask};
+use loss::{
+    AttentionTarget, attention_kl, attention_mse, mse, soft_cross_entropy, with_additive_mask,
+};
 
 /// Which teacher layer each student layer learns from, with k = teacher layers / student layers:
 /// hidden state `i ↔ i·k` (i = 0 is the embedding output), attention `i ↔ i·k + k − 1`.
@@ -184,8 +187,19 @@ fn layer_of(name: &str) -> Option<(&str, usize, &str)> {
     Some((&name[..at], layer, &rest[dot..]))
 }
 
-/// Stage-1 loss: Σ MSE(attention scores, masked as TinyBERT) + Σ MSE(hidden states), weighted.
-/// Returns (total, attention part, hidden part).
+/// What stage 1 needs of both models' forward passes.
+pub fn stage1_capture(settings: &StageSettings) -> Capture {
+    let scores = settings.attention_target.is_scores();
+    Capture {
+        hidden_states: true,
+        attention_scores: scores,
+        attentions: !scores,
+    }
+}
+
+/// Stage-1 loss: Σ attention term ([`AttentionTarget`]: MSE of scores masked as TinyBERT, or KL
+/// of the distributions) + Σ MSE(hidden states), weighted. Both outputs come from a forward pass
+/// with [`stage1_capture`]. Returns (total, attention part, hidden part).
 pub fn intermediate_loss(
     student: &Student,
     s: &ClassifierOutput,
@@ -193,19 +207,23 @@ pub fn intermediate_loss(
     key_mask: Tensor<2>,
     settings: &StageSettings,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
-    let map = LayerMap::new(
-        t.encoder.attention_scores.len().max(1),
-        s.encoder.attention_scores.len().max(1),
-    )
-    .expect("checked when the student was built");
+    let layers = |o: &ClassifierOutput| o.encoder.hidden_states.len().saturating_sub(1).max(1);
+    let map = LayerMap::new(layers(t), layers(s)).expect("checked when the student was built");
     let device = key_mask.device();
     let mut att = Tensor::<1>::zeros([1], &device);
     for (si, ti) in map.attention() {
         att = att
-            + attention_mse(
-                with_additive_mask(s.encoder.attention_scores[si].clone(), key_mask.clone()),
-                with_additive_mask(t.encoder.attention_scores[ti].clone(), key_mask.clone()),
-            );
+            + match settings.attention_target {
+                AttentionTarget::Scores => attention_mse(
+                    with_additive_mask(s.encoder.attention_scores[si].clone(), key_mask.clone()),
+                    with_additive_mask(t.encoder.attention_scores[ti].clone(), key_mask.clone()),
+                ),
+                AttentionTarget::Probs => attention_kl(
+                    s.encoder.attentions[si].clone(),
+                    t.encoder.attentions[ti].clone(),
+                    key_mask.clone(),
+                ),
+            };
     }
     let mut hid = Tensor::<1>::zeros([1], &device);
     for (si, ti) in map.hidden() {

@@ -16,7 +16,7 @@ use super::optim::{OptimizerConfig, OptimizerKind};
 use super::precision::Precision;
 use super::schedule::Schedule;
 use crate::device::Backend;
-use crate::distill::loss::SoftCeNorm;
+use crate::distill::loss::{AttentionTarget, SoftCeNorm};
 use crate::model::{Act, Attn, LayerOverride};
 
 /// One step of the pipeline.
@@ -254,6 +254,9 @@ pub struct StageConfig {
     /// Stage 1 weights.
     pub hidden_weight: Option<f64>,
     pub attention_weight: Option<f64>,
+    /// What stage 1 matches of attention: `scores` (MSE, the reference) or `probs` (KL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_target: Option<AttentionTarget>,
     /// Stage 2.
     pub temperature: Option<f64>,
     pub soft_ce_norm: Option<SoftCeNorm>,
@@ -283,6 +286,8 @@ pub struct StageSettings {
     pub keep_best: bool,
     pub hidden_weight: f64,
     pub attention_weight: f64,
+    #[serde(skip_serializing_if = "AttentionTarget::is_scores")]
+    pub attention_target: AttentionTarget,
     pub temperature: f64,
     pub soft_ce_norm: SoftCeNorm,
 }
@@ -380,6 +385,7 @@ impl StageConfig {
             keep_best: self.keep_best.unwrap_or(keep_best),
             hidden_weight: self.hidden_weight.unwrap_or(1.0),
             attention_weight: self.attention_weight.unwrap_or(1.0),
+            attention_target: self.attention_target.unwrap_or_default(),
             temperature: self.temperature.unwrap_or(1.0),
             soft_ce_norm: self.soft_ce_norm.unwrap_or(SoftCeNorm::ElementMean),
         }

@@ -18,13 +18,11 @@ use serde_json::json;
 use super::fit::{LossTerms, MetricsLog, Score, Stage};
 use super::recipe::{Recipe, StageKind, StageSettings};
 use crate::data::{self, Batch, Dataset, Fields, Label, Task, Tokenized};
-use crate::distill::{Student, init_student, intermediate_loss, prediction_loss};
+use crate::distill::{Student, init_student, intermediate_loss, prediction_loss, stage1_capture};
 use crate::eval::{predictions, run_model};
 use crate::io::write_atomic;
 use crate::metric;
-use crate::model::{
-    self, Capture, Inputs, ModelConfig, Overrides, SequenceClassifier, load_pretrained,
-};
+use crate::model::{self, Inputs, ModelConfig, Overrides, SequenceClassifier, load_pretrained};
 use crate::tokenize::TextTokenizer;
 
 #[derive(Clone, Debug, Serialize)]
@@ -449,11 +447,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                     &mut log,
                     |m: &Student, b: &Batch| {
                         let inputs = b.inputs.to_inputs(&ad);
-                        let capture = Capture {
-                            hidden_states: true,
-                            attention_scores: true,
-                            attentions: false,
-                        };
+                        let capture = stage1_capture(&settings);
                         let t = frozen
                             .forward_threaded(
                                 &b.inputs.to_inputs(&teacher_device),
