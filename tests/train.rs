@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use burn::prelude::*;
 use common::fixtures;
 use mpcformer::data::{Label, Tokenized};
-use mpcformer::distill::{Student, init_student, intermediate_loss};
+use mpcformer::distill::loss::AttentionTarget;
+use mpcformer::distill::{Student, init_student, intermediate_loss, stage1_capture};
 use mpcformer::model::{self, Capture, Overrides};
 use mpcformer::tokenize::Encoded;
 use mpcformer::train::fit::{LossTerms, MetricsLog, Stage};
@@ -48,7 +49,7 @@ fn synthetic(n: usize) -> Tokenized {
     }
 }
 
-fn stage1_losses(spec: StudentSpec) -> Vec<f64> {
+fn stage1_losses(spec: StudentSpec, target: AttentionTarget) -> Vec<f64> {
     let ad = Device::flex().autodiff();
     ad.seed(1);
     let dir = fixtures().join("tiny-bert/model");
@@ -73,6 +74,7 @@ fn stage1_losses(spec: StudentSpec) -> Vec<f64> {
         log_every: Some(1),
         checkpoint_every: Some(1000),
         eval_every: Some(0),
+        attention_target: Some(target),
         ..Default::default()
     }
     .resolve(StageKind::Stage1, "rte");
@@ -88,11 +90,7 @@ fn stage1_losses(spec: StudentSpec) -> Vec<f64> {
         tag: None,
     };
     let mut log = MetricsLog::open(&run_dir.path().join("metrics.jsonl")).unwrap();
-    let capture = Capture {
-        hidden_states: true,
-        attention_scores: true,
-        attentions: false,
-    };
+    let capture = stage1_capture(&settings);
     stage
         .fit(
             student,
@@ -134,13 +132,15 @@ fn mean(v: &[f64]) -> f64 {
 #[test]
 fn stage1_loss_falls_for_a_quad_2quad_student() {
     let spec = StudentSpec::default();
-    let l = stage1_losses(spec);
-    assert_eq!(l.len(), 24);
-    assert!(
-        l[0] > 0.0,
-        "the approximations make the student differ from its teacher"
-    );
-    assert!(mean(&l[18..]) < 0.5 * mean(&l[..6]), "{l:?}");
+    for target in [AttentionTarget::Scores, AttentionTarget::Probs] {
+        let l = stage1_losses(spec.clone(), target);
+        assert_eq!(l.len(), 24);
+        assert!(
+            l[0] > 0.0,
+            "the approximations make the student differ from its teacher"
+        );
+        assert!(mean(&l[18..]) < 0.5 * mean(&l[..6]), "{target:?}: {l:?}");
+    }
 }
 
 #[test]
@@ -163,7 +163,7 @@ fn narrower_shallower_student_uses_fit_dense() {
         .expect("a narrower student gets fit_dense");
     assert_eq!(fd.weight.dims(), [16, 32]);
     assert_eq!(student.model.config.num_hidden_layers, 1);
-    let l = stage1_losses(spec);
+    let l = stage1_losses(spec, AttentionTarget::Scores);
     assert!(mean(&l[18..]) < mean(&l[..6]), "{l:?}");
 }
 
