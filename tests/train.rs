@@ -12,7 +12,7 @@ use common::fixtures;
 use mpcformer::data::{Label, Tokenized};
 use mpcformer::distill::loss::AttentionTarget;
 use mpcformer::distill::{Student, init_student, intermediate_loss, stage1_capture};
-use mpcformer::model::{self, Capture, Overrides};
+use mpcformer::model::{self, Overrides};
 use mpcformer::tokenize::Encoded;
 use mpcformer::train::fit::{LossTerms, MetricsLog, Stage};
 use mpcformer::train::precision::Precision;
