@@ -46,13 +46,16 @@ teacher_of() { echo "teacher.finetuned_run=$RUNS/minilm-$1-quad+2quad-s42"; }
 
 ONLY=("$@")
 # Levers, each its own labelled row on the seed-42 teacher (RESULTS.md, "What each lever was
-# worth"): the stage-1 schedule, transfer data at the same stage-1 compute (6 epochs' worth of
+# worth"): the attention target (KL of distributions instead of the reference's score MSE), the
+# stage-1 schedule, transfer data at the same stage-1 compute (6 epochs' worth of
 # examples), and 2Quad's shift.
 levers() {
     local task=$1 transfer=$2 epochs=$3
     shift 3
     local t
     t=$(teacher_of "$task")
+    run "minilm-$task-quad+2quad-probs-s42" "$task" --set "$t" \
+        --set stage1.attention_target=probs --set 'label=stage 1 attention probabilities (KL)'
     run "minilm-$task-quad+2quad-linear-s42" "$task" --set "$t" \
         --set stage1.schedule=linear --set stage1.warmup=0.1 --set 'label=stage 1 linear decay'
     run "minilm-$task-quad+2quad-transfer-s42" "$task" --set "$t" \

@@ -445,3 +445,116 @@ pub fn results_json(results: &[EvalResult]) -> serde_json::Value {
         serde_json::to_value(results).expect("serialisable")
     }
 }
+
+/// A student against its teacher on one split (`mpcformer compare`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub task: String,
+    pub split: String,
+    pub n: usize,
+    pub teacher: BTreeMap<String, f64>,
+    pub student: BTreeMap<String, f64>,
+    /// Share of examples with the same class (regression: Pearson of the two scores).
+    pub agreement: f64,
+    pub gap: crate::distill::gap::Gap,
+}
+
+/// Compares the student of `student` with the teacher of `teacher` (the same task, data and
+/// tokenisation: the teacher's) on each task's `split`.
+pub fn compare_tasks(
+    teacher: &Setup,
+    student: &Setup,
+    tasks: &[&'static Task],
+    split: &str,
+) -> Result<Vec<Comparison>> {
+    let mut out = Vec::new();
+    for &task in tasks {
+        let (t, s) = (load_for_task(teacher, task)?, load_for_task(student, task)?);
+        for sp in splits_for(teacher, task, split)? {
+            let data = data::load(task, teacher.data.as_deref(), sp, &teacher.fields)?;
+            let gold = data.labels().with_context(|| {
+                format!(
+                    "{} {} ({}) has unlabelled examples",
+                    task.title, sp.name, data.source
+                )
+            })?;
+            let tokenized = tokenize(&data, &t, &teacher.device)?;
+            eprintln!(
+                "{} {}: comparing on {} examples",
+                task.title,
+                sp.name,
+                data.len()
+            );
+            let (gap, to, so) = crate::distill::gap::gap(
+                &t.model,
+                &s.model,
+                &tokenized,
+                teacher.batch_size,
+                &teacher.device,
+            )?;
+            let (tp, sp_) = (
+                predictions(&to, task, &t.label_map),
+                predictions(&so, task, &s.label_map),
+            );
+            let score = |p: &[Label]| -> Result<BTreeMap<String, f64>> {
+                Ok(metric::score(task, &gold, p)
+                    .map_err(anyhow::Error::msg)?
+                    .to_map())
+            };
+            out.push(Comparison {
+                task: task.name.to_string(),
+                split: sp.name.to_string(),
+                n: data.len(),
+                teacher: score(&tp)?,
+                student: score(&sp_)?,
+                agreement: metric::agreement(&tp, &sp_).map_err(anyhow::Error::msg)?,
+                gap,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Per comparison: the scores and agreement, then one row per layer of the gap.
+pub fn format_comparison(c: &Comparison) -> String {
+    let mut s = String::new();
+    let metrics = |m: &BTreeMap<String, f64>| {
+        m.iter()
+            .map(|(k, v)| format!("{k} {:.2}", 100.0 * v))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let _ = writeln!(s, "{} {}, {} examples", c.task, c.split, c.n);
+    let _ = writeln!(s, "  teacher: {}", metrics(&c.teacher));
+    let _ = writeln!(s, "  student: {}", metrics(&c.student));
+    let _ = writeln!(s, "  agreement: {:.2} %", 100.0 * c.agreement);
+    let _ = writeln!(
+        s,
+        "  {:<10} {:>12} {:>20} {:>24}",
+        "layer", "hidden MSE", "attention score MSE", "attention KL (t ‖ s)"
+    );
+    let g = &c.gap;
+    for (i, h) in g.hidden_mse.iter().enumerate() {
+        let (name, att) = match i {
+            0 => ("embeddings".to_string(), None),
+            _ => (
+                i.to_string(),
+                Some((g.attention_score_mse[i - 1], g.attention_kl[i - 1])),
+            ),
+        };
+        let (m, k) = att.map_or(("".into(), "".into()), |(m, k)| {
+            (format!("{m:.4}"), format!("{k:.4}"))
+        });
+        let _ = writeln!(s, "  {name:<10} {h:>12.4} {m:>20} {k:>24}");
+    }
+    let sum = |v: &[f64]| v.iter().sum::<f64>();
+    let _ = writeln!(
+        s,
+        "  {:<10} {:>12.4} {:>20.4} {:>24.4}",
+        "sum",
+        sum(&g.hidden_mse),
+        sum(&g.attention_score_mse),
+        sum(&g.attention_kl)
+    );
+    s
+}

@@ -71,6 +71,15 @@ enum Command {
   mpcformer eval --model checkpoints/imdb --task imdb --data ../shared/data/imdb --batch-size 8
   mpcformer eval --model m --task sst2 --data reviews.csv --text-field review --label-field stars")]
     Eval(EvalArgs),
+    /// Compare a student with its teacher on a split: both scores, their agreement, and per
+    /// layer the hidden-state MSE, attention-score MSE and attention KL, i.e. where the student
+    /// loses its teacher.
+    #[command(after_help = "Examples:
+  mpcformer compare --teacher checkpoints/minilm-rte-quad+2quad-s42/teacher \\
+      --model checkpoints/minilm-rte-quad+2quad-s42/student --task rte --data ../shared/data/glue
+  mpcformer compare --teacher 'checkpoints/{task}/teacher' --model 'checkpoints/{task}/student' \\
+      --task rte --task mrpc --data ../shared/data/glue --output gap.json")]
+    Compare(CompareArgs),
     /// Write GLUE submission files (`<Task>.tsv`: index, prediction) for test splits.
     #[command(after_help = "Examples:
   mpcformer predict --model 'checkpoints/{task}' --task rte --task mnli --data glue_data --output-dir submission")]
@@ -199,6 +208,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Inspect(a) => inspect(a),
         Command::Eval(a) => eval(a),
+        Command::Compare(a) => compare(a),
         Command::Predict(a) => predict(a),
         Command::Run(a) => {
             let recipe = Recipe::load(&a.recipe, &a.set)?;
@@ -451,6 +461,41 @@ struct EvalArgs {
     /// Write the results as JSON here (one object, or a list for several).
     #[arg(long)]
     output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// The student (`--model`) and how to run it.
+    #[command(flatten)]
+    run: CheckpointArgs,
+    /// The teacher: directory or Hub id, run as saved (`{task}` as in `--model`).
+    #[arg(long)]
+    teacher: String,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value = "dev")]
+    split: String,
+    /// Write the comparisons as JSON here (a list).
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+fn compare(a: CompareArgs) -> Result<()> {
+    let student = a.run.setup(&a.data)?;
+    let teacher = eval::Setup {
+        model: a.teacher.clone(),
+        overrides: Default::default(),
+        ..student.clone()
+    };
+    let results = eval::compare_tasks(&teacher, &student, &a.data.tasks, &a.split)?;
+    for c in &results {
+        print!("{}", eval::format_comparison(c));
+    }
+    if let Some(out) = a.output {
+        mpcformer::io::write_atomic(&out, serde_json::to_string_pretty(&results)?.as_bytes())?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
 }
 
 #[derive(Args)]
