@@ -476,7 +476,7 @@ fn lr_grid_transfer_data_trivial_and_agreement() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("stage 1: 100 transfer examples added to 256 training examples"),
+        err.contains("stage1: 100 transfer examples added to 256 training examples"),
         "{err}"
     );
     let s = summary(a.path());
@@ -513,4 +513,144 @@ fn lr_grid_transfer_data_trivial_and_agreement() {
         (agreement - same as f64 / 128.0).abs() <= 2.0 / 128.0,
         "{agreement} vs {same}/128"
     );
+}
+
+/// `(stage, steps)` of every finished stage in a run's metrics.
+fn stage_steps(run: &Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["done"] == true)
+        .map(|v| {
+            (
+                v["stage"].as_str().unwrap().to_string(),
+                v["steps"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The tiny recipe with both distillation stages run for one epoch instead of a step budget.
+fn one_epoch_recipe(dir: &Path) -> std::path::PathBuf {
+    let recipe = tiny_recipe(dir);
+    let text = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("max_steps = 60", "epochs = 1")
+        .replace("max_steps = 20\nlr = 2e-4", "epochs = 1\nlr = 2e-4");
+    std::fs::write(&recipe, text).unwrap();
+    recipe
+}
+
+#[test]
+fn neighbour_copies_feed_both_distillation_stages() {
+    let bin = env!("CARGO_BIN_EXE_mpcformer");
+    let run_with = |stages: &str| {
+        let a = tempfile::tempdir().unwrap();
+        let out = Command::new(bin)
+            .arg("run")
+            .arg(one_epoch_recipe(a.path()))
+            .args(["--set", "data.transfer_examples=64"])
+            .args(["--set", "data.transfer_kind=neighbours"])
+            .args(["--set", &format!("data.transfer_stages={stages}")])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        (stage_steps(&a.path().join("runs/tiny")), err)
+    };
+    // 256 training sentences + 64 copies, batches of 16 (the last partial one dropped).
+    let (steps, err) = run_with("[\"stage1\", \"stage2\"]");
+    assert!(
+        err.contains("stage1, stage2: 64 transfer examples added to 256 training examples"),
+        "{err}"
+    );
+    assert!(err.contains("transfer: nearest words of "), "{err}");
+    let of = |steps: &[(String, u64)], s: &str| steps.iter().find(|x| x.0 == s).unwrap().1;
+    assert_eq!((of(&steps, "stage1"), of(&steps, "stage2")), (20, 20));
+    let (steps, _) = run_with("[\"stage1\"]");
+    assert_eq!((of(&steps, "stage1"), of(&steps, "stage2")), (20, 16));
+}
+
+#[test]
+fn transfer_settings_that_cannot_work_are_refused_by_key() {
+    let a = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(a.path());
+    let refuse = |sets: &[&str], says: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mpcformer"));
+        c.arg("run")
+            .arg(&recipe)
+            .args(["--set", "data.transfer_examples=8"]);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{sets:?}: {err}"
+        );
+        assert!(err.contains("tiny.toml"), "{err}");
+    };
+    refuse(
+        &["data.transfer_kind=repaired"],
+        "data.transfer_kind = \"repaired\": SST-2 has single sentences",
+    );
+    refuse(
+        &["data.task=rte", "data.transfer_kind=sentences"],
+        "RTE has sentence pairs",
+    );
+    refuse(
+        &["data.transfer_stages=[\"finetune\"]"],
+        "data.transfer_stages: `finetune` trains on labels",
+    );
+    refuse(
+        &[
+            "data.task=stsb",
+            "data.transfer_stages=[\"stage1\", \"stage2\"]",
+        ],
+        "set stage2.regression_target = \"teacher\"",
+    );
+}
+
+/// STS-B's stage 2 on the teacher's scores, over the training set and its neighbour copies.
+#[test]
+fn regression_stage_two_fits_the_teacher_on_transfer_examples() {
+    let Some(glue) = common::shared("data/glue/STS-B") else {
+        return;
+    };
+    let a = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
+        .arg("run")
+        .arg(one_epoch_recipe(a.path()))
+        .args(["--set", "data.task=stsb"])
+        .args([
+            "--set",
+            &format!(
+                "data.spec={:?}",
+                glue.parent().unwrap().display().to_string()
+            ),
+        ])
+        .args([
+            "--set",
+            "data.train_limit=64",
+            "--set",
+            "data.eval_limit=32",
+        ])
+        .args([
+            "--set",
+            "data.transfer_examples=32",
+            "--set",
+            "data.transfer_kind=neighbours",
+        ])
+        .args(["--set", "data.transfer_stages=[\"stage1\", \"stage2\"]"])
+        .args(["--set", "stage2.regression_target=teacher"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let steps = stage_steps(&a.path().join("runs/tiny"));
+    assert!(steps.contains(&("stage2".to_string(), 6)), "{steps:?}");
+    let s = summary(a.path());
+    assert!(s["agreement"].as_f64().unwrap().is_finite());
 }

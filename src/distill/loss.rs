@@ -59,6 +59,24 @@ impl AttentionTarget {
     }
 }
 
+/// What stage 2 fits on a regression task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegressionTarget {
+    /// The gold score, as the reference does for STS-B: stage 2 is then plain supervision.
+    #[default]
+    Gold,
+    /// The teacher's score (MSE), the regression form of logit distillation; needs no label,
+    /// so stage 2 can train on transfer examples.
+    Teacher,
+}
+
+impl RegressionTarget {
+    pub fn is_gold(&self) -> bool {
+        *self == RegressionTarget::Gold
+    }
+}
+
 /// Added inside the logarithms of [`attention_kl`]: 2Quad gives exactly 0 weight at `s = −c`.
 pub const KL_EPS: f64 = 1e-6;
 

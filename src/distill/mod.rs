@@ -239,23 +239,19 @@ pub fn intermediate_loss(
     (total, att, hid)
 }
 
-/// Stage-2 loss: soft cross-entropy against the teacher's logits, or for regression MSE against
-/// the gold score (as the reference does for STS-B).
+/// Stage-2 loss on a classification task: soft cross-entropy against the teacher's logits.
+/// (Regression fits a score by MSE: `stage2.regression_target`.)
 pub fn prediction_loss(
     student_logits: Tensor<2>,
     teacher_logits: Tensor<2>,
-    gold_scores: Option<Tensor<1>>,
     settings: &StageSettings,
 ) -> Tensor<1> {
-    match gold_scores {
-        Some(y) => crate::loss::mse(student_logits, y),
-        None => soft_cross_entropy(
-            student_logits,
-            teacher_logits,
-            settings.temperature,
-            settings.soft_ce_norm,
-        ),
-    }
+    soft_cross_entropy(
+        student_logits,
+        teacher_logits,
+        settings.temperature,
+        settings.soft_ce_norm,
+    )
 }
 
 #[cfg(test)]

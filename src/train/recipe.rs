@@ -16,7 +16,7 @@ use super::optim::{OptimizerConfig, OptimizerKind};
 use super::precision::Precision;
 use super::schedule::Schedule;
 use crate::device::Backend;
-use crate::distill::loss::{AttentionTarget, SoftCeNorm};
+use crate::distill::loss::{AttentionTarget, RegressionTarget, SoftCeNorm};
 use crate::model::{Act, Attn, LayerOverride};
 
 /// One step of the pipeline.
@@ -203,15 +203,44 @@ pub struct DataSpec {
     /// Use N evaluation examples drawn uniformly, after `eval_limit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_sample: Option<usize>,
-    /// Stage 1 only: add this many unlabelled transfer examples to the training data
-    /// (`data::transfer`: pair tasks re-paired, single-sentence tasks sentences of
-    /// `transfer_from`), drawn from the seed.
+    /// Add this many unlabelled transfer examples to the training data of the stages in
+    /// `transfer_stages` (`data::transfer`), drawn from the seed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer_examples: Option<usize>,
+    /// Which transfer examples: `repaired` (pair tasks' default), `sentences` of
+    /// `transfer_from` (single-sentence tasks' default), or `neighbours`, TinyBERT-style copies
+    /// of the training examples with words replaced by their nearest words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_kind: Option<TransferKind>,
+    /// The stages that train on the transfer examples too: `["stage1"]` (default) or
+    /// `["stage1", "stage2"]` (TinyBERT). Regression tasks need
+    /// `stage2.regression_target = "teacher"` for stage 2: transfer examples have no gold score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_stages: Option<Vec<StageKind>>,
     /// Corpora whose training texts give a single-sentence task its transfer sentences: `task`
     /// (read from `spec`) or `task=spec`, e.g. `["sst2", "imdb=../shared/data/imdb"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub transfer_from: Vec<String>,
+}
+
+/// What `data.transfer_examples` are (`data::transfer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferKind {
+    Repaired,
+    Sentences,
+    Neighbours,
+}
+
+impl DataSpec {
+    /// The stages whose training data include the transfer examples (none without any).
+    pub fn transfer_stages(&self) -> &[StageKind] {
+        match (&self.transfer_examples, &self.transfer_stages) {
+            (None, _) => &[],
+            (Some(_), Some(s)) => s,
+            (Some(_), None) => &[StageKind::Stage1],
+        }
+    }
 }
 
 fn default_train_split() -> String {
@@ -259,6 +288,9 @@ pub struct StageConfig {
     pub attention_target: Option<AttentionTarget>,
     /// Stage 2.
     pub temperature: Option<f64>,
+    /// Stage 2 on regression tasks: fit the gold score (the reference) or the teacher's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regression_target: Option<RegressionTarget>,
     pub soft_ce_norm: Option<SoftCeNorm>,
 }
 
@@ -290,6 +322,8 @@ pub struct StageSettings {
     pub attention_target: AttentionTarget,
     pub temperature: f64,
     pub soft_ce_norm: SoftCeNorm,
+    #[serde(skip_serializing_if = "RegressionTarget::is_gold")]
+    pub regression_target: RegressionTarget,
 }
 
 /// MPCFormer's stage-1 epochs per task (`default_params` in `exp2.py`).
@@ -388,6 +422,7 @@ impl StageConfig {
             attention_target: self.attention_target.unwrap_or_default(),
             temperature: self.temperature.unwrap_or(1.0),
             soft_ce_norm: self.soft_ce_norm.unwrap_or(SoftCeNorm::ElementMean),
+            regression_target: self.regression_target.unwrap_or_default(),
         }
     }
 }
@@ -455,8 +490,11 @@ impl Recipe {
         if recipe.stages.is_empty() {
             bail!("{}: `stages` is empty", path.display());
         }
-        crate::data::Task::find(&recipe.data.task)
+        let task = crate::data::Task::find(&recipe.data.task)
             .map_err(|e| anyhow::anyhow!("{}: data.task: {e}", path.display()))?;
+        recipe
+            .check_transfer(task)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         for (name, stage) in [
             ("stage1", &recipe.stage1),
             ("stage2", &recipe.stage2),
@@ -478,6 +516,41 @@ impl Recipe {
             );
         }
         Ok(recipe)
+    }
+
+    /// `data.transfer_*` against the task and stage 2's regression target.
+    fn check_transfer(&self, task: &crate::data::Task) -> Result<()> {
+        let d = &self.data;
+        let pairs = task.tsv.text.len() == 2;
+        match d.transfer_kind {
+            Some(TransferKind::Repaired) if !pairs => bail!(
+                "data.transfer_kind = \"repaired\": {} has single sentences (use \"sentences\" or \"neighbours\")",
+                task.title
+            ),
+            Some(TransferKind::Sentences) if pairs => bail!(
+                "data.transfer_kind = \"sentences\": {} has sentence pairs (use \"repaired\" or \"neighbours\")",
+                task.title
+            ),
+            _ => {}
+        }
+        for k in d.transfer_stages.iter().flatten() {
+            if !matches!(k, StageKind::Stage1 | StageKind::Stage2) {
+                bail!(
+                    "data.transfer_stages: `{}` trains on labels; only stage1 and stage2 can use unlabelled transfer examples",
+                    k.name()
+                );
+            }
+        }
+        if task.is_regression()
+            && d.transfer_stages().contains(&StageKind::Stage2)
+            && self.stage(StageKind::Stage2).regression_target == RegressionTarget::Gold
+        {
+            bail!(
+                "data.transfer_stages includes stage2, but {} is a regression task and stage 2 fits the gold score, which transfer examples lack: set stage2.regression_target = \"teacher\"",
+                task.title
+            );
+        }
+        Ok(())
     }
 
     /// The resolved recipe as TOML, with every stage's defaults written out.

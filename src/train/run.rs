@@ -16,8 +16,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::fit::{LossTerms, MetricsLog, Score, Stage};
-use super::recipe::{Recipe, StageKind, StageSettings};
+use super::recipe::{Recipe, StageKind, StageSettings, TransferKind};
 use crate::data::{self, Batch, Dataset, Fields, Label, Task, Tokenized};
+use crate::distill::loss::RegressionTarget;
 use crate::distill::{Student, init_student, intermediate_loss, prediction_loss, stage1_capture};
 use crate::eval::{predictions, run_model};
 use crate::io::write_atomic;
@@ -75,8 +76,9 @@ pub struct Summary {
 struct TaskData {
     task: &'static Task,
     train: Tokenized,
-    /// Stage 1's training data: `train` and the transfer examples, when the recipe adds some.
-    stage1_train: Option<Tokenized>,
+    /// `train` and the transfer examples, when the recipe adds some: the training data of
+    /// `data.transfer_stages`.
+    augmented: Option<Tokenized>,
     dev: Tokenized,
     dev_set: Dataset,
 }
@@ -98,46 +100,104 @@ fn load_split(
     Ok(d)
 }
 
-/// The training set with `data.transfer_examples` unlabelled examples added (stage 1's data),
-/// or `None` when the recipe adds none.
-fn transfer_set(recipe: &Recipe, task: &'static Task, train: &Dataset) -> Result<Option<Dataset>> {
+/// The training set with `data.transfer_examples` unlabelled examples added (the data of
+/// `data.transfer_stages`), or `None` when the recipe adds none.
+fn transfer_set(
+    recipe: &Recipe,
+    task: &'static Task,
+    train: &Dataset,
+    (teacher, tokenizer): (&SequenceClassifier, &TextTokenizer),
+) -> Result<Option<Dataset>> {
     let Some(n) = recipe.data.transfer_examples else {
         return Ok(None);
     };
     // Its own stream: the same for every stage and resume, different per seed.
     let seed = recipe.seed ^ 0x7472_616E_7366_6572;
-    let extra = if task.tsv.text.len() == 2 {
-        data::transfer::repaired(&train.examples, n, seed)
+    let pairs = task.tsv.text.len() == 2;
+    let kind = recipe.data.transfer_kind.unwrap_or(if pairs {
+        TransferKind::Repaired
     } else {
-        if recipe.data.transfer_from.is_empty() {
-            bail!(
-                "data.transfer_examples: {} has single sentences; name corpora to draw them from in data.transfer_from (e.g. [\"sst2\"])",
-                task.title
+        TransferKind::Sentences
+    });
+    let extra = match kind {
+        TransferKind::Repaired => data::transfer::repaired(&train.examples, n, seed),
+        TransferKind::Sentences => {
+            data::transfer::sentences(&transfer_sources(recipe, task)?, n, seed)
+        }
+        TransferKind::Neighbours => {
+            let texts = train
+                .examples
+                .iter()
+                .flat_map(|e| std::iter::once(e.text_a.as_str()).chain(e.text_b.as_deref()));
+            let near = data::transfer::WordNeighbours::new(
+                &tokenizer.inner().get_vocab(false),
+                teacher.bert.embeddings.word_embeddings.weight.val(),
+                texts,
+                data::transfer::NEIGHBOURS,
+            )
+            .map_err(|e| anyhow::anyhow!("data.transfer_kind = \"neighbours\": {e}"))?;
+            eprintln!(
+                "transfer: nearest words of {} training-set words, by the pretrained model's word embeddings",
+                near.len()
             );
+            data::transfer::neighbour_copies(
+                &train.examples,
+                n,
+                data::transfer::REPLACE_P,
+                &near,
+                seed,
+            )
         }
-        let mut sources = Vec::new();
-        for from in &recipe.data.transfer_from {
-            let (name, spec) = match from.split_once('=') {
-                Some((n, s)) => (n, Some(s)),
-                None => (from.as_str(), recipe.data.spec.as_deref()),
-            };
-            let t = Task::find(name)
-                .map_err(|e| anyhow::anyhow!("data.transfer_from `{from}`: {e}"))?;
-            let split = t.split("train").map_err(anyhow::Error::msg)?;
-            let d = data::load(t, spec, split, &Fields::default())
-                .with_context(|| format!("data.transfer_from `{from}`"))?;
-            sources.extend(d.examples);
-        }
-        data::transfer::sentences(&sources, n, seed)
     };
+    if let Some(e) = extra.first() {
+        eprintln!(
+            "transfer: e.g. {:?}{}",
+            e.text_a,
+            e.text_b
+                .as_ref()
+                .map(|b| format!(" / {b:?}"))
+                .unwrap_or_default()
+        );
+    }
+    let stages: Vec<&str> = recipe
+        .data
+        .transfer_stages()
+        .iter()
+        .map(|k| k.name())
+        .collect();
     eprintln!(
-        "stage 1: {} transfer examples added to {} training examples",
+        "{}: {} transfer examples added to {} training examples",
+        stages.join(", "),
         extra.len(),
         train.examples.len()
     );
     let mut out = train.clone();
     out.examples.extend(extra);
     Ok(Some(out))
+}
+
+/// The training texts of `data.transfer_from`, where single-sentence transfer examples come from.
+fn transfer_sources(recipe: &Recipe, task: &Task) -> Result<Vec<data::Example>> {
+    if recipe.data.transfer_from.is_empty() {
+        bail!(
+            "data.transfer_examples: {} has single sentences; name corpora to draw them from in data.transfer_from (e.g. [\"sst2\"]), or set data.transfer_kind = \"neighbours\"",
+            task.title
+        );
+    }
+    let mut sources = Vec::new();
+    for from in &recipe.data.transfer_from {
+        let (name, spec) = match from.split_once('=') {
+            Some((n, s)) => (n, Some(s)),
+            None => (from.as_str(), recipe.data.spec.as_deref()),
+        };
+        let t =
+            Task::find(name).map_err(|e| anyhow::anyhow!("data.transfer_from `{from}`: {e}"))?;
+        let split = t.split("train").map_err(anyhow::Error::msg)?;
+        let d = data::load(t, spec, split, &Fields::default())
+            .with_context(|| format!("data.transfer_from `{from}`"))?;
+        sources.extend(d.examples);
+    }
+    Ok(sources)
 }
 
 /// Host labels → class ids or scores on `device`.
@@ -326,13 +386,13 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         let t = Tokenized::new(set, &tokenizer).map_err(anyhow::Error::msg)?;
         Ok(t.pad_to_multiple_of(pad))
     };
-    let stage1_train = match transfer_set(recipe, task, &train_set)? {
+    let augmented = match transfer_set(recipe, task, &train_set, (&teacher, &tokenizer))? {
         Some(t) => Some(tokenize(&t)?),
         None => None,
     };
     let d = TaskData {
         task,
-        stage1_train,
+        augmented,
         train: tokenize(&train_set)?,
         dev: tokenize(&dev_set)?,
         dev_set,
@@ -348,8 +408,8 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         kind,
         settings: recipe.stage(kind),
         dir: dir.join(kind.name()),
-        train: match (kind, &d.stage1_train) {
-            (StageKind::Stage1, Some(t)) => t,
+        train: match &d.augmented {
+            Some(t) if recipe.data.transfer_stages().contains(&kind) => t,
             _ => &d.train,
         },
         seed: recipe.seed,
@@ -476,27 +536,30 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                     |m: &Student, b: &Batch| {
                         let inputs: Inputs = b.inputs.to_inputs(&ad);
                         let s = m.model.logits(&inputs);
-                        let gold = if task.is_regression() {
-                            label_tensors(
-                                b.labels.as_ref().context("unlabelled training data")?,
-                                &ad,
-                            )
-                            .1
-                        } else {
-                            None
-                        };
-                        let t = if gold.is_none() {
+                        let teacher_logits = || {
                             frozen
                                 .logits_threaded(
                                     &b.inputs.to_inputs(&teacher_device),
                                     teacher_threads,
                                 )
                                 .to_device(&ad)
-                        } else {
-                            s.clone().detach()
+                        };
+                        let total = match (task.is_regression(), settings.regression_target) {
+                            (false, _) => prediction_loss(s, teacher_logits(), &settings),
+                            (true, RegressionTarget::Gold) => {
+                                let labels = b.labels.as_ref().context(
+                                    "stage 2 fits gold scores, and this batch has unlabelled examples",
+                                )?;
+                                crate::loss::mse(s, label_tensors(labels, &ad).1.context("gold scores")?)
+                            }
+                            (true, RegressionTarget::Teacher) => {
+                                let t = teacher_logits();
+                                let n = t.dims()[0];
+                                crate::loss::mse(s, t.reshape([n]))
+                            }
                         };
                         Ok(LossTerms {
-                            total: prediction_loss(s, t, gold, &settings),
+                            total,
                             parts: vec![],
                         })
                     },
