@@ -84,11 +84,10 @@ for task in rte cola stsb mrpc; do
 done
 augmented cola 42755
 augmented stsb 28745 --set stage2.regression_target=teacher
-# CoLA's student underfits (it agrees with the teacher on 95.3 % of train and 92.4 % of dev):
-# a 4× stage-1 learning rate, decayed, at the same epochs.
-run "minilm-cola-quad+2quad-lr2e-4-s42" cola --set "$(teacher_of cola)" \
-    --set stage1.lr=2e-4 --set stage1.schedule=linear --set stage1.warmup=0.1 \
-    --set 'label=stage 1 lr 2e-4, linear decay'
+# CoLA: neighbour copies matched its teacher's hidden states and attention better on dev and
+# agreed no more often, so its limit is not stage 1's fit: stage 2 at 5× the learning rate.
+run "minilm-cola-quad+2quad-stage2-lr5e-5-s42" cola --set "$(teacher_of cola)" \
+    --set stage2.lr=5e-5 --set 'label=stage 2 lr 5e-5'
 augmented rte 12450
 levers rte 12450 1.0
 levers cola 42755 1.0 --set 'data.transfer_from=["sst2", "imdb=../shared/data/imdb"]'
