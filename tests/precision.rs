@@ -75,7 +75,7 @@ fn loss(
     let settings = StageConfig::default().resolve(StageKind::Stage2, "rte");
     let mask = inputs.attention_mask.clone().float();
     let (inter, _, _) = intermediate_loss(m, &s, &t, mask, &settings);
-    inter + prediction_loss(s.logits, t.logits, &settings)
+    inter + prediction_loss(s.logits, t.logits, false, &settings)
 }
 
 /// Every gradient of `module`'s parameters, in visiting order, as f64.

@@ -654,3 +654,66 @@ fn regression_stage_two_fits_the_teacher_on_transfer_examples() {
     let s = summary(a.path());
     assert!(s["agreement"].as_f64().unwrap().is_finite());
 }
+
+/// `stage1.prediction_weight`: stage 1's logged loss is the weighted sum of its three terms.
+#[test]
+fn stage_one_joined_with_the_prediction_term() {
+    let bin = env!("CARGO_BIN_EXE_mpcformer");
+    let stage1_rows = |sets: &[&str]| {
+        let a = tempfile::tempdir().unwrap();
+        let mut c = Command::new(bin);
+        c.arg("run").arg(tiny_recipe(a.path()));
+        c.args([
+            "--set",
+            "stages=[\"finetune\", \"stage1\"]",
+            "--set",
+            "stage1.max_steps=20",
+        ]);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(a.path().join("runs/tiny/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["stage"] == "stage1" && v.get("loss").is_some())
+            .collect::<Vec<_>>()
+    };
+    for w in [1.0, 0.25] {
+        let rows = stage1_rows(&[&format!("stage1.prediction_weight={w}")]);
+        assert_eq!(rows.len(), 2);
+        for r in &rows {
+            let f = |k: &str| {
+                r[k].as_f64()
+                    .unwrap_or_else(|| panic!("{k} missing in {r}"))
+            };
+            let sum = f("attention_loss") + f("hidden_loss") + w * f("prediction_loss");
+            assert!(f("prediction_loss") > 0.0, "{r}");
+            assert!((f("loss") - sum).abs() <= 1e-5 * sum, "{r}: {sum}");
+        }
+    }
+    assert!(
+        stage1_rows(&[])
+            .iter()
+            .all(|r| r.get("prediction_loss").is_none())
+    );
+
+    let a = tempfile::tempdir().unwrap();
+    let out = Command::new(bin)
+        .arg("run")
+        .arg(tiny_recipe(a.path()))
+        .args(["--set", "stage2.prediction_weight=1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("stage2.prediction_weight: only stage 1"),
+        "{err}"
+    );
+}

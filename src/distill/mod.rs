@@ -239,19 +239,26 @@ pub fn intermediate_loss(
     (total, att, hid)
 }
 
-/// Stage-2 loss on a classification task: soft cross-entropy against the teacher's logits.
-/// (Regression fits a score by MSE: `stage2.regression_target`.)
+/// The logit-matching loss against the teacher: soft cross-entropy (classification), or MSE to
+/// the teacher's score (regression). Stage 2's loss unless it fits gold scores, and stage 1's
+/// extra term when `stage1.prediction_weight > 0`.
 pub fn prediction_loss(
     student_logits: Tensor<2>,
     teacher_logits: Tensor<2>,
+    regression: bool,
     settings: &StageSettings,
 ) -> Tensor<1> {
-    soft_cross_entropy(
-        student_logits,
-        teacher_logits,
-        settings.temperature,
-        settings.soft_ce_norm,
-    )
+    if regression {
+        let n = teacher_logits.dims()[0];
+        crate::loss::mse(student_logits, teacher_logits.reshape([n]))
+    } else {
+        soft_cross_entropy(
+            student_logits,
+            teacher_logits,
+            settings.temperature,
+            settings.soft_ce_norm,
+        )
+    }
 }
 
 #[cfg(test)]

@@ -286,6 +286,10 @@ pub struct StageConfig {
     /// What stage 1 matches of attention: `scores` (MSE, the reference) or `probs` (KL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_target: Option<AttentionTarget>,
+    /// Stage 1 joined with stage 2: this weight times the logit-matching loss is added to stage
+    /// 1's (0, the reference, by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction_weight: Option<f64>,
     /// Stage 2.
     pub temperature: Option<f64>,
     /// Stage 2 on regression tasks: fit the gold score (the reference) or the teacher's.
@@ -320,10 +324,16 @@ pub struct StageSettings {
     pub attention_weight: f64,
     #[serde(skip_serializing_if = "AttentionTarget::is_scores")]
     pub attention_target: AttentionTarget,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub prediction_weight: f64,
     pub temperature: f64,
     pub soft_ce_norm: SoftCeNorm,
     #[serde(skip_serializing_if = "RegressionTarget::is_gold")]
     pub regression_target: RegressionTarget,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// MPCFormer's stage-1 epochs per task (`default_params` in `exp2.py`).
@@ -420,6 +430,7 @@ impl StageConfig {
             hidden_weight: self.hidden_weight.unwrap_or(1.0),
             attention_weight: self.attention_weight.unwrap_or(1.0),
             attention_target: self.attention_target.unwrap_or_default(),
+            prediction_weight: self.prediction_weight.unwrap_or(0.0),
             temperature: self.temperature.unwrap_or(1.0),
             soft_ce_norm: self.soft_ce_norm.unwrap_or(SoftCeNorm::ElementMean),
             regression_target: self.regression_target.unwrap_or_default(),
@@ -506,6 +517,26 @@ impl Recipe {
                     path.display()
                 );
             }
+        }
+        for (name, stage) in [
+            ("finetune", &recipe.finetune),
+            ("stage2", &recipe.stage2),
+            ("supervised", &recipe.supervised),
+        ] {
+            if stage.prediction_weight.is_some() {
+                bail!(
+                    "{}: {name}.prediction_weight: only stage 1 adds a prediction term to its loss (stage1.prediction_weight)",
+                    path.display()
+                );
+            }
+        }
+        if let Some(w) = recipe.stage1.prediction_weight
+            && !(w >= 0.0 && w.is_finite())
+        {
+            bail!(
+                "{}: stage1.prediction_weight must be ≥ 0, found {w}",
+                path.display()
+            );
         }
         if let Some(grid) = &recipe.finetune.lr_grid
             && (grid.is_empty() || grid.iter().any(|lr| !(*lr > 0.0 && lr.is_finite())))

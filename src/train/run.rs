@@ -523,10 +523,16 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                             inputs.attention_mask.clone().float(),
                             &settings,
                         );
-                        Ok(LossTerms {
-                            total,
-                            parts: vec![("attention_loss", att), ("hidden_loss", hid)],
-                        })
+                        let mut parts = vec![("attention_loss", att), ("hidden_loss", hid)];
+                        let total = if settings.prediction_weight > 0.0 {
+                            let p =
+                                prediction_loss(s.logits, t.logits, task.is_regression(), &settings);
+                            parts.push(("prediction_loss", p.clone()));
+                            total + p * settings.prediction_weight
+                        } else {
+                            total
+                        };
+                        Ok(LossTerms { total, parts })
                     },
                     eval,
                 )?,
@@ -545,7 +551,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                                 .to_device(&ad)
                         };
                         let total = match (task.is_regression(), settings.regression_target) {
-                            (false, _) => prediction_loss(s, teacher_logits(), &settings),
+                            (false, _) => prediction_loss(s, teacher_logits(), false, &settings),
                             (true, RegressionTarget::Gold) => {
                                 let labels = b.labels.as_ref().context(
                                     "stage 2 fits gold scores, and this batch has unlabelled examples",
@@ -553,9 +559,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                                 crate::loss::mse(s, label_tensors(labels, &ad).1.context("gold scores")?)
                             }
                             (true, RegressionTarget::Teacher) => {
-                                let t = teacher_logits();
-                                let n = t.dims()[0];
-                                crate::loss::mse(s, t.reshape([n]))
+                                prediction_loss(s, teacher_logits(), true, &settings)
                             }
                         };
                         Ok(LossTerms {
