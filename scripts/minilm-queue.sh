@@ -88,6 +88,9 @@ augmented stsb 28745 --set stage2.regression_target=teacher
 # agreed no more often, so its limit is not stage 1's fit: stage 2 at 5× the learning rate.
 run "minilm-cola-quad+2quad-stage2-lr5e-5-s42" cola --set "$(teacher_of cola)" \
     --set stage2.lr=5e-5 --set 'label=stage 2 lr 5e-5'
+# ... and stage 1 joined with stage 2's logit term, so stage 1 fits the output it serves.
+run "minilm-cola-quad+2quad-joint-s42" cola --set "$(teacher_of cola)" \
+    --set stage1.prediction_weight=1 --set 'label=stage 1 joined with the logit term'
 augmented rte 12450
 levers rte 12450 1.0
 levers cola 42755 1.0 --set 'data.transfer_from=["sst2", "imdb=../shared/data/imdb"]'
