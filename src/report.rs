@@ -552,6 +552,77 @@ How much of its teacher each student keeps (%, mean ± std over seeds): retentio
     }
 }
 
+/// What each lever was worth: every variant against the run that fine-tuned its teacher, with
+/// the same seed (so the same teacher and data order; only the lever differs), in points of the
+/// task's primary dev metric and of agreement. One seed each: differences of about a point are
+/// within seed-to-seed spread.
+fn levers_table(runs: &[Run], md: &mut String) {
+    let mut lines = Vec::new();
+    for r in runs {
+        let base = origin(runs, r);
+        if std::ptr::eq(base, r) || base.seed != r.seed || base.task != r.task {
+            continue;
+        }
+        let (Some(s), Some(b)) = (r.student_primary, base.student_primary) else {
+            continue;
+        };
+        let lever = lever_name(base, r);
+        if lever.is_empty() {
+            continue;
+        }
+        let delta = |x: Option<f64>, y: Option<f64>| match (x, y) {
+            (Some(x), Some(y)) => format!("{:.1} ({:+.1})", 100.0 * x, 100.0 * (x - y)),
+            (Some(x), None) => format!("{:.1}", 100.0 * x),
+            _ => "–".into(),
+        };
+        lines.push(format!(
+            "| {} | {lever} | {} | {} | {} |",
+            r.task,
+            base.name,
+            delta(Some(s), Some(b)),
+            delta(r.agreement, base.agreement)
+        ));
+    }
+    if lines.is_empty() {
+        return;
+    }
+    lines.sort();
+    let _ = writeln!(
+        md,
+        "
+What each lever was worth: each variant against the run whose teacher it reused, same seed (dev, ×100; the change in brackets):
+"
+    );
+    let _ = writeln!(md, "| task | lever | against | student | agreement |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for l in lines {
+        let _ = writeln!(md, "{l}");
+    }
+}
+
+/// How `r` differs from `base`: its kind, its approximations, and its label less the base's.
+fn lever_name(base: &Run, r: &Run) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if r.kind != base.kind
+        && let Some(k) = r.kind
+    {
+        parts.push(k.label().to_string());
+    }
+    if r.student_approx != base.student_approx
+        && let Some(a) = &r.student_approx
+    {
+        parts.push(a.clone());
+    }
+    match (&r.label, &base.label) {
+        (Some(l), Some(b)) if l != b => {
+            parts.push(l.strip_prefix(&format!("{b}, ")).unwrap_or(l).to_string())
+        }
+        (Some(l), None) => parts.push(l.clone()),
+        _ => {}
+    }
+    parts.join(", ")
+}
+
 /// Wall time to a student with the shipped recipe (the runs without a label), per task and
 /// approximation: the teacher's fine-tuning (its whole sweep) and both stages.
 fn time_table(runs: &[Run], md: &mut String) {
@@ -747,6 +818,7 @@ pub fn markdown(runs: &[Run]) -> String {
     }
     teachers_table(runs, &mut md);
     fidelity_table(&rows, &mut md);
+    levers_table(runs, &mut md);
     time_table(runs, &mut md);
     let _ = writeln!(md, "\nEvery metric (dev, ×100; mean ± std over seeds):\n");
     let _ = writeln!(md, "| task | model | metrics | seeds |");

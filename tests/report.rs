@@ -459,3 +459,105 @@ fn trivial_baseline_margin_retention_agreement_and_sweep() {
         "{md}"
     );
 }
+
+/// Each variant against the run whose teacher it reused, same seed; other seeds of the same
+/// recipe are not levers, and neither is a variant on another seed's teacher.
+#[test]
+fn levers_are_measured_against_the_run_that_made_their_teacher() {
+    let root = tempfile::tempdir().unwrap();
+    let distill = r#"["finetune", "stage1", "stage2"]"#;
+    let reuse = |name: &str, from: &str| {
+        let recipe = root.path().join(name).join("recipe.toml");
+        let text = std::fs::read_to_string(&recipe).unwrap().replace(
+            "[teacher]\n",
+            &format!("[teacher]\nfinetuned_run = \"checkpoints/{from}\"\n"),
+        );
+        std::fs::write(&recipe, text).unwrap();
+    };
+    fake_run(
+        root.path(),
+        "cola-s42",
+        "cola",
+        42,
+        (0.30, 0.20),
+        distill,
+        "teacher",
+    );
+    patch_run(
+        root.path(),
+        "cola-s42",
+        serde_json::json!({"agreement": 0.9}),
+        "",
+    );
+    fake_labelled_run(
+        root.path(),
+        "cola-probs-s42",
+        "cola",
+        42,
+        (0.30, 0.224),
+        distill,
+        "teacher",
+        Some("attention KL"),
+    );
+    patch_run(
+        root.path(),
+        "cola-probs-s42",
+        serde_json::json!({"agreement": 0.925}),
+        "",
+    );
+    reuse("cola-probs-s42", "cola-s42");
+    // Another seed of the shipped recipe: not a lever.
+    fake_run(
+        root.path(),
+        "cola-s1",
+        "cola",
+        1,
+        (0.30, 0.21),
+        distill,
+        "teacher",
+    );
+    reuse("cola-s1", "cola-s42");
+    // An older recipe's variant, labelled with that recipe's label and its own lever.
+    fake_labelled_run(
+        root.path(),
+        "old-s42",
+        "cola",
+        42,
+        (0.25, 0.10),
+        distill,
+        "teacher",
+        Some("2 + 2"),
+    );
+    fake_labelled_run(
+        root.path(),
+        "old-t2-s42",
+        "cola",
+        42,
+        (0.25, 0.12),
+        distill,
+        "teacher",
+        Some("2 + 2, T = 2"),
+    );
+    reuse("old-t2-s42", "old-s42");
+    let md = markdown(&find_runs(&[root.path().to_path_buf()]).unwrap());
+    assert!(
+        md.contains("| task | lever | against | student | agreement |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| cola | attention KL | cola-s42 | 22.4 (+2.4) | 92.5 (+2.5) |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| cola | T = 2 | old-s42 | 12.0 (+2.0) | – |"),
+        "{md}"
+    );
+    // Exactly those two rows: the block ends at the first blank line after its header.
+    let block = md.split("| task | lever | against |").nth(1).unwrap();
+    let block = block.split("\n\n").next().unwrap();
+    assert_eq!(
+        block.lines().filter(|l| l.starts_with("| cola |")).count(),
+        2,
+        "{block}"
+    );
+}
