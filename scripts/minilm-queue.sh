@@ -93,8 +93,10 @@ run "minilm-cola-quad+2quad-joint-s42" cola --set "$(teacher_of cola)" \
     --set stage1.prediction_weight=1 --set 'label=stage 1 joined with the logit term'
 augmented rte 12450
 # Which approximation costs CoLA its accuracy: each alone, same teacher and schedule.
-run "minilm-cola-gelu+2quad-s42" cola --set "$(teacher_of cola)" --set student.act=gelu
-run "minilm-cola-quad+softmax-s42" cola --set "$(teacher_of cola)" --set student.attn=softmax
+run "minilm-cola-gelu+2quad-s42" cola --set "$(teacher_of cola)" --set student.act=gelu \
+    --set 'label=GeLU kept (2Quad alone)'
+run "minilm-cola-quad+softmax-s42" cola --set "$(teacher_of cola)" --set student.attn=softmax \
+    --set 'label=softmax kept (Quad alone)'
 levers rte 12450 1.0
 levers cola 42755 1.0 --set 'data.transfer_from=["sst2", "imdb=../shared/data/imdb"]'
 for seed in 1 2; do
