@@ -73,8 +73,8 @@ augmented() {
     run "minilm-$task-quad+2quad-neighbours-s42" "$task" --set "$(teacher_of "$task")" \
         --set data.transfer_examples="$copies" --set data.transfer_kind=neighbours \
         --set 'data.transfer_stages=["stage1", "stage2"]' \
-        --set stage1.epochs=1 --set stage2.epochs=1 "$@" \
-        --set 'label=neighbour copies in both stages, same compute'
+        --set stage1.epochs=1 --set stage2.epochs=1 \
+        --set 'label=neighbour copies in both stages, same compute' "$@"
 }
 # Cheap tasks first: every one's teacher and first student, the augmentation and the other levers
 # on RTE (pairs) and CoLA (single sentences), then the other two seeds; SST-2 and IMDb (hours
@@ -83,7 +83,8 @@ for task in rte cola stsb mrpc; do
     run "minilm-$task-quad+2quad-s42" $task
 done
 augmented cola 42755
-augmented stsb 28745 --set stage2.regression_target=teacher
+augmented stsb 28745 --set stage2.regression_target=teacher \
+    --set "label=neighbour copies in both stages, same compute, stage 2 on the teacher's scores"
 # CoLA: neighbour copies matched its teacher's hidden states and attention better on dev and
 # agreed no more often, so its limit is not stage 1's fit: stage 2 at 5× the learning rate.
 run "minilm-cola-quad+2quad-stage2-lr5e-5-s42" cola --set "$(teacher_of cola)" \
@@ -92,6 +93,9 @@ run "minilm-cola-quad+2quad-stage2-lr5e-5-s42" cola --set "$(teacher_of cola)" \
 run "minilm-cola-quad+2quad-joint-s42" cola --set "$(teacher_of cola)" \
     --set stage1.prediction_weight=1 --set 'label=stage 1 joined with the logit term'
 augmented rte 12450
+# STS-B: which half of the neighbour run's gain is stage 2 on the teacher's scores alone.
+run "minilm-stsb-quad+2quad-teacher-target-s42" stsb --set "$(teacher_of stsb)" \
+    --set stage2.regression_target=teacher --set "label=stage 2 on the teacher's scores"
 # Which approximation costs CoLA its accuracy: each alone, same teacher and schedule.
 run "minilm-cola-gelu+2quad-s42" cola --set "$(teacher_of cola)" --set student.act=gelu \
     --set 'label=GeLU kept (2Quad alone)'
