@@ -10,45 +10,12 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::DType;
-use common::fixtures;
-use mpcformer::data::{Label, Tokenized};
+use common::{fixtures, synthetic};
 use mpcformer::distill::{Student, init_student, intermediate_loss, prediction_loss};
 use mpcformer::model::{self, Capture, Overrides, SequenceClassifier};
-use mpcformer::tokenize::Encoded;
 use mpcformer::train::fit::{LossTerms, MetricsLog, Stage};
 use mpcformer::train::precision::Precision;
 use mpcformer::train::recipe::{StageConfig, StageKind, StageSettings, StudentSpec};
-
-/// Random token sequences in tiny-bert's vocabulary (120), lengths 5..12.
-fn synthetic(n: usize) -> Tokenized {
-    let mut x: u64 = 11;
-    let mut next = || {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (x >> 33) as u32
-    };
-    let encoded = (0..n)
-        .map(|_| {
-            let len = 5 + (next() % 8) as usize;
-            let mut ids = vec![1u32];
-            ids.extend((0..len - 2).map(|_| 3 + next() % 110));
-            ids.push(2);
-            Encoded {
-                type_ids: vec![0; ids.len()],
-                ids,
-                tokens: vec![],
-            }
-        })
-        .collect();
-    Tokenized {
-        encoded,
-        labels: (0..n).map(|i| Some(Label::Class(i % 3))).collect(),
-        pad_id: 0,
-        truncated: 0,
-        pad_multiple: 1,
-    }
-}
 
 fn teacher(ad: &Device) -> SequenceClassifier {
     let dir = fixtures().join("tiny-bert/model");
@@ -107,7 +74,7 @@ fn gradient_on(precision: Precision, ad: &Device) -> (f64, Vec<f64>) {
     let t = teacher(&ad);
     let (student, _) = init_student(&t, &StudentSpec::default(), &ad).unwrap();
     let frozen = t.no_grad();
-    let batch = synthetic(8).batch(&(0..8).collect::<Vec<_>>());
+    let batch = synthetic(8, 11).batch(&(0..8).collect::<Vec<_>>());
     let l = loss(&precision.compute_copy(&student), &frozen, &batch, &ad);
     let value = l.clone().into_scalar::<f32>() as f64;
     let grads = GradientsParams::from_grads(l.backward(), &student);
@@ -156,7 +123,7 @@ fn stage1_losses(precision: Precision, dir: &Path) -> Vec<serde_json::Value> {
     let t = teacher(&ad);
     let (student, _) = init_student(&t, &StudentSpec::default(), &ad).unwrap();
     let frozen = precision.compute_copy(&t.no_grad());
-    let train = synthetic(64);
+    let train = synthetic(64, 11);
     let settings: StageSettings = StageConfig {
         max_steps: Some(16),
         lr: Some(1e-3),
@@ -286,7 +253,7 @@ fn half_precision_forward_matches_f32_layer_by_layer() {
         .with_labels(vec!["a".into(), "b".into()], false)
         .without_dropout()
         .init(&ad);
-    let batch = synthetic(8).batch(&(0..8).collect::<Vec<_>>());
+    let batch = synthetic(8, 11).batch(&(0..8).collect::<Vec<_>>());
     let inputs = batch.inputs.to_inputs(&ad);
     let reference = m.forward(&inputs, Capture::ALL);
     let flat = |t: Tensor<4>| -> Vec<f64> {

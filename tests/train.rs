@@ -8,46 +8,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
-use common::fixtures;
-use mpcformer::data::{Label, Tokenized};
+use common::{fixtures, synthetic};
 use mpcformer::distill::loss::AttentionTarget;
 use mpcformer::distill::{Student, init_student, intermediate_loss, stage1_capture};
 use mpcformer::model::{self, Overrides};
-use mpcformer::tokenize::Encoded;
 use mpcformer::train::fit::{LossTerms, MetricsLog, Stage};
 use mpcformer::train::precision::Precision;
 use mpcformer::train::recipe::{StageConfig, StageKind, StudentSpec};
-
-/// Random token sequences in tiny-bert's vocabulary (120), lengths 5..12.
-fn synthetic(n: usize) -> Tokenized {
-    let mut x: u64 = 7;
-    let mut next = || {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (x >> 33) as u32
-    };
-    let encoded = (0..n)
-        .map(|_| {
-            let len = 5 + (next() % 8) as usize;
-            let mut ids = vec![1u32];
-            ids.extend((0..len - 2).map(|_| 3 + next() % 110));
-            ids.push(2);
-            Encoded {
-                type_ids: vec![0; ids.len()],
-                ids,
-                tokens: vec![],
-            }
-        })
-        .collect();
-    Tokenized {
-        encoded,
-        labels: (0..n).map(|i| Some(Label::Class(i % 3))).collect(),
-        pad_id: 0,
-        truncated: 0,
-        pad_multiple: 1,
-    }
-}
 
 fn stage1_losses(spec: StudentSpec, target: AttentionTarget) -> Vec<f64> {
     let ad = Device::flex().autodiff();
@@ -65,7 +32,7 @@ fn stage1_losses(spec: StudentSpec, target: AttentionTarget) -> Vec<f64> {
     .model;
     let (student, _) = init_student(&teacher, &spec, &ad).unwrap();
     let frozen = teacher.no_grad();
-    let train = synthetic(64);
+    let train = synthetic(64, 7);
     let run_dir = tempfile::tempdir().unwrap();
     let settings = StageConfig {
         max_steps: Some(24),
@@ -203,7 +170,7 @@ fn nan_loss_stops_with_the_step() {
     let teacher = model::load_pretrained(dir.to_str().unwrap(), &Overrides::default(), &ad)
         .unwrap()
         .model;
-    let train = synthetic(32);
+    let train = synthetic(32, 7);
     let run_dir = tempfile::tempdir().unwrap();
     let stage = Stage {
         kind: StageKind::Finetune,
@@ -716,4 +683,60 @@ fn stage_one_joined_with_the_prediction_term() {
         !out.status.success() && err.contains("stage2.prediction_weight: only stage 1"),
         "{err}"
     );
+}
+
+#[test]
+fn fitted_start_is_logged_and_refused_with_score_matching() {
+    let bin = env!("CARGO_BIN_EXE_mpcformer");
+    let a = tempfile::tempdir().unwrap();
+    let out = Command::new(bin)
+        .arg("run")
+        .arg(tiny_recipe(a.path()))
+        .args(["--set", "student.init=fitted"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("set stage1.attention_target = \"probs\""),
+        "{err}"
+    );
+    assert!(err.contains("tiny.toml"), "{err}");
+
+    let out = Command::new(bin)
+        .arg("run")
+        .arg(tiny_recipe(a.path()))
+        .args([
+            "--set",
+            "student.init=fitted",
+            "--set",
+            "stage1.attention_target=probs",
+            "--set",
+            "stages=[\"finetune\", \"stage1\"]",
+            "--set",
+            "stage1.max_steps=2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fit: Vec<serde_json::Value> =
+        std::fs::read_to_string(a.path().join("runs/tiny/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["stage"] == "fit")
+            .collect();
+    assert_eq!(fit.len(), 1, "{fit:?}");
+    let layers = fit[0]["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1);
+    for l in layers {
+        let [before, after] = [0, 1].map(|i| l["ffn_mse"][i].as_f64().unwrap());
+        assert!(after < before, "{l}");
+        let [before, after] = [0, 1].map(|i| l["attention_kl"][i].as_f64().unwrap());
+        assert!(after <= before, "{l}");
+    }
+    assert!(fit[0]["tokens"].as_u64().unwrap() > 0);
 }

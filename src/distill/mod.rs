@@ -1,6 +1,7 @@
 //! Knowledge distillation from a teacher into an MPC-friendly student (MPCFormer's two stages):
 //! the student, the layer map between them, and the loss of each stage.
 
+pub mod fitted;
 pub mod gap;
 pub mod loss;
 

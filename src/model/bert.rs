@@ -389,14 +389,7 @@ impl BertLayer {
         key_mask: Tensor<2>,
         weights: bool,
     ) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
-        let (ctx, weights) = self.attention.self_attn.forward(
-            x.clone(),
-            key_mask,
-            self.approx,
-            self.two_quad_c,
-            weights,
-        );
-        let attn_out = self.attention.output.forward(ctx, x);
+        let (attn_out, weights) = self.attention_block(x, key_mask, weights);
         let inter = self
             .approx
             .act
@@ -407,6 +400,24 @@ impl BertLayer {
             .layer_norm
             .forward(self.output.dropout.forward(y), Some(attn_out));
         (y, weights)
+    }
+
+    /// The attention half of the layer: its output (the FFN's input) and, when `weights` is set,
+    /// the raw scores and the weights.
+    pub fn attention_block(
+        &self,
+        x: Tensor<3>,
+        key_mask: Tensor<2>,
+        weights: bool,
+    ) -> (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>) {
+        let (ctx, weights) = self.attention.self_attn.forward(
+            x.clone(),
+            key_mask,
+            self.approx,
+            self.two_quad_c,
+            weights,
+        );
+        (self.attention.output.forward(ctx, x), weights)
     }
 }
 

@@ -120,6 +120,9 @@ pub enum StudentInit {
     Teacher,
     /// Random initialisation (the `w/o p,d` baseline).
     Random,
+    /// The teacher's weights, refitted so that Quad and 2Quad start close to GeLU and softmax
+    /// on training examples ([`crate::distill::fitted`]).
+    Fitted,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -146,6 +149,13 @@ pub struct StudentSpec {
     /// exported config, and the MPC engine uses it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub two_quad_c: Option<f64>,
+}
+
+impl StudentSpec {
+    /// Whether any layer of the student normalises attention with `attn`.
+    pub fn uses(&self, attn: Attn) -> bool {
+        self.attn == attn || self.layers.values().any(|o| o.attn == Some(attn))
+    }
 }
 
 fn default_act() -> Act {
@@ -535,6 +545,16 @@ impl Recipe {
         {
             bail!(
                 "{}: stage1.prediction_weight must be ≥ 0, found {w}",
+                path.display()
+            );
+        }
+        if recipe.student.init == StudentInit::Fitted
+            && recipe.stages.contains(&StageKind::Stage1)
+            && recipe.stage(StageKind::Stage1).attention_target.is_scores()
+            && recipe.student.uses(crate::model::approx::Attn::TwoQuad)
+        {
+            bail!(
+                "{}: student.init = \"fitted\" rescales each 2Quad head's scores, which stage 1's score MSE would undo; set stage1.attention_target = \"probs\"",
                 path.display()
             );
         }

@@ -16,8 +16,10 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::fit::{LossTerms, MetricsLog, Score, Stage};
-use super::recipe::{Recipe, StageKind, StageSettings, TransferKind};
+use super::recipe::{Recipe, StageKind, StageSettings, StudentInit, TransferKind};
+use crate::data::batch::SplitMix64;
 use crate::data::{self, Batch, Dataset, Fields, Label, Task, Tokenized};
+use crate::distill::fitted;
 use crate::distill::loss::RegressionTarget;
 use crate::distill::{Student, init_student, intermediate_loss, prediction_loss, stage1_capture};
 use crate::eval::{predictions, run_model};
@@ -240,6 +242,35 @@ fn label_loss(model: &SequenceClassifier, batch: &Batch, device: &Device) -> Res
         total,
         parts: vec![],
     })
+}
+
+/// Training examples the fitted start gathers its statistics on: a seeded sample, in batches of
+/// similar length.
+fn fitting_batches(train: &Tokenized, seed: u64, device: &Device) -> Vec<Inputs> {
+    let mut idx: Vec<usize> = (0..train.len()).collect();
+    SplitMix64::new(seed).shuffle(&mut idx);
+    idx.truncate(fitted::EXAMPLES);
+    let lengths = train.lengths();
+    idx.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    idx.chunks(32)
+        .map(|c| train.batch(c).inputs.to_inputs(device))
+        .collect()
+}
+
+fn fit_record(fit: &fitted::FitReport) -> serde_json::Value {
+    let layers: Vec<_> = fit
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "ffn_mse": l.ffn_mse.map(|(b, a)| [b, a]),
+                "flat_neurons": l.flat_neurons,
+                "attention_kl": l.attention_kl.map(|(b, a)| [b, a]),
+                "alphas": l.alphas,
+            })
+        })
+        .collect();
+    json!({"stage": "fit", "tokens": fit.tokens, "layers": layers})
 }
 
 /// `model`'s answers on dev.
@@ -472,6 +503,13 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         let (mut student, report) = init_student(&teacher, &recipe.student, &ad)?;
         if let Some(r) = report {
             eprintln!("student from teacher: {r}");
+        }
+        if recipe.student.init == StudentInit::Fitted {
+            let batches = fitting_batches(&d.train, recipe.seed, &device);
+            let (model, fit) = fitted::refit(student.model, &teacher_plain, &batches)?;
+            eprintln!("{fit}");
+            log.write(fit_record(&fit))?;
+            student.model = model;
         }
         // The teacher runs without gradients and (unlike the reference) without dropout: then on
         // the plain device, where no autodiff bookkeeping happens and its forward runs as two

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use mpcformer::data::{Label, Tokenized};
 use mpcformer::io::{HostTensor, load_safetensors};
+use mpcformer::tokenize::Encoded;
 
 /// The fixtures copied into the repository.
 pub fn fixtures() -> PathBuf {
@@ -56,4 +58,36 @@ pub fn max_abs_diff(name: &str, ours: &HostTensor, reference: &HostTensor) -> f6
 pub fn assert_close(name: &str, ours: &HostTensor, reference: &HostTensor, tol: f64) {
     let d = max_abs_diff(name, ours, reference);
     assert!(d <= tol, "{name}: max abs diff {d:.3e} > {tol:.0e}");
+}
+
+/// `n` random token sequences in tiny-bert's vocabulary (120), lengths 5..12, drawn from `seed`,
+/// labelled with classes 0, 1, 2 in turn.
+pub fn synthetic(n: usize, seed: u64) -> Tokenized {
+    let mut x: u64 = seed;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) as u32
+    };
+    let encoded = (0..n)
+        .map(|_| {
+            let len = 5 + (next() % 8) as usize;
+            let mut ids = vec![1u32];
+            ids.extend((0..len - 2).map(|_| 3 + next() % 110));
+            ids.push(2);
+            Encoded {
+                type_ids: vec![0; ids.len()],
+                ids,
+                tokens: vec![],
+            }
+        })
+        .collect();
+    Tokenized {
+        encoded,
+        labels: (0..n).map(|i| Some(Label::Class(i % 3))).collect(),
+        pad_id: 0,
+        truncated: 0,
+        pad_multiple: 1,
+    }
 }

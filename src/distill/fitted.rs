@@ -1,0 +1,510 @@
+//! The fitted start (`student.init = "fitted"`): the teacher's weights, refitted so that each
+//! approximation starts as close to what it replaces as the weights around it allow.
+//!
+//! MPCFormer starts the student from the teacher's weights with Quad and 2Quad switched on, and
+//! leaves distillation to undo the damage: Quad(0) = 0.5 where GeLU(0) = 0, and (s + 5)² is far
+//! flatter than exp(s). The protocols fix the formulas, not the layers around them:
+//!
+//! - **FFN.** Shifting neuron j's up-projection bias by β_j and scaling its down-projection
+//!   column by γ_j makes it compute γ_j·Quad(z + β_j), which is any quadratic a·z² + b·z + c
+//!   with a > 0 (c goes into the down-projection's bias). Each neuron gets the least-squares
+//!   quadratic to the teacher's activation over its own pre-activations on training examples.
+//! - **2Quad.** Scaling a head's queries by α turns its scores s into α·s, so the head computes
+//!   (α·s + c)²; α is chosen from a grid to minimise KL(teacher's softmax ‖ 2Quad) on the same
+//!   examples. This changes the student's scores, so stage 1 must match attention
+//!   probabilities (`stage1.attention_target = "probs"`), which the recipe check enforces.
+//!
+//! The result is an ordinary checkpoint of the student's architecture: export and the MPC engine
+//! see weights, not a new formula.
+
+use std::fmt;
+
+use anyhow::{Result, bail};
+use burn::prelude::*;
+
+use crate::model::approx::{Act, Attn, QUAD_A, QUAD_B, QUAD_C};
+use crate::model::bert::{Capture, Inputs, apply_linear};
+use crate::model::load::RawTensor;
+use crate::model::{Checkpoint, LoadOptions, SequenceClassifier};
+
+/// The smallest curvature a fitted neuron may take: a flatter fit needs a shift β = b/(2a) − 1
+/// so large that fixed-point MPC and training both suffer; such neurons are refitted with a fixed.
+pub const MIN_CURVATURE: f64 = 0.02;
+
+/// Training examples the statistics are gathered on (a seeded sample of the training set).
+pub const EXAMPLES: usize = 512;
+
+/// The query scales tried for each 2Quad head: geometric from 0.1 to 100, with 1 (the
+/// unfitted start) on it. Heads of all-MiniLM-L6-v2 pick 1.7–30 at c = 5.
+fn alpha_grid() -> Vec<f64> {
+    (-12..=24).map(|i| 10f64.powf(i as f64 / 12.0)).collect()
+}
+
+/// What the fit changed, per layer: the error of the approximation before and after.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FitReport {
+    pub layers: Vec<LayerFit>,
+    /// Tokens the statistics were gathered on.
+    pub tokens: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LayerFit {
+    /// Mean squared error of the activation against the teacher's, per token and neuron:
+    /// Quad as MPCFormer starts it, and fitted. `None` where the layer's FFN was not refitted.
+    pub ffn_mse: Option<(f64, f64)>,
+    /// Neurons whose fit was held at [`MIN_CURVATURE`].
+    pub flat_neurons: usize,
+    /// Mean KL(teacher ‖ student) of the attention rows, at α = 1 and fitted.
+    pub attention_kl: Option<(f64, f64)>,
+    /// The chosen query scale of each head.
+    pub alphas: Vec<f64>,
+}
+
+impl fmt::Display for FitReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "fitted start on {} tokens:", self.tokens)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            write!(f, "\n  layer {i}:")?;
+            if let Some((before, after)) = l.ffn_mse {
+                write!(
+                    f,
+                    " FFN activation MSE {before:.4} → {after:.4} ({} flat neurons)",
+                    l.flat_neurons
+                )?;
+            }
+            if let Some((before, after)) = l.attention_kl {
+                let (lo, hi) = l
+                    .alphas
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(lo, hi), a| (lo.min(*a), hi.max(*a)));
+                write!(
+                    f,
+                    "; attention KL {before:.4} → {after:.4} (query scale {lo:.2}–{hi:.2})"
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Power sums of one neuron's pre-activation z and its teacher activation g over tokens:
+/// Σz⁰…Σz⁴, Σg, Σz·g, Σz²·g, Σg².
+#[derive(Clone, Copy, Debug, Default)]
+struct Moments([f64; 9]);
+
+impl Moments {
+    fn add(&mut self, z: f64, g: f64) {
+        let z2 = z * z;
+        let m = &mut self.0;
+        m[0] += 1.0;
+        m[1] += z;
+        m[2] += z2;
+        m[3] += z2 * z;
+        m[4] += z2 * z2;
+        m[5] += g;
+        m[6] += z * g;
+        m[7] += z2 * g;
+        m[8] += g * g;
+    }
+
+    /// Σ(a·z² + b·z + c − g)².
+    fn sse(&self, (a, b, c): (f64, f64, f64)) -> f64 {
+        let m = &self.0;
+        let pp = a * a * m[4]
+            + 2.0 * a * b * m[3]
+            + (b * b + 2.0 * a * c) * m[2]
+            + 2.0 * b * c * m[1]
+            + c * c * m[0];
+        let pg = a * m[7] + b * m[6] + c * m[5];
+        (pp - 2.0 * pg + m[8]).max(0.0)
+    }
+
+    /// The least-squares quadratic (a, b, c), with a held at `min_a` when the free fit is
+    /// flatter; the flag says it was held.
+    fn quadratic(&self, min_a: f64) -> ((f64, f64, f64), bool) {
+        let m = &self.0;
+        let free = solve3(
+            [[m[4], m[3], m[2]], [m[3], m[2], m[1]], [m[2], m[1], m[0]]],
+            [m[7], m[6], m[5]],
+        );
+        if let Some([a, b, c]) = free
+            && a >= min_a
+        {
+            return ((a, b, c), false);
+        }
+        // a fixed: fit b·z + c to g − a·z².
+        let a = min_a;
+        let rhs = [m[6] - a * m[3], m[5] - a * m[2]];
+        let det = m[2] * m[0] - m[1] * m[1];
+        if det.abs() < 1e-12 * (m[2] * m[0]).max(1e-300) {
+            // One distinct value: a constant through its mean.
+            let c = (m[5] - a * m[2]) / m[0].max(1.0);
+            return ((a, 0.0, c), true);
+        }
+        let b = (rhs[0] * m[0] - rhs[1] * m[1]) / det;
+        let c = (m[2] * rhs[1] - m[1] * rhs[0]) / det;
+        ((a, b, c), true)
+    }
+}
+
+/// Solves a 3 × 3 system by Gaussian elimination with partial pivoting; `None` if singular.
+fn solve3(mut a: [[f64; 3]; 3], mut y: [f64; 3]) -> Option<[f64; 3]> {
+    let scale = a.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
+    for col in 0..3 {
+        let pivot = (col..3).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+        if a[pivot][col].abs() <= 1e-12 * scale {
+            return None;
+        }
+        a.swap(col, pivot);
+        y.swap(col, pivot);
+        for row in col + 1..3 {
+            let f = a[row][col] / a[col][col];
+            let pivot_row = a[col];
+            for (v, p) in a[row].iter_mut().zip(pivot_row).skip(col) {
+                *v -= f * p;
+            }
+            y[row] -= f * y[col];
+        }
+    }
+    let mut x = [0.0; 3];
+    for row in (0..3).rev() {
+        let rest: f64 = (row + 1..3).map(|k| a[row][k] * x[k]).sum();
+        x[row] = (y[row] - rest) / a[row][row];
+    }
+    Some(x)
+}
+
+/// Quad's shift and scale (β, γ) that make γ·Quad(z + β) = a·z² + b·z + const, and that const.
+fn quad_form(a: f64, b: f64) -> (f64, f64, f64) {
+    let gamma = a / QUAD_A;
+    let beta = (b / gamma - QUAD_B) / (2.0 * QUAD_A);
+    let constant = gamma * (QUAD_A * beta * beta + QUAD_B * beta + QUAD_C);
+    (beta, gamma, constant)
+}
+
+/// Statistics of one layer, gathered over the fitting batches.
+struct LayerStats {
+    neurons: Vec<Moments>,
+    /// Σ KL per head and grid point, and the number of attention rows.
+    kl: Vec<Vec<f64>>,
+    rows: f64,
+}
+
+/// Refits `student` (the teacher's architecture, with its approximations) to the `teacher` on
+/// `batches` of training inputs (on the teacher's device).
+pub fn refit(
+    student: SequenceClassifier,
+    teacher: &SequenceClassifier,
+    batches: &[Inputs],
+) -> Result<(SequenceClassifier, FitReport)> {
+    let (s, t) = (&student.config, &teacher.config);
+    if (s.num_hidden_layers, s.hidden_size, s.intermediate_size)
+        != (t.num_hidden_layers, t.hidden_size, t.intermediate_size)
+    {
+        bail!(
+            "student.init = \"fitted\" needs the teacher's shape (layers, hidden and FFN sizes); this student differs"
+        );
+    }
+    let layers = s.num_hidden_layers;
+    let heads = s.num_attention_heads;
+    let grid = alpha_grid();
+    let c = s.approx.c;
+    let mut stats: Vec<LayerStats> = (0..layers)
+        .map(|_| LayerStats {
+            neurons: vec![Moments::default(); s.intermediate_size],
+            kl: vec![vec![0.0; grid.len()]; heads],
+            rows: 0.0,
+        })
+        .collect();
+    let mut tokens = 0;
+    for inputs in batches {
+        let out = teacher.bert.forward(
+            inputs,
+            Capture {
+                hidden_states: true,
+                attention_scores: true,
+                attentions: false,
+            },
+        );
+        let key_mask = inputs.attention_mask.clone().float();
+        let mask = host(key_mask.clone());
+        tokens += mask.iter().filter(|m| **m > 0.0).count();
+        for (l, layer) in teacher.bert.encoder.layer.iter().enumerate() {
+            let want = s.approx.layer(l);
+            let st = &mut stats[l];
+            if want.act == Act::Quad && layer.approx.act != Act::Quad {
+                let (attn_out, _) =
+                    layer.attention_block(out.hidden_states[l].clone(), key_mask.clone(), false);
+                let z = apply_linear(&layer.intermediate.dense, attn_out);
+                let g = layer.approx.act.apply(z.clone());
+                add_moments(&mut st.neurons, &z, &g, &mask);
+            }
+            if want.attn == Attn::TwoQuad && layer.approx.attn == Attn::Softmax {
+                let scores = out.attention_scores[l].clone();
+                st.rows += mask.iter().sum::<f32>() as f64 * heads as f64;
+                add_kl(&mut st.kl, scores, key_mask.clone(), &grid, c);
+            }
+        }
+    }
+    apply(student, stats, &grid, tokens)
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .try_into_vec_as::<f32>()
+        .expect("a float tensor reads as f32")
+}
+
+/// Adds one batch's (z, g) pairs of real tokens to each neuron's moments.
+fn add_moments(neurons: &mut [Moments], z: &Tensor<3>, g: &Tensor<3>, mask: &[f32]) {
+    let f = neurons.len();
+    let z = host(z.clone());
+    let g = host(g.clone());
+    for (t, m) in mask.iter().enumerate() {
+        if *m == 0.0 {
+            continue;
+        }
+        let (zr, gr) = (&z[t * f..(t + 1) * f], &g[t * f..(t + 1) * f]);
+        for (n, (zv, gv)) in neurons.iter_mut().zip(zr.iter().zip(gr)) {
+            n.add(*zv as f64, *gv as f64);
+        }
+    }
+}
+
+/// Adds Σ KL(softmax(s) ‖ 2Quad(α·s)) over real query rows, per head, for each α of the grid.
+fn add_kl(kl: &mut [Vec<f64>], scores: Tensor<4>, key_mask: Tensor<2>, grid: &[f64], c: f64) {
+    let [b, h, s, _] = scores.dims();
+    let scores = scores.cast(burn::tensor::DType::F32);
+    let p = Attn::Softmax.composite(scores.clone(), key_mask.clone(), c);
+    let rows = key_mask.clone().reshape([b, 1, s, 1]);
+    // Masked keys carry p = 0 (exp(−10000)), so they add 0 whatever q is there.
+    let log_p = (p.clone() + 1e-9).log();
+    for (i, alpha) in grid.iter().enumerate() {
+        let q = Attn::TwoQuad.composite(scores.clone() * *alpha, key_mask.clone(), c);
+        let per = (p.clone() * (log_p.clone() - (q + 1e-9).log()) * rows.clone())
+            .sum_dim(3)
+            .sum_dim(2)
+            .sum_dim(0)
+            .reshape([h]);
+        let v = host(per);
+        for (head, x) in v.iter().enumerate() {
+            kl[head][i] += *x as f64;
+        }
+    }
+}
+
+/// Writes the fitted quadratics and query scales into the student's weights.
+fn apply(
+    student: SequenceClassifier,
+    stats: Vec<LayerStats>,
+    grid: &[f64],
+    tokens: usize,
+) -> Result<(SequenceClassifier, FitReport)> {
+    let config = student.config.clone();
+    let dh = config.hidden_size / config.num_attention_heads;
+    let mut tensors: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
+    let mut shapes = std::collections::BTreeMap::new();
+    for t in student.hf_tensors() {
+        shapes.insert(t.name.clone(), t.shape);
+        tensors.insert(t.name, t.data);
+    }
+    let prefix = config.arch.prefix();
+    let mut report = FitReport {
+        layers: Vec::new(),
+        tokens,
+    };
+    for (l, st) in stats.into_iter().enumerate() {
+        let name = |rest: &str| format!("{prefix}.encoder.layer.{l}.{rest}");
+        let mut fit = LayerFit::default();
+        if st.neurons.first().is_some_and(|n| n.0[0] > 0.0) {
+            let (mse, flat) = fit_ffn(&mut tensors, &name, &st.neurons)?;
+            fit.ffn_mse = Some(mse);
+            fit.flat_neurons = flat;
+        }
+        if st.rows > 0.0 {
+            let one = grid
+                .iter()
+                .position(|a| (*a - 1.0).abs() < 1e-9)
+                .unwrap_or(0);
+            let rows = st.rows / st.kl.len() as f64;
+            let mut before = 0.0;
+            let mut after = 0.0;
+            for (head, kls) in st.kl.iter().enumerate() {
+                let best = (0..grid.len())
+                    .min_by(|&i, &j| kls[i].total_cmp(&kls[j]))
+                    .expect("grid");
+                before += kls[one] / rows;
+                after += kls[best] / rows;
+                fit.alphas.push(grid[best]);
+                scale_head(&mut tensors, &name, &config, head, dh, grid[best])?;
+            }
+            let n = st.kl.len() as f64;
+            fit.attention_kl = Some((before / n, after / n));
+        }
+        report.layers.push(fit);
+    }
+    let mut ckpt = Checkpoint {
+        source: "fitted student (in memory)".into(),
+        ..Default::default()
+    };
+    for (name, data) in tensors {
+        let shape = shapes.remove(&name).expect("shape of every tensor");
+        ckpt.tensors.insert(
+            name,
+            RawTensor {
+                shape,
+                data: Ok(data),
+                file: "fitted".into(),
+            },
+        );
+    }
+    let (model, _) = student.load_checkpoint(
+        &ckpt,
+        LoadOptions {
+            reinit_mismatched_head: false,
+        },
+    )?;
+    Ok((model, report))
+}
+
+/// Fits each FFN neuron's quadratic and folds it into the two dense layers (HF layout: weights
+/// are [out, in]). Returns the mean squared error (Quad as is → fitted) and the flat neurons.
+fn fit_ffn(
+    tensors: &mut std::collections::BTreeMap<String, Vec<f32>>,
+    name: &dyn Fn(&str) -> String,
+    neurons: &[Moments],
+) -> Result<((f64, f64), usize)> {
+    let f = neurons.len();
+    let mut get = |n: &str| {
+        tensors
+            .remove(&name(n))
+            .ok_or_else(|| anyhow::anyhow!("fitted start: the student has no `{}`", name(n)))
+    };
+    let mut up_bias = get("intermediate.dense.bias")?;
+    let mut down = get("output.dense.weight")?;
+    let mut down_bias = get("output.dense.bias")?;
+    let d = down_bias.len();
+    if up_bias.len() != f || down.len() != d * f {
+        bail!("fitted start: layer {} FFN shapes do not match", name(""));
+    }
+    let (mut before, mut after, mut count, mut flat) = (0.0, 0.0, 0.0, 0);
+    for (j, m) in neurons.iter().enumerate() {
+        let ((a, b, c), held) = m.quadratic(MIN_CURVATURE);
+        flat += held as usize;
+        before += m.sse((QUAD_A, QUAD_B, QUAD_C));
+        after += m.sse((a, b, c));
+        count += m.0[0];
+        let (beta, gamma, constant) = quad_form(a, b);
+        up_bias[j] += beta as f32;
+        let offset = c - constant;
+        for (i, out_bias) in down_bias.iter_mut().enumerate() {
+            let w = &mut down[i * f + j];
+            *out_bias += (*w as f64 * offset) as f32;
+            *w = (*w as f64 * gamma) as f32;
+        }
+    }
+    tensors.insert(name("intermediate.dense.bias"), up_bias);
+    tensors.insert(name("output.dense.weight"), down);
+    tensors.insert(name("output.dense.bias"), down_bias);
+    let count = count.max(1.0);
+    Ok(((before / count, after / count), flat))
+}
+
+/// Scales head `head`'s query projection (weight rows and bias) by `alpha`.
+fn scale_head(
+    tensors: &mut std::collections::BTreeMap<String, Vec<f32>>,
+    name: &dyn Fn(&str) -> String,
+    config: &crate::model::ModelConfig,
+    head: usize,
+    dh: usize,
+    alpha: f64,
+) -> Result<()> {
+    let d = config.hidden_size;
+    let rows = head * dh..(head + 1) * dh;
+    let w = tensors
+        .get_mut(&name("attention.self.query.weight"))
+        .ok_or_else(|| anyhow::anyhow!("fitted start: the student has no query weight"))?;
+    for r in rows.clone() {
+        for v in &mut w[r * d..(r + 1) * d] {
+            *v = (*v as f64 * alpha) as f32;
+        }
+    }
+    let bias = tensors
+        .get_mut(&name("attention.self.query.bias"))
+        .ok_or_else(|| anyhow::anyhow!("fitted start: the student has no query bias"))?;
+    for v in &mut bias[rows] {
+        *v = (*v as f64 * alpha) as f32;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn moments(points: &[(f64, f64)]) -> Moments {
+        let mut m = Moments::default();
+        for (z, g) in points {
+            m.add(*z, *g);
+        }
+        m
+    }
+
+    #[test]
+    fn an_exact_quadratic_is_recovered() {
+        let pts: Vec<(f64, f64)> = (-20..=20)
+            .map(|i| {
+                let z = i as f64 / 5.0;
+                (z, 0.3 * z * z - 0.7 * z + 0.2)
+            })
+            .collect();
+        let ((a, b, c), held) = moments(&pts).quadratic(MIN_CURVATURE);
+        assert!(!held);
+        assert!((a - 0.3).abs() < 1e-9 && (b + 0.7).abs() < 1e-9 && (c - 0.2).abs() < 1e-9);
+        assert!(moments(&pts).sse((a, b, c)) < 1e-12);
+    }
+
+    #[test]
+    fn the_sum_of_squares_matches_a_direct_sum() {
+        let pts: [(f64, f64); 5] = [(-1.5, 0.2), (0.0, 0.0), (0.7, 0.9), (2.0, 1.1), (3.0, 3.2)];
+        let p: (f64, f64, f64) = (0.2, -0.1, 0.4);
+        let direct: f64 = pts
+            .iter()
+            .map(|(z, g)| (p.0 * z * z + p.1 * z + p.2 - g).powi(2))
+            .sum();
+        assert!((moments(&pts).sse(p) - direct).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_flat_target_is_held_at_the_minimum_curvature() {
+        // GeLU far left is ≈ 0: the free fit is flat, so a is held and b, c fit the rest.
+        let pts: Vec<(f64, f64)> = (0..50).map(|i| (-6.0 + i as f64 * 0.05, 0.0)).collect();
+        let ((a, b, c), held) = moments(&pts).quadratic(MIN_CURVATURE);
+        assert!(held);
+        assert_eq!(a, MIN_CURVATURE);
+        // The best line through −a·z² on z ∈ [−6, −3.55]: check against its normal equations.
+        let (n, sz, szz) = pts.iter().fold((0.0, 0.0, 0.0), |(n, s, ss), (z, _)| {
+            (n + 1.0, s + z, ss + z * z)
+        });
+        let (sr, szr) = pts.iter().fold((0.0, 0.0), |(s, sz), (z, _)| {
+            let r = -a * z * z;
+            (s + r, sz + z * r)
+        });
+        assert!((b * szz + c * sz - szr).abs() < 1e-6);
+        assert!((b * sz + c * n - sr).abs() < 1e-6);
+    }
+
+    #[test]
+    fn quad_with_shift_and_scale_is_the_fitted_quadratic() {
+        for (a, b) in [(0.3, 0.5), (0.05, -0.2), (1.0, 2.0)] {
+            let (beta, gamma, constant) = quad_form(a, b);
+            for z in [-3.0, -0.5, 0.0, 1.25, 4.0] {
+                let x: f64 = z + beta;
+                let quad = QUAD_A * x * x + QUAD_B * x + QUAD_C;
+                let want = a * z * z + b * z + constant;
+                assert!((gamma * quad - want).abs() < 1e-9, "a={a} b={b} z={z}");
+            }
+        }
+    }
+}
