@@ -8,15 +8,21 @@
 //! - **FFN.** Shifting neuron j's up-projection bias by β_j and scaling its down-projection
 //!   column by γ_j makes it compute γ_j·Quad(z + β_j), which is any quadratic a·z² + b·z + c
 //!   with a > 0 (c goes into the down-projection's bias). Each neuron gets the least-squares
-//!   quadratic to the teacher's activation over its own pre-activations on training examples.
+//!   quadratic from its pre-activations to the teacher's activations on training examples.
 //! - **2Quad.** Scaling a head's queries by α turns its scores s into α·s, so the head computes
 //!   (α·s + c)²; α is chosen from a grid to minimise KL(teacher's softmax ‖ 2Quad) on the same
 //!   examples. This changes the student's scores, so stage 1 must match attention
 //!   probabilities (`stage1.attention_target = "probs"`), which the recipe check enforces.
 //!
+//! Layers are fitted from the bottom up, each on the inputs the fitted layers below it give it,
+//! against the teacher's outputs on the same examples: fitting every layer on the teacher's own
+//! activations instead left CoLA's untrained student agreeing with its teacher on 51 % of dev
+//! examples, against 87 % this way.
+//!
 //! The result is an ordinary checkpoint of the student's architecture: export and the MPC engine
 //! see weights, not a new formula.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use anyhow::{Result, bail};
@@ -25,7 +31,7 @@ use burn::prelude::*;
 use crate::model::approx::{Act, Attn, QUAD_A, QUAD_B, QUAD_C};
 use crate::model::bert::{Capture, Inputs, apply_linear};
 use crate::model::load::RawTensor;
-use crate::model::{Checkpoint, LoadOptions, SequenceClassifier};
+use crate::model::{Checkpoint, LoadOptions, ModelConfig, SequenceClassifier};
 
 /// The smallest curvature a fitted neuron may take: a flatter fit needs a shift β = b/(2a) − 1
 /// so large that fixed-point MPC and training both suffer; such neurons are refitted with a fixed.
@@ -183,16 +189,10 @@ fn quad_form(a: f64, b: f64) -> (f64, f64, f64) {
     (beta, gamma, constant)
 }
 
-/// Statistics of one layer, gathered over the fitting batches.
-struct LayerStats {
-    neurons: Vec<Moments>,
-    /// Σ KL per head and grid point, and the number of attention rows.
-    kl: Vec<Vec<f64>>,
-    rows: f64,
-}
-
 /// Refits `student` (the teacher's architecture, with its approximations) to the `teacher` on
-/// `batches` of training inputs (on the teacher's device).
+/// `batches` of training inputs (on the teacher's device), one layer at a time: each layer is
+/// fitted on the inputs the already-fitted layers below it give it, so that errors do not
+/// compound, against the teacher's outputs on the same examples.
 pub fn refit(
     student: SequenceClassifier,
     teacher: &SequenceClassifier,
@@ -206,48 +206,84 @@ pub fn refit(
             "student.init = \"fitted\" needs the teacher's shape (layers, hidden and FFN sizes); this student differs"
         );
     }
-    let layers = s.num_hidden_layers;
-    let heads = s.num_attention_heads;
     let grid = alpha_grid();
-    let c = s.approx.c;
-    let mut stats: Vec<LayerStats> = (0..layers)
-        .map(|_| LayerStats {
-            neurons: vec![Moments::default(); s.intermediate_size],
-            kl: vec![vec![0.0; grid.len()]; heads],
-            rows: 0.0,
-        })
+    let masks: Vec<Tensor<2>> = batches
+        .iter()
+        .map(|x| x.attention_mask.clone().float())
         .collect();
-    let mut tokens = 0;
-    for inputs in batches {
-        let out = teacher.bert.forward(
-            inputs,
-            Capture {
-                hidden_states: true,
-                attention_scores: true,
-                attentions: false,
-            },
-        );
-        let key_mask = inputs.attention_mask.clone().float();
-        let mask = host(key_mask.clone());
-        tokens += mask.iter().filter(|m| **m > 0.0).count();
-        for (l, layer) in teacher.bert.encoder.layer.iter().enumerate() {
-            let want = s.approx.layer(l);
-            let st = &mut stats[l];
-            if want.act == Act::Quad && layer.approx.act != Act::Quad {
-                let (attn_out, _) =
-                    layer.attention_block(out.hidden_states[l].clone(), key_mask.clone(), false);
-                let z = apply_linear(&layer.intermediate.dense, attn_out);
-                let g = layer.approx.act.apply(z.clone());
-                add_moments(&mut st.neurons, &z, &g, &mask);
+    let host_masks: Vec<Vec<f32>> = masks.iter().map(|m| host(m.clone())).collect();
+    let teacher_in: Vec<Vec<Tensor<3>>> = batches
+        .iter()
+        .map(|x| teacher.bert.forward(x, Capture::HIDDEN).hidden_states)
+        .collect();
+    let mut student_in: Vec<Tensor<3>> = batches
+        .iter()
+        .map(|x| student.bert.embeddings.forward(x))
+        .collect();
+    let mut report = FitReport {
+        layers: Vec::new(),
+        tokens: host_masks.iter().flatten().filter(|m| **m > 0.0).count(),
+    };
+    let mut weights = Weights::of(&student);
+    let mut model = student;
+    for (l, t_layer) in teacher.bert.encoder.layer.iter().enumerate() {
+        let want = model.config.approx.layer(l);
+        let mut fit = LayerFit::default();
+        if want.attn == Attn::TwoQuad && t_layer.approx.attn == Attn::Softmax {
+            let c = model.config.approx.c;
+            let heads = model.config.num_attention_heads;
+            let (mut kl, mut rows) = (vec![vec![0.0; grid.len()]; heads], 0.0);
+            for (b, mask) in masks.iter().enumerate() {
+                let s_layer = &model.bert.encoder.layer[l];
+                let weights_of = |block: (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>)| {
+                    block.1.expect("attention weights were asked for")
+                };
+                let (_, p) = weights_of(t_layer.attention_block(
+                    teacher_in[b][l].clone(),
+                    mask.clone(),
+                    true,
+                ));
+                let (scores, _) =
+                    weights_of(s_layer.attention_block(student_in[b].clone(), mask.clone(), true));
+                add_kl(&mut kl, p, scores, mask.clone(), &grid, c);
+                rows += host_masks[b].iter().sum::<f32>() as f64;
             }
-            if want.attn == Attn::TwoQuad && layer.approx.attn == Attn::Softmax {
-                let scores = out.attention_scores[l].clone();
-                st.rows += mask.iter().sum::<f32>() as f64 * heads as f64;
-                add_kl(&mut st.kl, scores, key_mask.clone(), &grid, c);
+            let (before, after, alphas) = pick_alphas(&kl, &grid, rows);
+            for (head, alpha) in alphas.iter().enumerate() {
+                weights.scale_head(&model.config, l, head, *alpha)?;
             }
+            fit.attention_kl = Some((before, after));
+            fit.alphas = alphas;
+            model = weights.load(model)?;
         }
+        if want.act == Act::Quad && t_layer.approx.act != Act::Quad {
+            let mut neurons = vec![Moments::default(); model.config.intermediate_size];
+            for (b, mask) in masks.iter().enumerate() {
+                let s_layer = &model.bert.encoder.layer[l];
+                let (s_out, _) =
+                    s_layer.attention_block(student_in[b].clone(), mask.clone(), false);
+                let z = apply_linear(&s_layer.intermediate.dense, s_out);
+                let (t_out, _) =
+                    t_layer.attention_block(teacher_in[b][l].clone(), mask.clone(), false);
+                let g = t_layer
+                    .approx
+                    .act
+                    .apply(apply_linear(&t_layer.intermediate.dense, t_out));
+                add_moments(&mut neurons, &z, &g, &host_masks[b]);
+            }
+            let (mse, flat) = weights.fit_ffn(&model.config, l, &neurons)?;
+            fit.ffn_mse = Some(mse);
+            fit.flat_neurons = flat;
+            model = weights.load(model)?;
+        }
+        for (x, mask) in student_in.iter_mut().zip(&masks) {
+            *x = model.bert.encoder.layer[l]
+                .forward(x.clone(), mask.clone(), false)
+                .0;
+        }
+        report.layers.push(fit);
     }
-    apply(student, stats, &grid, tokens)
+    Ok((model, report))
 }
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -272,11 +308,19 @@ fn add_moments(neurons: &mut [Moments], z: &Tensor<3>, g: &Tensor<3>, mask: &[f3
     }
 }
 
-/// Adds Σ KL(softmax(s) ‖ 2Quad(α·s)) over real query rows, per head, for each α of the grid.
-fn add_kl(kl: &mut [Vec<f64>], scores: Tensor<4>, key_mask: Tensor<2>, grid: &[f64], c: f64) {
+/// Adds Σ KL(p ‖ 2Quad(α·s)) over real query rows, per head, for each α of the grid: `p` the
+/// teacher's attention weights, `s` the student's scores.
+fn add_kl(
+    kl: &mut [Vec<f64>],
+    p: Tensor<4>,
+    scores: Tensor<4>,
+    key_mask: Tensor<2>,
+    grid: &[f64],
+    c: f64,
+) {
     let [b, h, s, _] = scores.dims();
     let scores = scores.cast(burn::tensor::DType::F32);
-    let p = Attn::Softmax.composite(scores.clone(), key_mask.clone(), c);
+    let p = p.cast(burn::tensor::DType::F32);
     let rows = key_mask.clone().reshape([b, 1, s, 1]);
     // Masked keys carry p = 0 (exp(−10000)), so they add 0 whatever q is there.
     let log_p = (p.clone() + 1e-9).log();
@@ -287,156 +331,140 @@ fn add_kl(kl: &mut [Vec<f64>], scores: Tensor<4>, key_mask: Tensor<2>, grid: &[f
             .sum_dim(2)
             .sum_dim(0)
             .reshape([h]);
-        let v = host(per);
-        for (head, x) in v.iter().enumerate() {
+        for (head, x) in host(per).iter().enumerate() {
             kl[head][i] += *x as f64;
         }
     }
 }
 
-/// Writes the fitted quadratics and query scales into the student's weights.
-fn apply(
-    student: SequenceClassifier,
-    stats: Vec<LayerStats>,
-    grid: &[f64],
-    tokens: usize,
-) -> Result<(SequenceClassifier, FitReport)> {
-    let config = student.config.clone();
-    let dh = config.hidden_size / config.num_attention_heads;
-    let mut tensors: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
-    let mut shapes = std::collections::BTreeMap::new();
-    for t in student.hf_tensors() {
-        shapes.insert(t.name.clone(), t.shape);
-        tensors.insert(t.name, t.data);
+/// Each head's best α on the grid, with the mean KL per row at α = 1 and at the chosen α's.
+fn pick_alphas(kl: &[Vec<f64>], grid: &[f64], rows: f64) -> (f64, f64, Vec<f64>) {
+    let one = grid
+        .iter()
+        .position(|a| (*a - 1.0).abs() < 1e-9)
+        .expect("1 is on the grid");
+    let rows = rows.max(1.0);
+    let (mut before, mut after, mut alphas) = (0.0, 0.0, Vec::new());
+    for kls in kl {
+        let best = (0..grid.len())
+            .min_by(|&i, &j| kls[i].total_cmp(&kls[j]))
+            .expect("a non-empty grid");
+        before += kls[one] / rows;
+        after += kls[best] / rows;
+        alphas.push(grid[best]);
     }
-    let prefix = config.arch.prefix();
-    let mut report = FitReport {
-        layers: Vec::new(),
-        tokens,
-    };
-    for (l, st) in stats.into_iter().enumerate() {
-        let name = |rest: &str| format!("{prefix}.encoder.layer.{l}.{rest}");
-        let mut fit = LayerFit::default();
-        if st.neurons.first().is_some_and(|n| n.0[0] > 0.0) {
-            let (mse, flat) = fit_ffn(&mut tensors, &name, &st.neurons)?;
-            fit.ffn_mse = Some(mse);
-            fit.flat_neurons = flat;
+    let n = kl.len().max(1) as f64;
+    (before / n, after / n, alphas)
+}
+
+/// The student's weights as host tensors under their HF names (HF layout: weights [out, in]),
+/// edited layer by layer and loaded back.
+struct Weights {
+    tensors: BTreeMap<String, Vec<f32>>,
+    shapes: BTreeMap<String, Vec<usize>>,
+}
+
+impl Weights {
+    fn of(model: &SequenceClassifier) -> Self {
+        let mut w = Weights {
+            tensors: BTreeMap::new(),
+            shapes: BTreeMap::new(),
+        };
+        for t in model.hf_tensors() {
+            w.shapes.insert(t.name.clone(), t.shape);
+            w.tensors.insert(t.name, t.data);
         }
-        if st.rows > 0.0 {
-            let one = grid
-                .iter()
-                .position(|a| (*a - 1.0).abs() < 1e-9)
-                .unwrap_or(0);
-            let rows = st.rows / st.kl.len() as f64;
-            let mut before = 0.0;
-            let mut after = 0.0;
-            for (head, kls) in st.kl.iter().enumerate() {
-                let best = (0..grid.len())
-                    .min_by(|&i, &j| kls[i].total_cmp(&kls[j]))
-                    .expect("grid");
-                before += kls[one] / rows;
-                after += kls[best] / rows;
-                fit.alphas.push(grid[best]);
-                scale_head(&mut tensors, &name, &config, head, dh, grid[best])?;
-            }
-            let n = st.kl.len() as f64;
-            fit.attention_kl = Some((before / n, after / n));
+        w
+    }
+
+    fn load(&self, model: SequenceClassifier) -> Result<SequenceClassifier> {
+        let mut ckpt = Checkpoint {
+            source: "fitted student (in memory)".into(),
+            ..Default::default()
+        };
+        for (name, data) in &self.tensors {
+            ckpt.tensors.insert(
+                name.clone(),
+                RawTensor {
+                    shape: self.shapes[name].clone(),
+                    data: Ok(data.clone()),
+                    file: "fitted".into(),
+                },
+            );
         }
-        report.layers.push(fit);
-    }
-    let mut ckpt = Checkpoint {
-        source: "fitted student (in memory)".into(),
-        ..Default::default()
-    };
-    for (name, data) in tensors {
-        let shape = shapes.remove(&name).expect("shape of every tensor");
-        ckpt.tensors.insert(
-            name,
-            RawTensor {
-                shape,
-                data: Ok(data),
-                file: "fitted".into(),
-            },
-        );
-    }
-    let (model, _) = student.load_checkpoint(
-        &ckpt,
-        LoadOptions {
+        let options = LoadOptions {
             reinit_mismatched_head: false,
-        },
-    )?;
-    Ok((model, report))
-}
-
-/// Fits each FFN neuron's quadratic and folds it into the two dense layers (HF layout: weights
-/// are [out, in]). Returns the mean squared error (Quad as is → fitted) and the flat neurons.
-fn fit_ffn(
-    tensors: &mut std::collections::BTreeMap<String, Vec<f32>>,
-    name: &dyn Fn(&str) -> String,
-    neurons: &[Moments],
-) -> Result<((f64, f64), usize)> {
-    let f = neurons.len();
-    let mut get = |n: &str| {
-        tensors
-            .remove(&name(n))
-            .ok_or_else(|| anyhow::anyhow!("fitted start: the student has no `{}`", name(n)))
-    };
-    let mut up_bias = get("intermediate.dense.bias")?;
-    let mut down = get("output.dense.weight")?;
-    let mut down_bias = get("output.dense.bias")?;
-    let d = down_bias.len();
-    if up_bias.len() != f || down.len() != d * f {
-        bail!("fitted start: layer {} FFN shapes do not match", name(""));
+        };
+        Ok(model.load_checkpoint(&ckpt, options)?.0)
     }
-    let (mut before, mut after, mut count, mut flat) = (0.0, 0.0, 0.0, 0);
-    for (j, m) in neurons.iter().enumerate() {
-        let ((a, b, c), held) = m.quadratic(MIN_CURVATURE);
-        flat += held as usize;
-        before += m.sse((QUAD_A, QUAD_B, QUAD_C));
-        after += m.sse((a, b, c));
-        count += m.0[0];
-        let (beta, gamma, constant) = quad_form(a, b);
-        up_bias[j] += beta as f32;
-        let offset = c - constant;
-        for (i, out_bias) in down_bias.iter_mut().enumerate() {
-            let w = &mut down[i * f + j];
-            *out_bias += (*w as f64 * offset) as f32;
-            *w = (*w as f64 * gamma) as f32;
+
+    fn get(&mut self, config: &ModelConfig, layer: usize, rest: &str) -> Result<&mut Vec<f32>> {
+        let name = format!("{}.encoder.layer.{layer}.{rest}", config.arch.prefix());
+        self.tensors
+            .get_mut(&name)
+            .ok_or_else(|| anyhow::anyhow!("fitted start: the student has no `{name}`"))
+    }
+
+    /// Fits each FFN neuron's quadratic and folds it into the two dense layers of `layer`.
+    /// Returns the mean squared error (Quad as is → fitted) and the flat neurons.
+    fn fit_ffn(
+        &mut self,
+        config: &ModelConfig,
+        layer: usize,
+        neurons: &[Moments],
+    ) -> Result<((f64, f64), usize)> {
+        let f = neurons.len();
+        let mut up_bias = std::mem::take(self.get(config, layer, "intermediate.dense.bias")?);
+        let mut down = std::mem::take(self.get(config, layer, "output.dense.weight")?);
+        let mut down_bias = std::mem::take(self.get(config, layer, "output.dense.bias")?);
+        let d = down_bias.len();
+        if up_bias.len() != f || down.len() != d * f {
+            bail!("fitted start: layer {layer}'s FFN shapes do not match its width {f}");
         }
+        let (mut before, mut after, mut count, mut flat) = (0.0, 0.0, 0.0, 0);
+        for (j, m) in neurons.iter().enumerate() {
+            let ((a, b, c), held) = m.quadratic(MIN_CURVATURE);
+            flat += held as usize;
+            before += m.sse((QUAD_A, QUAD_B, QUAD_C));
+            after += m.sse((a, b, c));
+            count += m.0[0];
+            let (beta, gamma, constant) = quad_form(a, b);
+            up_bias[j] += beta as f32;
+            let offset = c - constant;
+            for (i, out_bias) in down_bias.iter_mut().enumerate() {
+                let w = &mut down[i * f + j];
+                *out_bias += (*w as f64 * offset) as f32;
+                *w = (*w as f64 * gamma) as f32;
+            }
+        }
+        *self.get(config, layer, "intermediate.dense.bias")? = up_bias;
+        *self.get(config, layer, "output.dense.weight")? = down;
+        *self.get(config, layer, "output.dense.bias")? = down_bias;
+        let count = count.max(1.0);
+        Ok(((before / count, after / count), flat))
     }
-    tensors.insert(name("intermediate.dense.bias"), up_bias);
-    tensors.insert(name("output.dense.weight"), down);
-    tensors.insert(name("output.dense.bias"), down_bias);
-    let count = count.max(1.0);
-    Ok(((before / count, after / count), flat))
-}
 
-/// Scales head `head`'s query projection (weight rows and bias) by `alpha`.
-fn scale_head(
-    tensors: &mut std::collections::BTreeMap<String, Vec<f32>>,
-    name: &dyn Fn(&str) -> String,
-    config: &crate::model::ModelConfig,
-    head: usize,
-    dh: usize,
-    alpha: f64,
-) -> Result<()> {
-    let d = config.hidden_size;
-    let rows = head * dh..(head + 1) * dh;
-    let w = tensors
-        .get_mut(&name("attention.self.query.weight"))
-        .ok_or_else(|| anyhow::anyhow!("fitted start: the student has no query weight"))?;
-    for r in rows.clone() {
-        for v in &mut w[r * d..(r + 1) * d] {
+    /// Scales head `head`'s query projection (weight rows and bias) in `layer` by `alpha`.
+    fn scale_head(
+        &mut self,
+        config: &ModelConfig,
+        layer: usize,
+        head: usize,
+        alpha: f64,
+    ) -> Result<()> {
+        let d = config.hidden_size;
+        let dh = d / config.num_attention_heads;
+        let rows = head * dh..(head + 1) * dh;
+        let w = self.get(config, layer, "attention.self.query.weight")?;
+        for v in &mut w[rows.start * d..rows.end * d] {
             *v = (*v as f64 * alpha) as f32;
         }
+        let bias = self.get(config, layer, "attention.self.query.bias")?;
+        for v in &mut bias[rows] {
+            *v = (*v as f64 * alpha) as f32;
+        }
+        Ok(())
     }
-    let bias = tensors
-        .get_mut(&name("attention.self.query.bias"))
-        .ok_or_else(|| anyhow::anyhow!("fitted start: the student has no query bias"))?;
-    for v in &mut bias[rows] {
-        *v = (*v as f64 * alpha) as f32;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -129,6 +129,12 @@ impl Capture {
         attention_scores: false,
         attentions: false,
     };
+    /// Hidden states only (the inputs of every layer and the last output).
+    pub const HIDDEN: Capture = Capture {
+        hidden_states: true,
+        attention_scores: false,
+        attentions: false,
+    };
     pub const ALL: Capture = Capture {
         hidden_states: true,
         attention_scores: true,
@@ -383,7 +389,7 @@ pub struct BertLayer {
 }
 
 impl BertLayer {
-    fn forward(
+    pub fn forward(
         &self,
         x: Tensor<3>,
         key_mask: Tensor<2>,
