@@ -216,16 +216,18 @@ pub fn refit(
         .iter()
         .map(|x| teacher.bert.forward(x, Capture::HIDDEN).hidden_states)
         .collect();
-    let mut student_in: Vec<Tensor<3>> = batches
-        .iter()
-        .map(|x| student.bert.embeddings.forward(x))
-        .collect();
     let mut report = FitReport {
         layers: Vec::new(),
         tokens: host_masks.iter().flatten().filter(|m| **m > 0.0).count(),
     };
     let mut weights = Weights::of(&student);
-    let mut model = student;
+    // Fitted without autodiff: on a training device every op would be recorded, and the graph
+    // of every batch through every layer kept alive (19 GB on RTE).
+    let mut model = student.clone().valid();
+    let mut student_in: Vec<Tensor<3>> = batches
+        .iter()
+        .map(|x| model.bert.embeddings.forward(x))
+        .collect();
     for (l, t_layer) in teacher.bert.encoder.layer.iter().enumerate() {
         let want = model.config.approx.layer(l);
         let mut fit = LayerFit::default();
@@ -283,7 +285,8 @@ pub fn refit(
         }
         report.layers.push(fit);
     }
-    Ok((model, report))
+    drop(model);
+    Ok((weights.load(student)?, report))
 }
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
