@@ -505,10 +505,14 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             eprintln!("student from teacher: {r}");
         }
         if recipe.student.init == StudentInit::Fitted {
+            let t0 = Instant::now();
             let batches = fitting_batches(&d.train, recipe.seed, &device);
             let (model, fit) = fitted::refit(student.model, &teacher_plain, &batches)?;
-            eprintln!("{fit}");
-            log.write(fit_record(&fit))?;
+            let seconds = t0.elapsed().as_secs_f64();
+            eprintln!("{fit}\n  ({seconds:.1} s)");
+            let mut record = fit_record(&fit);
+            record["seconds"] = json!(seconds);
+            log.write(record)?;
             student.model = model;
         }
         // The teacher runs without gradients and (unlike the reference) without dropout: then on
