@@ -104,12 +104,24 @@ pub struct MpcConfig {
     pub truncation: Truncation,
 }
 
+/// A planning error, naming the op whose range it could not plan for.
+fn in_op(op: &str, e: MpcError) -> MpcError {
+    match e {
+        MpcError::Config(m) => MpcError::Config(format!("{op}: {m}")),
+        other => other,
+    }
+}
+
+/// The tightest target a plan of at most 16 steps reaches; failing every one, the tightest a
+/// longer plan reaches (ranges as wide as a fitted student's 2Quad row sums).
 fn newton(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
     let mut last = None;
-    for t in NEWTON_TARGETS {
-        match NewtonPlan::new(kind, lo, hi, t) {
-            Ok(p) => return Ok(p),
-            Err(e) => last = Some(e),
+    for plan in [NewtonPlan::new, NewtonPlan::new_wide] {
+        for t in NEWTON_TARGETS {
+            match plan(kind, lo, hi, t) {
+                Ok(p) => return Ok(p),
+                Err(e) => last = Some(e),
+            }
         }
     }
     Err(last.expect("targets tried"))
@@ -173,8 +185,9 @@ impl MpcConfig {
             let mut softmax = None;
             let recip = match la.attn {
                 Attn::TwoQuad => {
-                    let (lo, hi) = interval(&format!("{p}.2quad.row_sum"), sum_default);
-                    scaled_plan(NewtonKind::Reciprocal, lo, hi)?
+                    let op = format!("{p}.2quad.row_sum");
+                    let (lo, hi) = interval(&op, sum_default);
+                    scaled_plan(NewtonKind::Reciprocal, lo, hi).map_err(|e| in_op(&op, e))?
                 }
                 Attn::TwoRelu => {
                     // Sums of ReLUs: no scaling (nothing is squared); a lower bound of 1/64

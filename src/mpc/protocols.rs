@@ -1136,8 +1136,10 @@ pub struct NewtonPlan {
 }
 
 impl NewtonPlan {
-    /// Largest number of steps considered.
-    pub const MAX_ITERS: u32 = 16;
+    /// Largest number of steps considered. A linear guess leaves relative error ≈ 1 − lo/hi at
+    /// the low end, which Newton squares away one step per doubling: 2Quad row sums of a fitted
+    /// student (`student.init = "fitted"`) span 5·10⁴ and need more than 16 steps.
+    pub const MAX_ITERS: u32 = 24;
 
     /// Relative error after `iters` steps at input `x` (exact arithmetic).
     pub fn rel_err_at(
@@ -1217,8 +1219,19 @@ impl NewtonPlan {
         out
     }
 
-    /// The plan for inputs in `[lo, hi]` (`0 < lo ≤ hi`) reaching relative error `target`.
+    /// The plan for inputs in `[lo, hi]` (`0 < lo ≤ hi`) reaching relative error `target` in at
+    /// most 16 steps.
     pub fn new(kind: NewtonKind, lo: f64, hi: f64, target: f64) -> Result<Self> {
+        Self::search(kind, lo, hi, target, false)
+    }
+
+    /// [`Self::new`] for ranges it cannot plan: guesses further below the curve, up to
+    /// [`Self::MAX_ITERS`] steps.
+    pub fn new_wide(kind: NewtonKind, lo: f64, hi: f64, target: f64) -> Result<Self> {
+        Self::search(kind, lo, hi, target, true)
+    }
+
+    fn search(kind: NewtonKind, lo: f64, hi: f64, target: f64, wide: bool) -> Result<Self> {
         if !(lo > 0.0 && hi >= lo && hi.is_finite()) {
             return Err(MpcError::Config(format!(
                 "{kind:?}: input range [{lo}, {hi}] must be positive and finite"
@@ -1244,17 +1257,22 @@ impl NewtonPlan {
         let pts: Vec<f64> = (0..npts)
             .map(|i| lo * (hi / lo).powf(i as f64 / (npts - 1) as f64))
             .collect();
-        let mut best: Option<(u32, f64, f64, f64)> = None;
         // p log-spaced (a wide range wants a guess far below the curve at its low end), q linear.
+        let (p_floor, p_steps, max_iters) = if wide {
+            (1e-8, 128, Self::MAX_ITERS)
+        } else {
+            (1e-4f64, 64, 16)
+        };
+        let mut best: Option<(u32, f64, f64, f64)> = None;
         let steps = 48;
-        for i in 0..64 {
-            let p = pmax * 0.98 * (1e-4f64).powf(1.0 - i as f64 / 63.0);
+        for i in 0..p_steps {
+            let p = pmax * 0.98 * p_floor.powf(1.0 - i as f64 / (p_steps - 1) as f64);
             for j in 1..steps {
                 let q = pmax * j as f64 / steps as f64;
                 let (yl, yh) = (p / g(xl), q / g(xh));
                 let beta = if xh > xl { (yl - yh) / (xh - xl) } else { 0.0 };
                 let alpha = yl + beta * xl;
-                let limit = best.map_or(Self::MAX_ITERS, |b| b.0);
+                let limit = best.map_or(max_iters, |b| b.0);
                 let errs = Self::errs_by_iter(kind, alpha, beta, shift, limit, &pts);
                 for (it, &e) in errs.iter().enumerate() {
                     let it = it as u32;
@@ -1274,8 +1292,7 @@ impl NewtonPlan {
         let (iters, max_err, alpha, beta) = best.ok_or_else(|| {
             MpcError::Config(format!(
                 "{kind:?}: no linear initial guess reaches relative error {target:.1e} over \
-                 [{lo:.3e}, {hi:.3e}] within {} steps",
-                Self::MAX_ITERS
+                 [{lo:.3e}, {hi:.3e}] within {max_iters} steps"
             ))
         })?;
         Ok(Self {
@@ -1402,6 +1419,28 @@ mod tests {
         let s = NewtonPlan::new(NewtonKind::InvSqrt, 0.05, 20.0, 1e-4).unwrap();
         assert!(s.max_err <= 1e-4, "{s:?}");
         assert!(NewtonPlan::new(NewtonKind::InvSqrt, 0.0, 1.0, 1e-4).is_err());
+    }
+
+    #[test]
+    fn wide_reciprocal_ranges_plan() {
+        // A fitted student's 2Quad row sums on CoLA dev, scaled and with the range margin.
+        assert!(NewtonPlan::new(NewtonKind::Reciprocal, 3.762e-3, 1.736e2, 5e-2).is_err());
+        let r = NewtonPlan::new_wide(NewtonKind::Reciprocal, 3.762e-3, 1.736e2, 1e-2).unwrap();
+        assert!(
+            r.max_err <= 1e-2 && r.iters <= NewtonPlan::MAX_ITERS,
+            "{r:?}"
+        );
+        for x in [3.762e-3, 0.1, 10.0, 1.736e2] {
+            let e = NewtonPlan::rel_err_at(
+                NewtonKind::Reciprocal,
+                r.alpha,
+                r.beta,
+                r.shift,
+                r.iters,
+                x,
+            );
+            assert!(e <= 1e-2, "x = {x}: {e}");
+        }
     }
 
     #[test]
