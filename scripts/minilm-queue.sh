@@ -88,16 +88,18 @@ augmented stsb 28745 --set stage2.regression_target=teacher \
 # stage 1; it needs stage 1 on attention probabilities). Before any training it took the CoLA
 # student's agreement with its teacher from 14.8 % to 87.3 % (docs/src/distill.md).
 fitted() {
-    local task=$1
-    shift
-    run "minilm-$task-quad+2quad-fitted-s42" "$task" --set "$(teacher_of "$task")" \
+    local task=$1 suffix=${2:-} label=${3:-}
+    run "minilm-$task-quad+2quad-fitted$suffix-s42" "$task" --set "$(teacher_of "$task")" \
         --set student.init=fitted --set stage1.attention_target=probs \
-        --set 'label=fitted start, attention probabilities (KL)' "$@"
+        --set "label=fitted start, attention probabilities (KL)$label" "${@:4}"
 }
 fitted cola
 fitted rte
 fitted stsb
 fitted mrpc
+# A student that starts at the teacher may need fewer stage-1 epochs: time-to-student.
+fitted cola -s1x2 ", stage 1 ×2" --set stage1.epochs=2
+fitted rte -s1x2 ", stage 1 ×2" --set stage1.epochs=2
 # CoLA: neighbour copies matched its teacher's hidden states and attention better on dev and
 # agreed no more often, so its limit is not stage 1's fit: stage 2 at 5× the learning rate.
 run "minilm-cola-quad+2quad-stage2-lr5e-5-s42" cola --set "$(teacher_of cola)" \
