@@ -701,6 +701,22 @@ fn fitted_start_is_logged_and_refused_with_score_matching() {
         "{err}"
     );
     assert!(err.contains("tiny.toml"), "{err}");
+    let out = Command::new(bin)
+        .arg("run")
+        .arg(tiny_recipe(a.path()))
+        .args([
+            "--set",
+            "student.init=fitted",
+            "--set",
+            "student.num_hidden_layers=1",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("drop student.num_hidden_layers"),
+        "{err}"
+    );
 
     let out = Command::new(bin)
         .arg("run")

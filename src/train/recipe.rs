@@ -548,6 +548,21 @@ impl Recipe {
                 path.display()
             );
         }
+        if recipe.student.init == StudentInit::Fitted {
+            let st = &recipe.student;
+            for (key, set) in [
+                ("num_hidden_layers", st.num_hidden_layers.is_some()),
+                ("hidden_size", st.hidden_size.is_some()),
+                ("intermediate_size", st.intermediate_size.is_some()),
+            ] {
+                if set {
+                    bail!(
+                        "{}: student.init = \"fitted\" refits the teacher's own layers, so the student keeps the teacher's shape; drop student.{key}",
+                        path.display()
+                    );
+                }
+            }
+        }
         if recipe.student.init == StudentInit::Fitted
             && recipe.stages.contains(&StageKind::Stage1)
             && recipe.stage(StageKind::Stage1).attention_target.is_scores()
