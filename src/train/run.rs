@@ -510,6 +510,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             let (model, fit) = fitted::refit(student.model, &teacher_plain, &batches)?;
             let seconds = t0.elapsed().as_secs_f64();
             eprintln!("{fit}\n  ({seconds:.1} s)");
+            walls.insert("fit".to_string(), seconds);
             let mut record = fit_record(&fit);
             record["seconds"] = json!(seconds);
             log.write(record)?;
