@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The background queue of MiniLM runs behind RESULTS.md, in order (recipes/minilm.toml). Safe to restart at any time:
-# a finished run (summary.json) is skipped, a started one continues with --resume, and each
+# a run recorded in results/ is skipped, a started one continues with --resume, and each
 # finished run's metrics files are copied into results/. Logs: logs/<run>.log.
 #
 #   scripts/minilm-queue.sh              # everything still to do
 #   scripts/minilm-queue.sh rte cola     # only these tasks' lines
 #
+# Run directories need not outlive a session (on the project's machines only the git tree does):
+# a run that needs a seed-42 teacher which is gone remakes it first from its sweep's record
+# (teacher.sweep_from = results/<run>: only the best learning rate is fine-tuned again, and the
+# log says whether it reproduced the recorded dev score).
 # `mpcformer run` locks its run directory, so a second queue (or a run by hand) on the same run
 # fails at once instead of interleaving checkpoints; its line then says FAILED.
 # MPCFORMER_BIN picks the binary (default: target/release/mpcformer of CARGO_TARGET_DIR).
-# MPCFORMER_RUNS picks where run directories live (default: checkpoints). Put it outside the
-# clone (e.g. ~/.cache/mpcformer-runs) when the clone may be replaced between sessions: a run
-# that outlives a session then resumes from there.
+# MPCFORMER_RUNS picks where run directories live (default: checkpoints).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${MPCFORMER_BIN:-${CARGO_TARGET_DIR:-target}/release/mpcformer}"
@@ -26,11 +28,21 @@ run() {
     shift 2
     if [ "${#ONLY[@]}" -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $task " ]]; then return; fi
     local dir=$RUNS/$name
-    if [ -f "$dir/summary.json" ]; then
-        [ -f "results/$name/summary.json" ] || "$BIN" report "$dir" --save-runs results/ > /dev/null
+    if [ -f "results/$name/summary.json" ]; then
         echo "done already: $name"
         return
     fi
+    if [ -f "$dir/summary.json" ]; then
+        "$BIN" report "$dir" --save-runs results/ > /dev/null
+        echo "done already: $name (now in results/)"
+        return
+    fi
+    local arg
+    for arg in "$@"; do
+        if [[ $arg == teacher.finetuned_run=* ]]; then
+            remake_teacher "$task" || return
+        fi
+    done
     local resume=()
     [ -f "$dir/metrics.jsonl" ] && resume=(--resume)
     echo "$(date +%T) start: $name"
@@ -40,6 +52,27 @@ run() {
         echo "$(date +%T) done: $name"
     else
         echo "$(date +%T) FAILED: $name (logs/$name.log)"
+    fi
+}
+# remake_teacher TASK: the seed-42 run's teacher, from the sweep recorded in results/ when its
+# run directory is gone. Not copied to results/: the recorded run stays as it ran.
+remake_teacher() {
+    local task=$1 name="minilm-$1-quad+2quad-s42"
+    local dir=$RUNS/$name
+    [ -f "$dir/teacher/model.safetensors" ] && [ -f "$dir/summary.json" ] && return 0
+    local resume=()
+    [ -f "$dir/metrics.jsonl" ] && resume=(--resume)
+    echo "$(date +%T) start: $name teacher (from results/$name)"
+    if ! "$BIN" run $M --set data.task="$task" --set "name=$name" --set "output_dir=$RUNS" \
+        --set 'stages=["finetune"]' --set "teacher.sweep_from=results/$name" "${resume[@]}" \
+        >> "logs/$name-teacher.log" 2>&1; then
+        echo "$(date +%T) FAILED: $name teacher (logs/$name-teacher.log)"
+        return 1
+    fi
+    if grep -q '"sweep_reproduced":true' "$dir/metrics.jsonl"; then
+        echo "$(date +%T) done: $name teacher (reproduced its recorded dev score)"
+    else
+        echo "$(date +%T) done: $name teacher, NOT the recorded one (the whole sweep ran again)"
     fi
 }
 teacher_of() { echo "teacher.finetuned_run=$RUNS/minilm-$1-quad+2quad-s42"; }
@@ -95,18 +128,22 @@ fitted() {
         --set stage1.attention_target=probs \
         --set "label=fitted start, attention probabilities (KL)$label" "${@:5}"
 }
-for task in cola rte stsb mrpc; do
-    fitted $task 42
+# Order: the fitted start's seeds on the cheap tasks, and its first STS-B and MRPC runs.
+fitted cola 42
+fitted rte 42
+fitted cola 1
+fitted stsb 42
+fitted cola 2
+fitted rte 1
+fitted rte 2
+fitted mrpc 42
+for seed in 1 2; do
+    fitted stsb $seed
+    fitted mrpc $seed
 done
 # A student that starts at the teacher may need fewer stage-1 epochs: time-to-student.
 fitted cola 42 -s1x2 ", stage 1 ×2" --set stage1.epochs=2
 fitted rte 42 -s1x2 ", stage 1 ×2" --set stage1.epochs=2
-# The fitted start's other two seeds: the seed-to-seed spread decides whether it holds.
-for seed in 1 2; do
-    for task in cola rte stsb mrpc; do
-        fitted $task $seed
-    done
-done
 # CoLA: neighbour copies matched its teacher's hidden states and attention better on dev and
 # agreed no more often, so its limit is not stage 1's fit: stage 2 at 5× the learning rate.
 run "minilm-cola-quad+2quad-stage2-lr5e-5-s42" cola --set "$(teacher_of cola)" \

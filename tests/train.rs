@@ -480,6 +480,97 @@ fn lr_grid_transfer_data_trivial_and_agreement() {
         (agreement - same as f64 / 128.0).abs() <= 2.0 / 128.0,
         "{agreement} vs {same}/128"
     );
+
+    // `teacher.sweep_from` remakes the teacher from the sweep's record: only the best point
+    // trains, reproduces its score, and the same teacher comes out.
+    let replay = |name: &str| {
+        let out = Command::new(bin)
+            .args(["run"])
+            .arg(&recipe)
+            .args(["--set", "finetune.lr_grid=[1e-3, 1e-5]"])
+            .args(["--set", "stages=[\"finetune\"]"])
+            .args(["--set", &format!("name={name}")])
+            .args([
+                "--set",
+                &format!("teacher.sweep_from={:?}", run.display().to_string()),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        let dir = a.path().join("runs").join(name);
+        let log = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        let reproduced: Vec<bool> = log
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v["sweep_reproduced"].as_bool())
+            .collect();
+        (dir, reproduced, err)
+    };
+    let refused = |grid: &str, needs: &str| {
+        let out = Command::new(bin)
+            .args(["run"])
+            .arg(&recipe)
+            .args(["--set", grid])
+            .args(["--set", "name=tiny-refused"])
+            .args([
+                "--set",
+                &format!("teacher.sweep_from={:?}", run.display().to_string()),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needs), "{err}");
+    };
+    refused("finetune.lr=1e-3", "it needs finetune.lr_grid");
+    refused(
+        "finetune.lr_grid=[1e-3]",
+        "other settings (finetune.lr_grid)",
+    );
+    let best_lr = grid
+        .iter()
+        .find(|p| p["primary"].as_f64().unwrap() == best)
+        .unwrap()["lr"]
+        .as_f64()
+        .unwrap();
+    let other_lr = if best_lr == 1e-3 {
+        "lr-1e-5"
+    } else {
+        "lr-1e-3"
+    };
+    let (dir, reproduced, _) = replay("tiny-replay");
+    assert_eq!(reproduced, [true]);
+    assert!(!dir.join("finetune").join(other_lr).exists());
+    assert_eq!(
+        std::fs::read(dir.join("teacher/model.safetensors")).unwrap(),
+        std::fs::read(run.join("teacher/model.safetensors")).unwrap()
+    );
+    let replayed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let by_lr = |g: &serde_json::Value| {
+        let mut v: Vec<(f64, f64)> = g
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["lr"].as_f64().unwrap(), p["primary"].as_f64().unwrap()))
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v
+    };
+    assert_eq!(by_lr(&replayed["teacher_grid"]), by_lr(&s["teacher_grid"]));
+
+    // A record the best point does not reproduce: the rest of the sweep runs.
+    let path = run.join("summary.json");
+    let tampered = std::fs::read_to_string(&path).unwrap().replace(
+        &format!("\"primary\": {best}"),
+        &format!("\"primary\": {}", best + 1e-6),
+    );
+    assert_ne!(tampered, std::fs::read_to_string(&path).unwrap());
+    std::fs::write(&path, tampered).unwrap();
+    let (dir, reproduced, err) = replay("tiny-replay-2");
+    assert_eq!(reproduced, [false]);
+    assert!(err.contains("running the rest of the sweep"), "{err}");
+    assert!(dir.join("finetune").join(other_lr).is_dir());
 }
 
 /// `(stage, steps)` of every finished stage in a run's metrics.

@@ -110,6 +110,13 @@ pub struct TeacherSpec {
     /// settings must be this recipe's, so the result is the one fine-tuning would give.
     #[serde(default)]
     pub finetuned_run: Option<PathBuf>,
+    /// A finished run (its directory, or its copy in `results/`) that swept this recipe's
+    /// `finetune.lr_grid` with its settings: only the sweep's best learning rate is fine-tuned
+    /// again, and once that point reproduces its recorded dev score exactly, the other points'
+    /// recorded scores stand for theirs. If it does not, the rest of the sweep runs. Remakes a
+    /// lost teacher at one point's cost instead of the whole sweep's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep_from: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -572,6 +579,23 @@ impl Recipe {
                 "{}: student.init = \"fitted\" rescales each 2Quad head's scores, which stage 1's score MSE would undo; set stage1.attention_target = \"probs\"",
                 path.display()
             );
+        }
+        if recipe.teacher.sweep_from.is_some() {
+            let needs = if recipe.finetune.lr_grid.is_none() {
+                Some("finetune.lr_grid")
+            } else if recipe.teacher.finetuned_run.is_some() {
+                Some("no teacher.finetuned_run (that run's teacher is taken as it is)")
+            } else if !recipe.stages.contains(&StageKind::Finetune) {
+                Some("the finetune stage")
+            } else {
+                None
+            };
+            if let Some(needs) = needs {
+                bail!(
+                    "{}: teacher.sweep_from replays a learning-rate sweep; it needs {needs}",
+                    path.display()
+                );
+            }
         }
         if let Some(grid) = &recipe.finetune.lr_grid
             && (grid.is_empty() || grid.iter().any(|lr| !(*lr > 0.0 && lr.is_finite())))

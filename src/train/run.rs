@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::fit::{LossTerms, MetricsLog, Score, Stage};
@@ -43,7 +43,7 @@ pub struct Baseline {
 }
 
 /// One learning rate of the teacher's sweep and its best dev score.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct GridPoint {
     pub lr: f64,
     pub primary: f64,
@@ -306,11 +306,10 @@ fn summary_of(model: &SequenceClassifier, s: &Score) -> ModelSummary {
     }
 }
 
-/// Copies the fine-tuned teacher of the finished run `src` into `teacher_dir`, after checking
-/// that `src` fine-tuned it as `recipe` would: the same teacher, data and resolved `finetune`
-/// settings. The seed may differ: students of several seeds then learn from one teacher, so
-/// their spread measures distillation alone.
-fn reuse_teacher(recipe: &Recipe, src: &Path, teacher_dir: &Path) -> Result<()> {
+/// The teacher settings (model, data, resolved `finetune`, device, precision) on which the
+/// finished run `src` differs from `recipe`: the seed may differ, so students of several seeds
+/// learn from one teacher and their spread measures distillation alone.
+fn teacher_settings_differ(recipe: &Recipe, src: &Path) -> Result<Vec<&'static str>> {
     let path = src.join("recipe.toml");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -338,10 +337,16 @@ fn reuse_teacher(recipe: &Recipe, src: &Path, teacher_dir: &Path) -> Result<()> 
         "device",
         "precision",
     ]);
-    let differ: Vec<&str> = teacher_keys
+    Ok(teacher_keys
         .into_iter()
         .filter(|k| pick(&theirs, k) != pick(&ours, k))
-        .collect();
+        .collect())
+}
+
+/// Copies the fine-tuned teacher of the finished run `src` into `teacher_dir`, after checking
+/// that `src` fine-tuned it as `recipe` would ([`teacher_settings_differ`]).
+fn reuse_teacher(recipe: &Recipe, src: &Path, teacher_dir: &Path) -> Result<()> {
+    let differ = teacher_settings_differ(recipe, src)?;
     if !differ.is_empty() {
         bail!(
             "teacher.finetuned_run {}: its teacher was made with other settings ({}); fine-tune here instead",
@@ -669,7 +674,8 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
 
 /// Fine-tunes the teacher, at `finetune.lr` or at each learning rate of `finetune.lr_grid` —
 /// each from the same pretrained weights and head, in `finetune/lr-<lr>/` — and returns the best
-/// on dev. Each point of a sweep is logged (`grid_lr`).
+/// on dev. Each point of a sweep is logged (`grid_lr`). With `teacher.sweep_from`, the recorded
+/// best point runs first and, if it reproduces, the others are taken from the record.
 fn finetune(
     recipe: &Recipe,
     pretrained: SequenceClassifier,
@@ -686,11 +692,33 @@ fn finetune(
             |m| score(m, d, device),
         )
     };
-    let Some(grid) = recipe.finetune.lr_grid.clone() else {
+    let Some(mut grid) = recipe.finetune.lr_grid.clone() else {
         return Ok(fit(pretrained, &stage, log)?.0);
     };
+    let recorded = match &recipe.teacher.sweep_from {
+        Some(src) => recorded_sweep(recipe, src, &grid)?,
+        None => Vec::new(),
+    };
+    // The sweep kept the first of tied points (`>` below); `max_by` keeps the last.
+    let recorded_best = recorded
+        .iter()
+        .rev()
+        .max_by(|a, b| a.primary.total_cmp(&b.primary))
+        .cloned();
+    if let Some(b) = &recorded_best {
+        grid.sort_by_key(|lr| *lr != b.lr);
+    }
     let mut best: Option<(SequenceClassifier, f64)> = None;
+    let mut reproduced = false;
     for lr in grid {
+        if reproduced {
+            let p = recorded.iter().find(|p| p.lr == lr).expect("checked");
+            log.write(
+                json!({"stage": "finetune", "grid_lr": lr, "primary": p.primary,
+                "eval": p.metrics, "recorded_in": recipe.teacher.sweep_from}),
+            )?;
+            continue;
+        }
         let point = Stage {
             kind: stage.kind,
             settings: StageSettings {
@@ -712,12 +740,56 @@ fn finetune(
         };
         log.write(json!({"stage": "finetune", "grid_lr": lr, "primary": s.0, "eval": s.1}))?;
         eprintln!("finetune lr={lr:e}: {} {:.4}", d.task.primary.name(), s.0);
+        if let Some(b) = recorded_best.as_ref().filter(|b| b.lr == lr) {
+            reproduced = s.0 == b.primary;
+            log.write(json!({"stage": "finetune", "sweep_reproduced": reproduced,
+                "recorded": b.primary, "got": s.0}))?;
+            if !reproduced {
+                eprintln!(
+                    "teacher.sweep_from: lr={lr:e} gave {} {} where the sweep recorded {}; running the rest of the sweep",
+                    d.task.primary.name(),
+                    s.0,
+                    b.primary
+                );
+            }
+        }
         if best.as_ref().is_none_or(|(_, b)| s.0 > *b) {
             best = Some((model, s.0));
         }
     }
     let (model, _) = best.expect("lr_grid is checked non-empty");
     Ok(model)
+}
+
+/// The sweep recorded in `src/summary.json`, after checking that `src` fine-tuned with this
+/// recipe's teacher settings and swept exactly `grid`.
+fn recorded_sweep(recipe: &Recipe, src: &Path, grid: &[f64]) -> Result<Vec<GridPoint>> {
+    let differ = teacher_settings_differ(recipe, src)?;
+    if !differ.is_empty() {
+        bail!(
+            "teacher.sweep_from {}: its sweep ran with other settings ({})",
+            src.display(),
+            differ.join(", ")
+        );
+    }
+    let path = src.join("summary.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let points: Vec<GridPoint> = serde_json::from_value(v["teacher_grid"].clone())
+        .with_context(|| format!("{}: teacher_grid", path.display()))?;
+    let mut theirs: Vec<f64> = points.iter().map(|p| p.lr).collect();
+    let mut ours = grid.to_vec();
+    theirs.sort_by(f64::total_cmp);
+    ours.sort_by(f64::total_cmp);
+    if theirs != ours {
+        bail!(
+            "{}: teacher_grid swept {theirs:?}, this recipe's finetune.lr_grid is {ours:?}",
+            path.display()
+        );
+    }
+    Ok(points)
 }
 
 /// The sweep's points from the run's log (the last record per learning rate: a resumed run
