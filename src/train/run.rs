@@ -744,7 +744,13 @@ fn finetune(
             reproduced = s.0 == b.primary;
             log.write(json!({"stage": "finetune", "sweep_reproduced": reproduced,
                 "recorded": b.primary, "got": s.0}))?;
-            if !reproduced {
+            if reproduced {
+                eprintln!(
+                    "teacher.sweep_from: lr={lr:e} reproduced the recorded {} {}; the other points are taken from the record",
+                    d.task.primary.name(),
+                    s.0
+                );
+            } else {
                 eprintln!(
                     "teacher.sweep_from: lr={lr:e} gave {} {} where the sweep recorded {}; running the rest of the sweep",
                     d.task.primary.name(),
