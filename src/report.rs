@@ -832,10 +832,12 @@ pub fn markdown(runs: &[Run]) -> String {
         let mut counted = std::collections::BTreeSet::new();
         for r in runs.iter().filter(|r| &r.task == t) {
             let label = with_label("teacher", &teacher_label(runs, r), &r.teacher_model);
-            if counted.insert(teacher_key(runs, r)) {
+            let key = teacher_key(runs, r);
+            let seed = key.1;
+            if counted.insert(key) {
                 let g = groups.entry(label).or_default();
                 g.0.push(r.teacher_metrics.clone());
-                g.1.push(r.seed);
+                g.1.push(seed);
             }
             if let (Some(k), Some(a), Some(m)) = (r.kind, &r.student_approx, &r.student_metrics) {
                 let variant = match &r.label {

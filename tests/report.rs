@@ -429,6 +429,12 @@ fn trivial_baseline_margin_retention_agreement_and_sweep() {
     );
     // The shared teacher counts once (70.0, not a mean over three copies); the old one apart.
     assert!(md.contains("| teacher (minilm) | 70.0 | 70.0 |"), "{md}");
+    // ... under the seed of the run that fine-tuned it, though rte-s1 is listed first.
+    let teacher_line = md
+        .lines()
+        .find(|l| l.starts_with("| rte | teacher (minilm) |"))
+        .unwrap();
+    assert!(teacher_line.ends_with("| [42] |"), "{teacher_line}");
     assert!(
         md.contains("| teacher, 2 + 2 epochs (minilm) | 60.0 | 60.0 |"),
         "{md}"
