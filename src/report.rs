@@ -79,6 +79,9 @@ pub struct Run {
     pub finetune_lr: Option<f64>,
     pub stage1_epochs: Option<f64>,
     pub eval_examples: u64,
+    /// What the run was made with ([`settings_of`]): a lever without a label is named by how
+    /// these differ.
+    pub settings: BTreeMap<String, String>,
 }
 
 impl Run {
@@ -201,7 +204,9 @@ pub fn load_run(dir: &Path) -> Result<Run> {
             }
         }
     }
+    let settings = settings_of(&recipe);
     Ok(Run {
+        settings,
         dir: dir.to_path_buf(),
         name: summary["name"].as_str().unwrap_or("?").to_string(),
         seed: summary["seed"].as_u64().unwrap_or(0),
@@ -336,9 +341,14 @@ fn origin<'a>(runs: &'a [Run], r: &'a Run) -> &'a Run {
 }
 
 /// The label of the run that fine-tuned `r`'s teacher (a teacher belongs to the recipe that
-/// made it, whichever students later reused it).
+/// made it, whichever students later reused it) — none when an unlabelled run learnt from it:
+/// the shipped recipe's teacher is the shipped recipe's, even if a relabelled variant made it.
 fn teacher_label(runs: &[Run], r: &Run) -> Option<String> {
-    origin(runs, r).label.clone()
+    let o = origin(runs, r);
+    let shipped = runs
+        .iter()
+        .any(|x| x.label.is_none() && std::ptr::eq(origin(runs, x), o));
+    if shipped { None } else { o.label.clone() }
 }
 
 /// Which teacher `r` learnt from: fine-tuning is reproducible, so runs of one recipe label that
@@ -346,7 +356,7 @@ fn teacher_label(runs: &[Run], r: &Run) -> Option<String> {
 /// teacher counts once in the tables.
 fn teacher_key(runs: &[Run], r: &Run) -> (String, u64, Option<String>) {
     let o = origin(runs, r);
-    (o.task.clone(), o.seed, o.label.clone())
+    (o.task.clone(), o.seed, teacher_label(runs, r))
 }
 
 fn with_label(what: &str, label: &Option<String>, model: &str) -> String {
@@ -620,7 +630,63 @@ fn lever_name(base: &Run, r: &Run) -> String {
         (Some(l), None) => parts.push(l.clone()),
         _ => {}
     }
+    if parts.is_empty() && r.label.is_none() {
+        // The shipped recipe against a labelled variant's teacher: name what it changed.
+        parts = settings_diff(&base.settings, &r.settings);
+    }
     parts.join(", ")
+}
+
+/// A recipe as dotted keys and values, less its bookkeeping (name, seed, label, where files
+/// and the teacher came from), with each stage as resolved (the raw stage tables and per-task
+/// overrides only feed those).
+fn settings_of(recipe: &toml::Value) -> BTreeMap<String, String> {
+    const BOOKKEEPING: [&str; 6] = [
+        "name",
+        "seed",
+        "label",
+        "output_dir",
+        "teacher.finetuned_run",
+        "teacher.sweep_from",
+    ];
+    const RAW: [&str; 5] = ["finetune", "stage1", "stage2", "supervised", "tasks"];
+    fn walk(key: String, v: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, x) in t {
+                    let sub = if key.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{key}.{k}")
+                    };
+                    walk(sub, x, out);
+                }
+            }
+            other => {
+                out.insert(key, other.to_string());
+            }
+        }
+    }
+    let mut all = BTreeMap::new();
+    walk(String::new(), recipe, &mut all);
+    all.into_iter()
+        .filter(|(k, _)| !RAW.contains(&k.split('.').next().unwrap_or_default()))
+        .map(|(k, v)| {
+            (
+                k.strip_prefix("resolved.").map(str::to_string).unwrap_or(k),
+                v,
+            )
+        })
+        .filter(|(k, _)| !BOOKKEEPING.contains(&k.as_str()))
+        .collect()
+}
+
+/// `key = value` for each setting `r` has and `base` has otherwise (or not at all).
+fn settings_diff(base: &BTreeMap<String, String>, r: &BTreeMap<String, String>) -> Vec<String> {
+    r.iter()
+        .filter(|(k, v)| base.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect()
 }
 
 /// Wall time to a student with the shipped recipe (the runs without a label), per task and

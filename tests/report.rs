@@ -569,3 +569,70 @@ fn levers_are_measured_against_the_run_that_made_their_teacher() {
         "{block}"
     );
 }
+
+/// Once a new recipe ships, the old one's runs are relabelled: the shipped runs, unlabelled,
+/// keep the teacher unlabelled and are named, as a lever, by the settings they changed.
+#[test]
+fn a_shipped_recipe_on_a_relabelled_runs_teacher() {
+    let root = tempfile::tempdir().unwrap();
+    let distill = r#"["finetune", "stage1", "stage2"]"#;
+    let reuse = |name: &str| {
+        let recipe = root.path().join(name).join("recipe.toml");
+        let text = std::fs::read_to_string(&recipe).unwrap().replace(
+            "[teacher]\n",
+            "[teacher]\nfinetuned_run = \"checkpoints/rte-s42\"\n",
+        );
+        std::fs::write(&recipe, text).unwrap();
+    };
+    let old = "MPCFormer's start";
+    fake_labelled_run(
+        root.path(),
+        "rte-s42",
+        "rte",
+        42,
+        (0.70, 0.60),
+        distill,
+        "teacher",
+        Some(old),
+    );
+    fake_run(
+        root.path(),
+        "rte-fitted-s42",
+        "rte",
+        42,
+        (0.70, 0.66),
+        distill,
+        "fitted",
+    );
+    patch_run(
+        root.path(),
+        "rte-fitted-s42",
+        serde_json::json!({}),
+        "[resolved.stage1]\nattention_target = \"probs\"",
+    );
+    reuse("rte-fitted-s42");
+    fake_labelled_run(
+        root.path(),
+        "rte-probs-s42",
+        "rte",
+        42,
+        (0.70, 0.62),
+        distill,
+        "teacher",
+        Some("MPCFormer's start, attention KL"),
+    );
+    reuse("rte-probs-s42");
+    let md = markdown(&find_runs(&[root.path().to_path_buf()]).unwrap());
+    assert!(
+        md.contains(
+            "| rte | stage1.attention_target = \"probs\", student.init = \"fitted\" | rte-s42 | 66.0 (+6.0) | – |"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains("| rte | attention KL | rte-s42 | 62.0 (+2.0) | – |"),
+        "{md}"
+    );
+    assert!(md.contains("| teacher (minilm) | 70.0 |"), "{md}");
+    assert!(!md.contains("teacher, MPCFormer's start"), "{md}");
+}
