@@ -79,9 +79,6 @@ pub struct Run {
     pub finetune_lr: Option<f64>,
     pub stage1_epochs: Option<f64>,
     pub eval_examples: u64,
-    /// What the run was made with ([`settings_of`]): a lever without a label is named by how
-    /// these differ.
-    pub settings: BTreeMap<String, String>,
 }
 
 impl Run {
@@ -204,9 +201,7 @@ pub fn load_run(dir: &Path) -> Result<Run> {
             }
         }
     }
-    let settings = settings_of(&recipe);
     Ok(Run {
-        settings,
         dir: dir.to_path_buf(),
         name: summary["name"].as_str().unwrap_or("?").to_string(),
         seed: summary["seed"].as_u64().unwrap_or(0),
@@ -568,8 +563,8 @@ How much of its teacher each student keeps (%, mean ± std over seeds): retentio
 /// within seed-to-seed spread.
 fn levers_table(runs: &[Run], md: &mut String) {
     let mut lines = Vec::new();
-    for r in runs {
-        let base = origin(runs, r);
+    for r in runs.iter().filter(|r| r.label.is_some()) {
+        let base = lever_base(runs, r);
         if std::ptr::eq(base, r) || base.seed != r.seed || base.task != r.task {
             continue;
         }
@@ -600,7 +595,7 @@ fn levers_table(runs: &[Run], md: &mut String) {
     let _ = writeln!(
         md,
         "
-What each lever was worth: each variant against the run whose teacher it reused, same seed (dev, ×100; the change in brackets):
+What each lever was worth: each labelled variant against the run it varies, on the same teacher and seed (the run labelled as its label's stem, else the shipped recipe's; dev, ×100; the change in brackets):
 "
     );
     let _ = writeln!(md, "| task | lever | against | student | agreement |");
@@ -608,6 +603,25 @@ What each lever was worth: each variant against the run whose teacher it reused,
     for l in lines {
         let _ = writeln!(md, "{l}");
     }
+}
+
+/// What the labelled variant `r` is measured against, among the runs on its teacher with its
+/// seed: the run labelled as its label's longest stem (`"2 + 2"` for `"2 + 2, T = 2"`), else the
+/// shipped recipe's (unlabelled) run, else the run that made the teacher.
+fn lever_base<'a>(runs: &'a [Run], r: &'a Run) -> &'a Run {
+    let o = origin(runs, r);
+    let siblings = || {
+        runs.iter().filter(move |x| {
+            x.seed == r.seed && !std::ptr::eq(*x, r) && std::ptr::eq(origin(runs, x), o)
+        })
+    };
+    let label = r.label.as_deref().unwrap_or_default();
+    label
+        .rmatch_indices(", ")
+        .map(|(i, _)| &label[..i])
+        .find_map(|stem| siblings().find(|x| x.label.as_deref() == Some(stem)))
+        .or_else(|| siblings().find(|x| x.label.is_none()))
+        .unwrap_or(o)
 }
 
 /// How `r` differs from `base`: its kind, its approximations, and its label less the base's.
@@ -630,63 +644,7 @@ fn lever_name(base: &Run, r: &Run) -> String {
         (Some(l), None) => parts.push(l.clone()),
         _ => {}
     }
-    if parts.is_empty() && r.label.is_none() {
-        // The shipped recipe against a labelled variant's teacher: name what it changed.
-        parts = settings_diff(&base.settings, &r.settings);
-    }
     parts.join(", ")
-}
-
-/// A recipe as dotted keys and values, less its bookkeeping (name, seed, label, where files
-/// and the teacher came from), with each stage as resolved (the raw stage tables and per-task
-/// overrides only feed those).
-fn settings_of(recipe: &toml::Value) -> BTreeMap<String, String> {
-    const BOOKKEEPING: [&str; 6] = [
-        "name",
-        "seed",
-        "label",
-        "output_dir",
-        "teacher.finetuned_run",
-        "teacher.sweep_from",
-    ];
-    const RAW: [&str; 5] = ["finetune", "stage1", "stage2", "supervised", "tasks"];
-    fn walk(key: String, v: &toml::Value, out: &mut BTreeMap<String, String>) {
-        match v {
-            toml::Value::Table(t) => {
-                for (k, x) in t {
-                    let sub = if key.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{key}.{k}")
-                    };
-                    walk(sub, x, out);
-                }
-            }
-            other => {
-                out.insert(key, other.to_string());
-            }
-        }
-    }
-    let mut all = BTreeMap::new();
-    walk(String::new(), recipe, &mut all);
-    all.into_iter()
-        .filter(|(k, _)| !RAW.contains(&k.split('.').next().unwrap_or_default()))
-        .map(|(k, v)| {
-            (
-                k.strip_prefix("resolved.").map(str::to_string).unwrap_or(k),
-                v,
-            )
-        })
-        .filter(|(k, _)| !BOOKKEEPING.contains(&k.as_str()))
-        .collect()
-}
-
-/// `key = value` for each setting `r` has and `base` has otherwise (or not at all).
-fn settings_diff(base: &BTreeMap<String, String>, r: &BTreeMap<String, String>) -> Vec<String> {
-    r.iter()
-        .filter(|(k, v)| base.get(*k) != Some(*v))
-        .map(|(k, v)| format!("{k} = {v}"))
-        .collect()
 }
 
 /// Wall time to a student with the shipped recipe (the runs without a label), per task and
