@@ -57,7 +57,8 @@ run() {
 # remake_teacher TASK: the seed-42 run's teacher, from the sweep recorded in results/ when its
 # run directory is gone. Not copied to results/: the recorded run stays as it ran.
 remake_teacher() {
-    local task=$1 name="minilm-$1-quad+2quad-s42"
+    local task=$1 name
+    name=$(teacher_run "$1")
     local dir=$RUNS/$name
     [ -f "$dir/teacher/model.safetensors" ] && [ -f "$dir/summary.json" ] && return 0
     local resume=()
@@ -75,12 +76,25 @@ remake_teacher() {
         echo "$(date +%T) done: $name teacher, NOT the recorded one (the whole sweep ran again)"
     fi
 }
-teacher_of() { echo "teacher.finetuned_run=$RUNS/minilm-$1-quad+2quad-s42"; }
+# The run that fine-tuned each task's teacher: the seed-42 run of MPCFormer's start where that
+# came first, the shipped recipe's seed-42 run elsewhere.
+teacher_run() {
+    case $1 in
+        sst2 | imdb) echo "minilm-$1-quad+2quad-fitted-s42" ;;
+        *) echo "minilm-$1-quad+2quad-s42" ;;
+    esac
+}
+teacher_of() { echo "teacher.finetuned_run=$RUNS/$(teacher_run "$1")"; }
 
 ONLY=("$@")
+# MPCFormer's start (the teacher's weights with the approximations switched on, stage 1 on
+# scores): the shipped recipe until the fitted start replaced it, and a labelled row since.
+OLD=(--set student.init=teacher --set stage1.attention_target=scores)
+OLD_LABEL="MPCFormer's start"
 # Levers, each its own labelled row on the seed-42 teacher (RESULTS.md, "What each lever was
-# worth"): the attention target (KL of distributions instead of the reference's score MSE), the
-# stage-1 schedule, and transfer data at the same stage-1 compute (6 epochs' worth of examples).
+# worth"): stage 1 with linear decay, and transfer data at the same stage-1 compute (6 epochs'
+# worth of examples). The attention target (KL of distributions instead of the reference's
+# score MSE) was measured on MPCFormer's start, and is the shipped recipe's since.
 # No run for 2Quad's shift c: (α·s + c)² ∝ (s + c/α)², so each head's query scale already sets
 # its own shift, and the fitted start picks it.
 levers() {
@@ -88,8 +102,8 @@ levers() {
     shift 3
     local t
     t=$(teacher_of "$task")
-    run "minilm-$task-quad+2quad-probs-s42" "$task" --set "$t" \
-        --set stage1.attention_target=probs --set 'label=stage 1 attention probabilities (KL)'
+    run "minilm-$task-quad+2quad-probs-s42" "$task" --set "$t" "${OLD[@]}" \
+        --set stage1.attention_target=probs --set "label=$OLD_LABEL, stage 1 attention probabilities (KL)"
     run "minilm-$task-quad+2quad-linear-s42" "$task" --set "$t" \
         --set stage1.schedule=linear --set stage1.warmup=0.1 --set 'label=stage 1 linear decay'
     run "minilm-$task-quad+2quad-transfer-s42" "$task" --set "$t" \
@@ -108,28 +122,27 @@ augmented() {
         --set stage1.epochs=1 --set stage2.epochs=1 \
         --set 'label=neighbour copies in both stages, same compute' "$@"
 }
-# Cheap tasks first: every one's teacher and first student, the augmentation, the fitted start
-# and its seeds, the other levers on RTE (pairs) and CoLA (single sentences), then the other two
-# seeds of MPCFormer's start; SST-2 and IMDb (hours each) last.
-for task in rte cola stsb mrpc; do
-    run "minilm-$task-quad+2quad-s42" $task
-done
-augmented cola 42755
-augmented stsb 28745 --set stage2.regression_target=teacher \
-    --set "label=neighbour copies in both stages, same compute, stage 2 on the teacher's scores"
-# The fitted start (student.init = "fitted": Quad and 2Quad refitted to GeLU and softmax before
-# stage 1; it needs stage 1 on attention probabilities). Before any training it took the CoLA
-# student's agreement with its teacher from 14.8 % to 87.3 % (docs/src/distill.md).
-# fitted TASK SEED [SUFFIX LABEL [--set ...]]: on the task's seed-42 teacher.
+# The shipped recipe (student.init = "fitted", stage 1 on attention distributions) on the
+# task's seed-42 teacher; fitted TASK SEED [SUFFIX LABEL [--set ...]] for a labelled variant.
 fitted() {
     local task=$1 seed=$2 suffix=${3:-} label=${4:-}
-    run "minilm-$task-quad+2quad-fitted$suffix-s$seed" "$task" --set seed="$seed" \
-        --set "$(teacher_of "$task")" --set student.init=fitted \
-        --set stage1.attention_target=probs \
-        --set "label=fitted start, attention probabilities (KL)$label" "${@:5}"
+    local name="minilm-$task-quad+2quad-fitted$suffix-s$seed" args=()
+    [ "$name" != "$(teacher_run "$task")" ] && args+=(--set "$(teacher_of "$task")")
+    [ -n "$label" ] && args+=(--set "label=$label")
+    run "$name" "$task" --set seed="$seed" "${args[@]}" "${@:5}"
 }
-# Order: a first fitted run on every cheap task (they decide the shipped recipe), then its
-# seeds.
+# Cheap tasks first: every one's teacher and first student (MPCFormer's start, which came first),
+# the augmentation, the fitted start and its seeds, the other levers, then the other two seeds
+# of MPCFormer's start; SST-2 and IMDb (hours each) last.
+for task in rte cola stsb mrpc; do
+    run "minilm-$task-quad+2quad-s42" $task "${OLD[@]}" --set "label=$OLD_LABEL"
+done
+augmented cola 42755 "${OLD[@]}" --set "label=$OLD_LABEL, neighbour copies in both stages, same compute"
+augmented stsb 28745 "${OLD[@]}" --set stage2.regression_target=teacher \
+    --set "label=$OLD_LABEL, neighbour copies in both stages, same compute, stage 2 on the teacher's scores"
+# Order: a first fitted run on every cheap task, then its seeds. Before any training the fitted
+# start took the CoLA student's agreement with its teacher from 14.8 % to 87.3 %
+# (docs/src/distill.md).
 fitted cola 42
 fitted rte 42
 fitted cola 1
@@ -143,8 +156,8 @@ for seed in 1 2; do
     fitted mrpc $seed
 done
 # A student that starts at the teacher may need fewer stage-1 epochs: time-to-student.
-fitted cola 42 -s1x2 ", stage 1 ×2" --set stage1.epochs=2
-fitted rte 42 -s1x2 ", stage 1 ×2" --set stage1.epochs=2
+fitted cola 42 -s1x2 "stage 1 ×2" --set stage1.epochs=2
+fitted rte 42 -s1x2 "stage 1 ×2" --set stage1.epochs=2
 # CoLA: neighbour copies matched its teacher's hidden states and attention better on dev and
 # agreed no more often, so its limit is not stage 1's fit: stage 2 at 5× the learning rate.
 run "minilm-cola-quad+2quad-stage2-lr5e-5-s42" cola --set "$(teacher_of cola)" \
@@ -153,30 +166,31 @@ run "minilm-cola-quad+2quad-stage2-lr5e-5-s42" cola --set "$(teacher_of cola)" \
 run "minilm-cola-quad+2quad-joint-s42" cola --set "$(teacher_of cola)" \
     --set stage1.prediction_weight=1 --set 'label=stage 1 joined with the logit term'
 augmented rte 12450
-# STS-B: which half of the neighbour run's gain is stage 2 on the teacher's scores alone.
+# STS-B: stage 2 on the teacher's scores alone (half of the neighbour run's change).
 run "minilm-stsb-quad+2quad-teacher-target-s42" stsb --set "$(teacher_of stsb)" \
     --set stage2.regression_target=teacher --set "label=stage 2 on the teacher's scores"
 # Which approximation costs CoLA its accuracy: each alone, same teacher and schedule.
-run "minilm-cola-gelu+2quad-s42" cola --set "$(teacher_of cola)" --set student.act=gelu \
+run "minilm-cola-gelu+2quad-fitted-s42" cola --set "$(teacher_of cola)" --set student.act=gelu \
     --set 'label=GeLU kept (2Quad alone)'
-run "minilm-cola-quad+softmax-s42" cola --set "$(teacher_of cola)" --set student.attn=softmax \
+run "minilm-cola-quad+softmax-fitted-s42" cola --set "$(teacher_of cola)" --set student.attn=softmax \
     --set 'label=softmax kept (Quad alone)'
 levers rte 12450 1.0
 levers cola 42755 1.0 --set 'data.transfer_from=["sst2", "imdb=../shared/data/imdb"]'
 for seed in 1 2; do
     for task in rte cola stsb mrpc; do
-        run "minilm-$task-quad+2quad-s$seed" $task --set seed=$seed --set "$(teacher_of $task)"
+        run "minilm-$task-quad+2quad-s$seed" $task --set seed=$seed "${OLD[@]}" \
+            --set "label=$OLD_LABEL" --set "$(teacher_of $task)"
     done
 done
 for task in sst2 imdb; do
-    run "minilm-$task-quad+2quad-s42" $task
     for seed in 42 1 2; do
         fitted $task $seed
     done
-    for seed in 1 2; do
-        run "minilm-$task-quad+2quad-s$seed" $task --set seed=$seed --set "$(teacher_of $task)"
+    for seed in 42 1 2; do
+        run "minilm-$task-quad+2quad-s$seed" $task --set seed=$seed "${OLD[@]}" \
+            --set "label=$OLD_LABEL" --set "$(teacher_of $task)"
     done
 done
 for task in rte cola stsb mrpc sst2 imdb; do
-    run "minilm-$task-quad+2relu-s42" $task --set student.attn=2relu --set "$(teacher_of $task)"
+    run "minilm-$task-quad+2relu-fitted-s42" $task --set student.attn=2relu --set "$(teacher_of $task)"
 done

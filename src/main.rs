@@ -75,8 +75,8 @@ enum Command {
     /// layer the hidden-state MSE, attention-score MSE and attention KL, i.e. where the student
     /// loses its teacher.
     #[command(after_help = "Examples:
-  mpcformer compare --teacher checkpoints/minilm-rte-quad+2quad-s42/teacher \\
-      --model checkpoints/minilm-rte-quad+2quad-s42/student --task rte --data ../shared/data/glue
+  mpcformer compare --teacher checkpoints/minilm-rte-quad+2quad-fitted-s42/teacher \\
+      --model checkpoints/minilm-rte-quad+2quad-fitted-s42/student --task rte --data ../shared/data/glue
   mpcformer compare --teacher 'checkpoints/{task}/teacher' --model 'checkpoints/{task}/student' \\
       --task rte --task mrpc --data ../shared/data/glue --output gap.json")]
     Compare(CompareArgs),
