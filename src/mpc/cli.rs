@@ -1431,9 +1431,90 @@ fn run(a: RunArgs) -> Result<()> {
     v["task"] = json!(a.task);
     v["plans"] = serde_json::to_value(&cfg)?;
     print_summary(&l, &v);
-    println!(
-        "n = {n}: agreement with plaintext {}, accuracy under MPC {} (plaintext {}), max |logit diff| {:.4}",
-        v["agreement"], v["accuracy"], v["plaintext_accuracy"], max_diff
-    );
+    if regression {
+        let q = RegressionQuality::of(mpc, &plain, &gold);
+        v["agreement"] = json!(q.agreement);
+        v["pearson_and_spearman"] = json!(q.mpc);
+        v["plaintext_pearson_and_spearman"] = json!(q.plaintext);
+        println!(
+            "n = {n}: Pearson with plaintext {}, pearson_and_spearman under MPC {} (plaintext {}), max |score diff| {:.4}",
+            v["agreement"],
+            v["pearson_and_spearman"],
+            v["plaintext_pearson_and_spearman"],
+            max_diff
+        );
+    } else {
+        println!(
+            "n = {n}: agreement with plaintext {}, accuracy under MPC {} (plaintext {}), max |logit diff| {:.4}",
+            v["agreement"], v["accuracy"], v["plaintext_accuracy"], max_diff
+        );
+    }
     write_json(&a.output, &v)
+}
+
+/// A regression model under MPC, as `mpcformer report` judges a regression student: agreement
+/// is the Pearson correlation of MPC's scores with plaintext's, and each is scored against the
+/// gold scores with the task's metric, (Pearson + Spearman) / 2. `None` with fewer than two
+/// examples (or gold scores), where a correlation says nothing.
+#[derive(Debug, PartialEq)]
+struct RegressionQuality {
+    agreement: Option<f64>,
+    mpc: Option<f64>,
+    plaintext: Option<f64>,
+}
+
+impl RegressionQuality {
+    fn of(mpc: &[f64], plain: &[f64], gold: &[Option<Label>]) -> Self {
+        use crate::metric::{pearson, spearman};
+        let both = |x: &[f64], y: &[f64]| (pearson(x, y) + spearman(x, y)) / 2.0;
+        let scored: Vec<(f64, f64, f64)> = gold
+            .iter()
+            .zip(mpc.iter().zip(plain))
+            .filter_map(|(g, (m, p))| match g {
+                Some(Label::Score(g)) => Some((*g, *m, *p)),
+                _ => None,
+            })
+            .collect();
+        let g: Vec<f64> = scored.iter().map(|s| s.0).collect();
+        let m: Vec<f64> = scored.iter().map(|s| s.1).collect();
+        let p: Vec<f64> = scored.iter().map(|s| s.2).collect();
+        let enough = |n: usize| n >= 2;
+        Self {
+            agreement: enough(mpc.len()).then(|| pearson(mpc, plain)),
+            mpc: enough(g.len()).then(|| both(&m, &g)),
+            plaintext: enough(g.len()).then(|| both(&p, &g)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_quality_by_hand() {
+        let gold: Vec<Option<Label>> = [1.0, 2.0, 4.0, 3.0]
+            .into_iter()
+            .map(|g| Some(Label::Score(g)))
+            .chain([None])
+            .collect();
+        // Against gold: deviations (−1.5, −0.5, 0.5, 1.5)·(−1.5, −0.5, 1.5, 0.5) = 4 over 5:
+        // Pearson 0.8; one swapped pair of 4: Spearman 1 − 6·2 / (4·15) = 0.8. Plaintext
+        // reversed: −0.8 both, and the fifth, unlabelled example counts only for agreement.
+        let mpc = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let plain = [4.0, 3.0, 2.0, 1.0, 0.0];
+        let q = RegressionQuality::of(&mpc, &plain, &gold);
+        assert!((q.mpc.unwrap() - 0.8).abs() < 1e-12, "{q:?}");
+        assert!((q.plaintext.unwrap() + 0.8).abs() < 1e-12, "{q:?}");
+        assert!((q.agreement.unwrap() + 1.0).abs() < 1e-12, "{q:?}");
+        let one = RegressionQuality::of(&mpc[..1], &plain[..1], &gold[..1]);
+        assert_eq!(
+            one,
+            RegressionQuality {
+                agreement: None,
+                mpc: None,
+                plaintext: None
+            }
+        );
+    }
 }
