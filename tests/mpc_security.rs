@@ -501,3 +501,30 @@ fn mismatched_fractional_bits_are_refused_at_start_up() {
         assert!(!e.contains("architecture"), "{who}: {e}");
     }
 }
+
+/// A model whose 2Quad row sums span too wide a range for one fixed-point plan is refused
+/// before any party runs, naming the op — not run into garbage (a fitted STS-B student's
+/// layer 5, calibrated on dev: sums from 84 to 1.85e7). A fitted CoLA student's range plans.
+#[test]
+fn a_range_too_wide_for_fixed_point_is_refused() {
+    use mpcformer::export::format::{OpKind, OpRange};
+    let model = Shape::Minilm.config(Approx::new(Act::Quad, Attn::TwoQuad));
+    let row_sum = |min: f64, max: f64| OpRange {
+        op: "layer.5.2quad.row_sum".into(),
+        kind: OpKind::Reciprocal,
+        max_abs: max,
+        min: Some(min),
+        headroom_bits: 0.0,
+        min_bits: None,
+    };
+    let e = MpcConfig::new(model.clone(), 16, Some(&[row_sum(84.45, 1.854e7)]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("layer.5.2quad.row_sum") && e.contains("0.4 bits"),
+        "{e}"
+    );
+    // Four more fractional bits keep 4.4.
+    MpcConfig::new(model.clone(), 20, Some(&[row_sum(84.45, 1.854e7)])).unwrap();
+    MpcConfig::new(model, 16, Some(&[row_sum(15.0, 2.8e4)])).unwrap();
+}

@@ -278,13 +278,25 @@ fn dev_pass(
         "padding": "each batch padded to its longest example (batches sorted by length)",
         "max_length": src.max_len,
     });
-    let (value_ranges, min_headroom) = ranges::manifest_entry(&stats, opts.fractional_bits, data);
+    let (mut value_ranges, min_headroom) =
+        ranges::manifest_entry(&stats, opts.fractional_bits, data);
     if min_headroom <= 0.0 {
         notes.push(format!(
             "value ranges: an op overflows {RING_BITS}-bit fixed point with {} fractional bits on \
              dev data (headroom {min_headroom:.1} bits)",
             opts.fractional_bits
         ));
+    }
+    let ops: Vec<crate::export::format::OpRange> =
+        serde_json::from_value(value_ranges["ops"].clone())?;
+    if let Err(e) =
+        crate::mpc::model::MpcConfig::new(exported.config.clone(), opts.fractional_bits, Some(&ops))
+    {
+        notes.push(format!(
+            "under MPC: `mpcformer mpc` cannot plan this export: {e}"
+        ));
+        value_ranges["summary"]["fits"] = false.into();
+        value_ranges["summary"]["mpc_plan_error"] = e.to_string().into();
     }
     let mut metrics = json!({
         "split": d.split,

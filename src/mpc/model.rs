@@ -127,13 +127,28 @@ fn newton(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
     Err(last.expect("targets tried"))
 }
 
+/// The fewest bits above zero the smallest input of a Newton op may keep once scaled: below,
+/// one fixed-point unit is more than 1/16 of it, the sum itself is rounding noise, and a row
+/// that rounds to 0 makes the reciprocal double every step — garbage the client cannot tell
+/// from an answer. A fitted CoLA student keeps 7.6; the STS-B one whose 2Quad heads mixed query
+/// scales of 1 and 100 in one layer kept 0.4, and its scores under MPC were noise.
+pub const MIN_INPUT_BITS: f64 = 4.0;
+
 /// The plan of the reciprocal (2Quad) or inverse square root (LayerNorm) of a sum of squares
 /// lying in `[lo, hi]`: above ~256, the squared value is scaled down by `2^k` first (see
 /// [`Ctx::layer_norm`], [`Ctx::two_quad`]) and the plan covers `[lo, hi] / 4^k`, which keeps
-/// the sums ≤ 256 and every truncated square and sum far from the ring's limit.
-fn scaled_plan(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
+/// the sums ≤ 256 and every truncated square and sum far from the ring's limit — refused when
+/// that leaves `lo` fewer than [`MIN_INPUT_BITS`] at `frac_bits`.
+fn scaled_plan(kind: NewtonKind, lo: f64, hi: f64, frac_bits: u32) -> Result<NewtonPlan> {
     let k = ((hi.log2() / 2.0).ceil() - 4.0).max(0.0) as u32;
     let s = 4f64.powi(k as i32);
+    let bits = (lo / s).log2() + frac_bits as f64;
+    if bits < MIN_INPUT_BITS {
+        return Err(MpcError::Config(format!(
+            "{kind:?} inputs span [{lo:.3e}, {hi:.3e}] (calibrated range with its ×{RANGE_MARGIN} margin), 2^{:.1} apart: scaled by 4^-{k} so that the largest fits, the smallest keeps {bits:.1} bits at {frac_bits} fractional bits (at least {MIN_INPUT_BITS}), and its result would be noise; narrow the range (e.g. a fitted student's 2Quad query scales)",
+            (hi / lo).log2()
+        )));
+    }
     let mut plan = newton(kind, lo / s, hi / s)?;
     plan.input_shift = k;
     Ok(plan)
@@ -177,7 +192,8 @@ impl MpcConfig {
         let var_default = (1e-2, 1e2);
         let sum_default = (1.0, 1e4);
         let (lo, hi) = interval("embeddings.LayerNorm.inv_sqrt", var_default);
-        let emb_ln = scaled_plan(NewtonKind::InvSqrt, lo, hi)?;
+        let emb_ln = scaled_plan(NewtonKind::InvSqrt, lo, hi, frac_bits)
+            .map_err(|e| in_op("embeddings.LayerNorm.inv_sqrt", e))?;
         let mut layers = Vec::new();
         for i in 0..model.num_hidden_layers {
             let p = format!("layer.{i}");
@@ -187,7 +203,8 @@ impl MpcConfig {
                 Attn::TwoQuad => {
                     let op = format!("{p}.2quad.row_sum");
                     let (lo, hi) = interval(&op, sum_default);
-                    scaled_plan(NewtonKind::Reciprocal, lo, hi).map_err(|e| in_op(&op, e))?
+                    scaled_plan(NewtonKind::Reciprocal, lo, hi, frac_bits)
+                        .map_err(|e| in_op(&op, e))?
                 }
                 Attn::TwoRelu => {
                     // Sums of ReLUs: no scaling (nothing is squared); a lower bound of 1/64
@@ -216,13 +233,13 @@ impl MpcConfig {
                 Act::GeluTanh => Some(GeluPlan::new(GeluKind::Tanh)),
                 Act::Quad | Act::Relu => None,
             };
-            let (lo, hi) = interval(
-                &format!("{p}.attention.output.LayerNorm.inv_sqrt"),
-                var_default,
-            );
-            let attn_ln = scaled_plan(NewtonKind::InvSqrt, lo, hi)?;
-            let (lo, hi) = interval(&format!("{p}.output.LayerNorm.inv_sqrt"), var_default);
-            let out_ln = scaled_plan(NewtonKind::InvSqrt, lo, hi)?;
+            let ln_plan = |name: &str| {
+                let op = format!("{p}.{name}.LayerNorm.inv_sqrt");
+                let (lo, hi) = interval(&op, var_default);
+                scaled_plan(NewtonKind::InvSqrt, lo, hi, frac_bits).map_err(|e| in_op(&op, e))
+            };
+            let attn_ln = ln_plan("attention.output")?;
+            let out_ln = ln_plan("output")?;
             layers.push(LayerPlans {
                 act: la.act,
                 attn: la.attn,
