@@ -127,23 +127,24 @@ fn newton(kind: NewtonKind, lo: f64, hi: f64) -> Result<NewtonPlan> {
     Err(last.expect("targets tried"))
 }
 
-/// The fewest bits above zero the smallest input of a Newton op may keep once scaled: below,
-/// one fixed-point unit is more than 1/16 of it, the sum itself is rounding noise, and a row
-/// that rounds to 0 makes the reciprocal double every step — garbage the client cannot tell
-/// from an answer. A fitted CoLA student keeps 7.6; the STS-B one whose 2Quad heads mixed query
-/// scales of 1 and 100 in one layer kept 0.4, and its scores under MPC were noise.
+/// The fewest bits above zero the smallest 2Quad row sum may keep once scaled: its squares are
+/// truncated one by one before they are summed, so below this the sum is rounding noise, and a
+/// row that rounds to 0 makes the reciprocal double every step — garbage the client cannot
+/// tell from an answer. A fitted CoLA student keeps 7.6; the STS-B one whose 2Quad heads mixed
+/// query scales of 1 and 100 in one layer kept 0.4, and its scores under MPC were noise.
+/// (LayerNorm's variance is summed at 2f bits and truncated once: its encoding alone limits it.)
 pub const MIN_INPUT_BITS: f64 = 4.0;
 
 /// The plan of the reciprocal (2Quad) or inverse square root (LayerNorm) of a sum of squares
 /// lying in `[lo, hi]`: above ~256, the squared value is scaled down by `2^k` first (see
 /// [`Ctx::layer_norm`], [`Ctx::two_quad`]) and the plan covers `[lo, hi] / 4^k`, which keeps
-/// the sums ≤ 256 and every truncated square and sum far from the ring's limit — refused when
-/// that leaves `lo` fewer than [`MIN_INPUT_BITS`] at `frac_bits`.
+/// the sums ≤ 256 and every truncated square and sum far from the ring's limit — a reciprocal's
+/// refused when that leaves `lo` fewer than [`MIN_INPUT_BITS`] at `frac_bits`.
 fn scaled_plan(kind: NewtonKind, lo: f64, hi: f64, frac_bits: u32) -> Result<NewtonPlan> {
     let k = ((hi.log2() / 2.0).ceil() - 4.0).max(0.0) as u32;
     let s = 4f64.powi(k as i32);
     let bits = (lo / s).log2() + frac_bits as f64;
-    if bits < MIN_INPUT_BITS {
+    if kind == NewtonKind::Reciprocal && bits < MIN_INPUT_BITS {
         return Err(MpcError::Config(format!(
             "{kind:?} inputs span [{lo:.3e}, {hi:.3e}] (calibrated range with its ×{RANGE_MARGIN} margin), 2^{:.1} apart: scaled by 4^-{k} so that the largest fits, the smallest keeps {bits:.1} bits at {frac_bits} fractional bits (at least {MIN_INPUT_BITS}), and its result would be noise; narrow the range (e.g. a fitted student's 2Quad query scales)",
             (hi / lo).log2()
