@@ -85,6 +85,37 @@ teacher_run() {
     esac
 }
 teacher_of() { echo "teacher.finetuned_run=$RUNS/$(teacher_run "$1")"; }
+# reseeded_teacher TASK SEED: the seed-42 teacher's fine-tuning again, at its chosen learning
+# rate, with another seed; then how often the two teachers agree on dev
+# (results/agreement/<run>.json, from `mpcformer compare`). That is the agreement to expect of a
+# model that learned the task from the same data, against which a student's is read.
+reseeded_teacher() {
+    local task=$1 seed=$2 lr
+    if [ "${#ONLY[@]}" -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $task " ]]; then return; fi
+    local name="minilm-$task-teacher-s$seed" first
+    first=$RUNS/$(teacher_run "$task")
+    local out="results/agreement/$name.json"
+    if [ -f "$out" ]; then
+        echo "done already: $name"
+        return
+    fi
+    remake_teacher "$task" || return
+    lr=$(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); p=s["teacher"]["primary"]; print(next(g["lr"] for g in s["teacher_grid"] if g["primary"] == p))' \
+        "results/$(teacher_run "$task")/summary.json") || return
+    local resume=()
+    [ -f "$RUNS/$name/metrics.jsonl" ] && resume=(--resume)
+    echo "$(date +%T) start: $name (lr $lr)"
+    if "$BIN" run $M --set data.task="$task" --set "name=$name" --set "output_dir=$RUNS" --set seed="$seed" \
+        --set 'stages=["finetune"]' --set "finetune.lr_grid=[$lr]" "${resume[@]}" >> "logs/$name.log" 2>&1 &&
+        mkdir -p results/agreement &&
+        "$BIN" compare --teacher "$first/teacher" --model "$RUNS/$name/teacher" --task "$task" \
+            --data ../shared/data/glue --output "$out.new" >> "logs/$name.log" 2>&1 &&
+        mv "$out.new" "$out"; then
+        echo "$(date +%T) done: $name"
+    else
+        echo "$(date +%T) FAILED: $name (logs/$name.log)"
+    fi
+}
 
 ONLY=("$@")
 # MPCFormer's start (the teacher's weights with the approximations switched on, stage 1 on
@@ -151,6 +182,10 @@ fitted mrpc 42
 fitted cola 2
 fitted rte 1
 fitted rte 2
+# RTE's margin: stage 2 on the logits' MSE instead of soft cross-entropy, and the agreement a
+# reseeded teacher reaches.
+fitted rte 42 -logit-mse "stage 2 on logit MSE" --set stage2.logit_loss=mse
+reseeded_teacher rte 1
 for seed in 1 2; do
     fitted stsb $seed
     fitted mrpc $seed

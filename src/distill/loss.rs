@@ -103,6 +103,25 @@ pub enum SoftCeNorm {
     ElementMean,
 }
 
+/// How stage 2 matches the teacher's logits on a classification task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogitLoss {
+    /// Soft cross-entropy against the teacher's softmax at temperature T (the reference).
+    #[default]
+    SoftCe,
+    /// MSE between the raw logits (Kim et al., 2021). Where a weak teacher's classes are
+    /// nearly tied its softmax is flat and soft cross-entropy barely pulls the student to the
+    /// teacher's side; the logit difference keeps pulling until the margin itself matches.
+    Mse,
+}
+
+impl LogitLoss {
+    pub fn is_soft_ce(&self) -> bool {
+        *self == LogitLoss::SoftCe
+    }
+}
+
 /// `-(softmax(t/T) · log_softmax(s/T)).sum(-1)`, normalised as `norm` says. No T² factor (as the
 /// reference).
 pub fn soft_cross_entropy(

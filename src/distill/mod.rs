@@ -16,7 +16,8 @@ use crate::model::{
 };
 use crate::train::recipe::{StageSettings, StudentInit, StudentSpec};
 use loss::{
-    AttentionTarget, attention_kl, attention_mse, mse, soft_cross_entropy, with_additive_mask,
+    AttentionTarget, LogitLoss, attention_kl, attention_mse, mse, soft_cross_entropy,
+    with_additive_mask,
 };
 
 /// Which teacher layer each student layer learns from, with k = teacher layers / student layers:
@@ -240,7 +241,8 @@ pub fn intermediate_loss(
     (total, att, hid)
 }
 
-/// The logit-matching loss against the teacher: soft cross-entropy (classification), or MSE to
+/// The logit-matching loss against the teacher: soft cross-entropy or logit MSE
+/// ([`LogitLoss`], classification), or MSE to
 /// the teacher's score (regression). Stage 2's loss unless it fits gold scores, and stage 1's
 /// extra term when `stage1.prediction_weight > 0`.
 pub fn prediction_loss(
@@ -253,12 +255,15 @@ pub fn prediction_loss(
         let n = teacher_logits.dims()[0];
         crate::loss::mse(student_logits, teacher_logits.reshape([n]))
     } else {
-        soft_cross_entropy(
-            student_logits,
-            teacher_logits,
-            settings.temperature,
-            settings.soft_ce_norm,
-        )
+        match settings.logit_loss {
+            LogitLoss::SoftCe => soft_cross_entropy(
+                student_logits,
+                teacher_logits,
+                settings.temperature,
+                settings.soft_ce_norm,
+            ),
+            LogitLoss::Mse => mse(student_logits, teacher_logits),
+        }
     }
 }
 
@@ -279,6 +284,41 @@ mod tests {
         assert_eq!(m.hidden(), vec![(0, 0), (1, 3), (2, 6)]);
         assert_eq!(m.attention(), vec![(0, 2), (1, 5)]);
         assert!(LayerMap::new(6, 4).is_err());
+    }
+
+    #[test]
+    fn logit_mse_is_the_mean_squared_logit_difference() {
+        use crate::train::recipe::{StageConfig, StageKind};
+        let device = Default::default();
+        let (s, t) = ([0.3f32, -0.2, 1.5, 0.0], [0.1f32, 0.1, -0.5, 0.25]);
+        let tensor =
+            |v: [f32; 4]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [2, 2]), &device);
+        let value = |settings: &StageSettings| {
+            prediction_loss(tensor(s), tensor(t), false, settings).into_scalar::<f32>() as f64
+        };
+        let mut settings = StageConfig::default().resolve(StageKind::Stage2, "rte");
+        assert_eq!(
+            settings.logit_loss,
+            LogitLoss::SoftCe,
+            "the reference's loss by default"
+        );
+        let soft_ce = value(&settings);
+        settings.logit_loss = LogitLoss::Mse;
+        let expected = s
+            .iter()
+            .zip(&t)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            / 4.0;
+        assert!(
+            (value(&settings) - expected).abs() < 1e-6,
+            "{} vs {expected}",
+            value(&settings)
+        );
+        assert!(
+            (soft_ce - expected).abs() > 1e-3,
+            "the two losses differ on these logits"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::optim::{OptimizerConfig, OptimizerKind};
 use super::precision::Precision;
 use super::schedule::Schedule;
 use crate::device::Backend;
-use crate::distill::loss::{AttentionTarget, RegressionTarget, SoftCeNorm};
+use crate::distill::loss::{AttentionTarget, LogitLoss, RegressionTarget, SoftCeNorm};
 use crate::model::{Act, Attn, LayerOverride};
 
 /// One step of the pipeline.
@@ -313,6 +313,9 @@ pub struct StageConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regression_target: Option<RegressionTarget>,
     pub soft_ce_norm: Option<SoftCeNorm>,
+    /// Stage 2 on classification tasks: soft cross-entropy (the reference) or logit MSE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_loss: Option<LogitLoss>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,6 +350,8 @@ pub struct StageSettings {
     pub soft_ce_norm: SoftCeNorm,
     #[serde(skip_serializing_if = "RegressionTarget::is_gold")]
     pub regression_target: RegressionTarget,
+    #[serde(skip_serializing_if = "LogitLoss::is_soft_ce")]
+    pub logit_loss: LogitLoss,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -451,6 +456,7 @@ impl StageConfig {
             temperature: self.temperature.unwrap_or(1.0),
             soft_ce_norm: self.soft_ce_norm.unwrap_or(SoftCeNorm::ElementMean),
             regression_target: self.regression_target.unwrap_or_default(),
+            logit_loss: self.logit_loss.unwrap_or_default(),
         }
     }
 }
