@@ -87,14 +87,15 @@ teacher_run() {
 teacher_of() { echo "teacher.finetuned_run=$RUNS/$(teacher_run "$1")"; }
 # reseeded_teacher TASK SEED: the seed-42 teacher's fine-tuning again, at its chosen learning
 # rate, with another seed; then how often the two teachers agree on dev
-# (results/agreement/<run>.json, from `mpcformer compare`). That is the agreement to expect of a
-# model that learned the task from the same data, against which a student's is read.
+# (results/<teacher's run>/reseeded-teacher-s<seed>.json, `mpcformer compare`'s output, which
+# `mpcformer report` reads). That is the agreement to expect of a model that learned the task
+# from the same data, against which a student's is read.
 reseeded_teacher() {
     local task=$1 seed=$2 lr
     if [ "${#ONLY[@]}" -gt 0 ] && [[ ! " ${ONLY[*]} " =~ " $task " ]]; then return; fi
     local name="minilm-$task-teacher-s$seed" first
     first=$RUNS/$(teacher_run "$task")
-    local out="results/agreement/$name.json"
+    local out="results/$(teacher_run "$task")/reseeded-teacher-s$seed.json"
     if [ -f "$out" ]; then
         echo "done already: $name"
         return
@@ -107,7 +108,6 @@ reseeded_teacher() {
     echo "$(date +%T) start: $name (lr $lr)"
     if "$BIN" run $M --set data.task="$task" --set "name=$name" --set "output_dir=$RUNS" --set seed="$seed" \
         --set 'stages=["finetune"]' --set "finetune.lr_grid=[$lr]" "${resume[@]}" >> "logs/$name.log" 2>&1 &&
-        mkdir -p results/agreement &&
         "$BIN" compare --teacher "$first/teacher" --model "$RUNS/$name/teacher" --task "$task" \
             --data ../shared/data/glue --output "$out.new" >> "logs/$name.log" 2>&1 &&
         mv "$out.new" "$out"; then

@@ -79,6 +79,59 @@ pub struct Run {
     pub finetune_lr: Option<f64>,
     pub stage1_epochs: Option<f64>,
     pub eval_examples: u64,
+    /// Teachers fine-tuned as this run's was but with another seed, measured against it.
+    pub teacher_reseeds: Vec<Reseed>,
+}
+
+/// A second teacher fine-tuned as a run's own (same data and learning rate), with another
+/// seed: how often two teachers of the task agree is the yardstick for a student's agreement.
+/// From `reseeded-teacher-s<seed>.json` in the run's directory, `mpcformer compare`'s output
+/// with the run's teacher as `--teacher` and the reseeded one as `--model`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reseed {
+    pub seed: u64,
+    pub primary: f64,
+    pub agreement: f64,
+}
+
+/// Name of the file that records the teacher reseeded with `seed` (see [`Reseed`]).
+pub fn reseed_file(seed: u64) -> String {
+    format!("reseeded-teacher-s{seed}.json")
+}
+
+fn load_reseeds(dir: &Path, primary_name: &str) -> Result<Vec<Reseed>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(seed) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("reseeded-teacher-s")?.strip_suffix(".json"))
+            .and_then(|s| s.parse().ok())
+        else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let c = &v[0];
+        let (Some(primary), Some(agreement)) =
+            (c["student"][primary_name].as_f64(), c["agreement"].as_f64())
+        else {
+            bail!(
+                "{}: expected `mpcformer compare --output` JSON with student.{primary_name} and agreement",
+                path.display()
+            );
+        };
+        out.push(Reseed {
+            seed,
+            primary,
+            agreement,
+        });
+    }
+    out.sort_by_key(|r| r.seed);
+    Ok(out)
 }
 
 impl Run {
@@ -237,6 +290,7 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         finetune_lr: resolved("finetune", "lr"),
         stage1_epochs: resolved("stage1", "epochs"),
         eval_examples: summary["eval_examples"].as_u64().unwrap_or(0),
+        teacher_reseeds: load_reseeds(dir, &primary_name)?,
     })
 }
 
@@ -451,14 +505,14 @@ fn teachers_table(runs: &[Run], md: &mut String) {
     let _ = writeln!(
         md,
         "
-Teachers against the trivial answer (dev, ×100), and the learning rates each was chosen from (best dev score per rate; the kept one in bold):
+Teachers against the trivial answer (dev, ×100), the learning rates each was chosen from (best dev score per rate; the kept one in bold), and the same fine-tuning with another seed: its score, and how often it agrees with the kept teacher (STS-B: Pearson of their scores), the yardstick for a student's agreement:
 "
     );
     let _ = writeln!(
         md,
-        "| teacher | task | trivial | teacher | lead over trivial | learning rates |"
+        "| teacher | task | trivial | teacher | lead over trivial | learning rates | reseeded: score · agreement |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     for ((label, task), origins) in &groups {
         let t: Vec<f64> = origins.iter().map(|o| o.teacher_primary).collect();
         let z = origins.iter().find_map(|o| o.trivial_primary);
@@ -467,13 +521,30 @@ Teachers against the trivial answer (dev, ×100), and the learning rates each wa
         });
         let mut sweeps: Vec<String> = origins.iter().map(|o| sweep(o)).collect();
         sweeps.dedup();
+        let reseeds: Vec<String> = origins
+            .iter()
+            .flat_map(|o| &o.teacher_reseeds)
+            .map(|r| {
+                format!(
+                    "s{} {:.1} · {:.1} %",
+                    r.seed,
+                    100.0 * r.primary,
+                    100.0 * r.agreement
+                )
+            })
+            .collect();
         let _ = writeln!(
             md,
-            "| {label} | {task} | {} ({}) | {} | {lead} | {} |",
+            "| {label} | {task} | {} ({}) | {} | {lead} | {} | {} |",
             z.map_or("–".into(), |z| format!("{:.1}", 100.0 * z)),
             trivial_answer(task),
             cell(&t, 100.0),
-            sweeps.join("; ")
+            sweeps.join("; "),
+            if reseeds.is_empty() {
+                "–".to_string()
+            } else {
+                reseeds.join("; ")
+            }
         );
     }
 }

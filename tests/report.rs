@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use mpcformer::report::{find_runs, markdown, mean_std, plots, save_runs};
+use mpcformer::report::{find_runs, markdown, mean_std, plots, reseed_file, save_runs};
 
 /// `mpcformer report <args>`.
 fn report_cli(args: &[&std::ffi::OsStr]) -> std::process::Output {
@@ -421,6 +421,13 @@ fn trivial_baseline_margin_retention_agreement_and_sweep() {
         "teacher",
         Some("2 + 2 epochs"),
     );
+    // The seed-42 teacher's fine-tuning again with seed 1, compared with it (`mpcformer compare`).
+    std::fs::write(
+        root.path().join("rte-s42").join(reseed_file(1)),
+        r#"[{"task": "rte", "split": "dev", "n": 5, "teacher": {"accuracy": 0.7},
+             "student": {"accuracy": 0.64}, "agreement": 0.8, "gap": {}}]"#,
+    )
+    .unwrap();
     let runs = find_runs(&[root.path().to_path_buf()]).unwrap();
     let md = markdown(&runs);
     assert!(
@@ -442,7 +449,7 @@ fn trivial_baseline_margin_retention_agreement_and_sweep() {
     // Lead 70 − 50 = +20.0; the sweep with the kept rate in bold.
     assert!(
         md.contains(
-            "| teacher (minilm) | rte | 50.0 (majority class) | 70.0 | +20.0 | 3e-5 65.0 · 1e-4 **70.0** |"
+            "| teacher (minilm) | rte | 50.0 (majority class) | 70.0 | +20.0 | 3e-5 65.0 · 1e-4 **70.0** | s1 64.0 · 80.0 % |"
         ),
         "{md}"
     );
@@ -466,6 +473,14 @@ fn trivial_baseline_margin_retention_agreement_and_sweep() {
         md.contains("| rte | quad+2quad | 123 | 110 | 50 | 5 | 6 / 50 |"),
         "{md}"
     );
+    // A reseed file that is not `compare`'s output is refused by name.
+    std::fs::write(
+        root.path().join("rte-s1").join(reseed_file(3)),
+        r#"[{"agreement": 0.8}]"#,
+    )
+    .unwrap();
+    let err = format!("{:#}", find_runs(&[root.path().to_path_buf()]).unwrap_err());
+    assert!(err.contains("rte-s1/reseeded-teacher-s3.json"), "{err}");
 }
 
 /// Each variant against the run whose teacher it reused, same seed; other seeds of the same
