@@ -194,6 +194,21 @@ for seed in 1 2; do
     fitted mrpc $seed
 done
 reseeded_teacher stsb 1
+# RTE's margin, the one figure short of its bar: neighbour copies narrowed STS-B's train–dev
+# agreement gap, and RTE's is the widest (90.6 % / 85.9 %).
+augmented rte 12450
+# The bar asks for every task: SST-2 and IMDb (teacher sweep and seed 42 first, the hours-long
+# ones), then Quad+2ReLU on the same teachers, before the levers.
+fitted sst2 42
+fitted imdb 42
+for task in rte cola stsb mrpc; do
+    run "minilm-$task-quad+2relu-fitted-s42" $task --set student.attn=2relu --set "$(teacher_of $task)"
+done
+for task in sst2 imdb; do
+    for seed in 1 2; do
+        fitted $task $seed
+    done
+done
 # A student that starts at the teacher may need fewer stage-1 epochs: time-to-student.
 fitted cola 42 -s1x2 "stage 1 ×2" --set stage1.epochs=2
 fitted rte 42 -s1x2 "stage 1 ×2" --set stage1.epochs=2
@@ -204,7 +219,6 @@ run "minilm-cola-quad+2quad-stage2-lr5e-5-s42" cola --set "$(teacher_of cola)" \
 # ... and stage 1 joined with stage 2's logit term, so stage 1 fits the output it serves.
 run "minilm-cola-quad+2quad-joint-s42" cola --set "$(teacher_of cola)" \
     --set stage1.prediction_weight=1 --set 'label=stage 1 joined with the logit term'
-augmented rte 12450
 # STS-B: stage 2 on the teacher's scores alone (half of the neighbour run's change).
 run "minilm-stsb-quad+2quad-teacher-target-s42" stsb --set "$(teacher_of stsb)" \
     --set stage2.regression_target=teacher --set "label=stage 2 on the teacher's scores"
@@ -215,6 +229,9 @@ run "minilm-cola-quad+softmax-fitted-s42" cola --set "$(teacher_of cola)" --set 
     --set 'label=softmax kept (Quad alone)'
 levers rte 12450 1.0
 levers cola 42755 1.0 --set 'data.transfer_from=["sst2", "imdb=../shared/data/imdb"]'
+for task in sst2 imdb; do
+    run "minilm-$task-quad+2relu-fitted-s42" $task --set student.attn=2relu --set "$(teacher_of $task)"
+done
 for seed in 1 2; do
     for task in rte cola stsb mrpc; do
         run "minilm-$task-quad+2quad-s$seed" $task --set seed=$seed "${OLD[@]}" \
@@ -223,13 +240,7 @@ for seed in 1 2; do
 done
 for task in sst2 imdb; do
     for seed in 42 1 2; do
-        fitted $task $seed
-    done
-    for seed in 42 1 2; do
         run "minilm-$task-quad+2quad-s$seed" $task --set seed=$seed "${OLD[@]}" \
             --set "label=$OLD_LABEL" --set "$(teacher_of $task)"
     done
-done
-for task in rte cola stsb mrpc sst2 imdb; do
-    run "minilm-$task-quad+2relu-fitted-s42" $task --set student.attn=2relu --set "$(teacher_of $task)"
 done
