@@ -33,6 +33,7 @@ run() {
         return
     fi
     if [ -f "$dir/summary.json" ]; then
+        compare_run "$dir" "$task"
         "$BIN" report "$dir" --save-runs results/ > /dev/null
         echo "done already: $name (now in results/)"
         return
@@ -48,11 +49,23 @@ run() {
     echo "$(date +%T) start: $name"
     if "$BIN" run $M --set data.task="$task" --set "name=$name" --set "output_dir=$RUNS" "$@" "${resume[@]}" \
         >> "logs/$name.log" 2>&1; then
+        compare_run "$dir" "$task"
         "$BIN" report "$dir" --save-runs results/ > /dev/null
         echo "$(date +%T) done: $name"
     else
         echo "$(date +%T) FAILED: $name (logs/$name.log)"
     fi
+}
+# compare_run DIR TASK: where the run's student parts from its teacher on dev
+# (teacher-comparison.json, which --save-runs copies into results/). Not IMDb: its runs evaluate
+# on 1,000 drawn reviews, and compare would read all 25,000 at length 512.
+compare_run() {
+    local dir=$1 task=$2
+    [ "$task" = imdb ] || [ ! -d "$dir/student" ] || [ -f "$dir/teacher-comparison.json" ] && return 0
+    "$BIN" compare --teacher "$dir/teacher" --model "$dir/student" --task "$task" \
+        --data ../shared/data/glue --output "$dir/teacher-comparison.json" \
+        >> "logs/$(basename "$dir").log" 2>&1 ||
+        echo "$(date +%T) FAILED: comparing $(basename "$dir") with its teacher (logs/$(basename "$dir").log)"
 }
 # remake_teacher TASK: the seed-42 run's teacher, from the sweep recorded in results/ when its
 # run directory is gone. Not copied to results/: the recorded run stays as it ran.

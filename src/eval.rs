@@ -456,7 +456,20 @@ pub struct Comparison {
     pub student: BTreeMap<String, f64>,
     /// Share of examples with the same class (regression: Pearson of the two scores).
     pub agreement: f64,
+    /// Classification: the examples where they differ, by who is right.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disagreements: Option<metric::Disagreements>,
+    /// Classification: agreement and the teacher's accuracy on the half of the examples where
+    /// the teacher's top-class probability is highest, and on the other half.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by_teacher_confidence: Option<metric::ConfidenceHalves>,
     pub gap: crate::distill::gap::Gap,
+}
+
+/// The softmax probability of a row's largest logit.
+fn top_probability(logits: &[f32]) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    1.0 / logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>()
 }
 
 /// Compares the student of `student` with the teacher of `teacher` (the same task, data and
@@ -501,6 +514,9 @@ pub fn compare_tasks(
                     .map_err(anyhow::Error::msg)?
                     .to_map())
             };
+            let confidence: Vec<f64> = (0..data.len())
+                .map(|i| top_probability(to.row(i)))
+                .collect();
             out.push(Comparison {
                 task: task.name.to_string(),
                 split: sp.name.to_string(),
@@ -508,6 +524,10 @@ pub fn compare_tasks(
                 teacher: score(&tp)?,
                 student: score(&sp_)?,
                 agreement: metric::agreement(&tp, &sp_).map_err(anyhow::Error::msg)?,
+                disagreements: metric::disagreements(&gold, &tp, &sp_)
+                    .map_err(anyhow::Error::msg)?,
+                by_teacher_confidence: metric::by_teacher_confidence(&confidence, &gold, &tp, &sp_)
+                    .map_err(anyhow::Error::msg)?,
                 gap,
             });
         }
@@ -528,6 +548,28 @@ pub fn format_comparison(c: &Comparison) -> String {
     let _ = writeln!(s, "  teacher: {}", metrics(&c.teacher));
     let _ = writeln!(s, "  student: {}", metrics(&c.student));
     let _ = writeln!(s, "  agreement: {:.2} %", 100.0 * c.agreement);
+    if let Some(h) = c.by_teacher_confidence {
+        let _ = writeln!(
+            s,
+            "    on the half where the teacher is surest: {:.2} % (the teacher right on {:.2} %); \
+             on the other half: {:.2} % (right on {:.2} %)",
+            100.0 * h.agreement[0],
+            100.0 * h.teacher_accuracy[0],
+            100.0 * h.agreement[1],
+            100.0 * h.teacher_accuracy[1]
+        );
+    }
+    if let Some(d) = c.disagreements {
+        let _ = writeln!(
+            s,
+            "    where they differ: the teacher right {}, the student right {}, both wrong {} \
+             (student − teacher: {:+} correct)",
+            d.teacher_right,
+            d.student_right,
+            d.both_wrong,
+            d.student_right as i64 - d.teacher_right as i64
+        );
+    }
     let _ = writeln!(
         s,
         "  {:<10} {:>12} {:>20} {:>24}",

@@ -263,6 +263,96 @@ pub fn agreement(teacher: &[Label], student: &[Label]) -> Result<f64, String> {
     Ok(pearson(&scores_of(teacher)?, &scores_of(student)?))
 }
 
+/// Where a classifier student parts from its teacher, judged by the gold labels. The student's
+/// accuracy differs from the teacher's by `(student_right − teacher_right) / n`; a student whose
+/// disagreements are blind to which answers are right has the two counts in the ratio of the
+/// teacher's errors to its right answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Disagreements {
+    /// The teacher is right and the student is not.
+    pub teacher_right: usize,
+    /// The student is right and the teacher is not.
+    pub student_right: usize,
+    /// Both are wrong, with different classes (three or more classes only).
+    pub both_wrong: usize,
+}
+
+/// `None` for regression, where agreement is a correlation and there is nothing to count.
+pub fn disagreements(
+    gold: &[Label],
+    teacher: &[Label],
+    student: &[Label],
+) -> Result<Option<Disagreements>, String> {
+    if gold.len() != teacher.len() || teacher.len() != student.len() {
+        return Err(format!(
+            "{} gold labels, {} teacher and {} student predictions",
+            gold.len(),
+            teacher.len(),
+            student.len()
+        ));
+    }
+    let (Ok(g), Ok(t), Ok(s)) = (classes_of(gold), classes_of(teacher), classes_of(student)) else {
+        return Ok(None);
+    };
+    let mut d = Disagreements {
+        teacher_right: 0,
+        student_right: 0,
+        both_wrong: 0,
+    };
+    for ((g, t), s) in g.iter().zip(&t).zip(&s) {
+        match (t == g, s == g) {
+            _ if t == s => {}
+            (true, _) => d.teacher_right += 1,
+            (_, true) => d.student_right += 1,
+            _ => d.both_wrong += 1,
+        }
+    }
+    Ok(Some(d))
+}
+
+/// The examples split at the teacher's median confidence: the half where it is surest (the
+/// larger `confidence`; the first half of an odd count), then the other half. A student that
+/// disagrees mostly where the teacher is unsure has followed what the teacher knows, and the
+/// teacher's accuracy on that half says what following it there is worth.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct ConfidenceHalves {
+    pub agreement: [f64; 2],
+    pub teacher_accuracy: [f64; 2],
+}
+
+/// `None` for regression.
+pub fn by_teacher_confidence(
+    confidence: &[f64],
+    gold: &[Label],
+    teacher: &[Label],
+    student: &[Label],
+) -> Result<Option<ConfidenceHalves>, String> {
+    let n = teacher.len();
+    if confidence.len() != n || gold.len() != n || student.len() != n || n < 2 {
+        return Err(format!(
+            "{} confidences, {} gold labels, {} teacher and {} student predictions (at least 2 \
+             needed)",
+            confidence.len(),
+            gold.len(),
+            n,
+            student.len()
+        ));
+    }
+    let (Ok(g), Ok(t), Ok(s)) = (classes_of(gold), classes_of(teacher), classes_of(student)) else {
+        return Ok(None);
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| confidence[b].total_cmp(&confidence[a]));
+    let (sure, unsure) = order.split_at(n.div_ceil(2));
+    let share = |idx: &[usize], other: &[usize]| {
+        idx.iter().filter(|&&i| t[i] == other[i]).count() as f64 / idx.len() as f64
+    };
+    Ok(Some(ConfidenceHalves {
+        agreement: [share(sure, &s), share(unsure, &s)],
+        teacher_accuracy: [share(sure, &g), share(unsure, &g)],
+    }))
+}
+
 fn classes_of(labels: &[Label]) -> Result<Vec<usize>, String> {
     labels
         .iter()
@@ -332,6 +422,44 @@ mod tests {
 
     fn classes(v: &[usize]) -> Vec<Label> {
         v.iter().map(|&c| Label::Class(c)).collect()
+    }
+
+    #[test]
+    fn disagreements_are_counted_by_who_is_right() {
+        let gold = classes(&[0, 1, 2, 0, 1, 2]);
+        let teacher = classes(&[0, 1, 0, 1, 1, 2]);
+        let student = classes(&[1, 1, 2, 2, 1, 2]);
+        // 0: teacher right; 2: student right; 3: both wrong; 1, 4, 5: same answer.
+        let d = disagreements(&gold, &teacher, &student).unwrap().unwrap();
+        assert_eq!(
+            d,
+            Disagreements {
+                teacher_right: 1,
+                student_right: 1,
+                both_wrong: 1
+            }
+        );
+        let scores = |v: &[f64]| v.iter().map(|&x| Label::Score(x)).collect::<Vec<_>>();
+        let r = scores(&[1.0, 2.0]);
+        assert_eq!(disagreements(&r, &r, &r).unwrap(), None);
+        assert!(disagreements(&gold, &teacher, &student[..5]).is_err());
+    }
+
+    #[test]
+    fn halves_split_at_the_teachers_median_confidence() {
+        let gold = classes(&[0, 0, 1, 0, 0]);
+        let teacher = classes(&[0, 1, 1, 0, 1]);
+        let student = classes(&[0, 0, 1, 1, 1]);
+        // Surest three: 4 (0.99), 0 (0.9), 3 (0.8): agree on 4 and 0, the teacher right on 0
+        // and 3. The rest, 2 and 1: agree on 2, the teacher right on 2.
+        let conf = [0.9, 0.5, 0.6, 0.8, 0.99];
+        let h = by_teacher_confidence(&conf, &gold, &teacher, &student)
+            .unwrap()
+            .unwrap();
+        let close = |a: [f64; 2], b: [f64; 2]| (a[0] - b[0]).abs() + (a[1] - b[1]).abs() < 1e-12;
+        assert!(close(h.agreement, [2.0 / 3.0, 0.5]), "{h:?}");
+        assert!(close(h.teacher_accuracy, [2.0 / 3.0, 0.5]), "{h:?}");
+        assert!(by_teacher_confidence(&conf[..4], &gold, &teacher, &student).is_err());
     }
 
     #[test]

@@ -12,8 +12,16 @@ use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use serde_json::Value;
 
-/// Files of a run that a report needs (and `--save-runs` keeps).
-pub const RUN_FILES: &[&str] = &["summary.json", "recipe.toml", "metrics.jsonl"];
+/// Files of a run that a report needs (and `--save-runs` keeps); the comparison is optional.
+pub const RUN_FILES: &[&str] = &[
+    "summary.json",
+    "recipe.toml",
+    "metrics.jsonl",
+    COMPARISON_FILE,
+];
+
+/// `mpcformer compare --output` of a run's student against its teacher on dev (see [`Parting`]).
+pub const COMPARISON_FILE: &str = "teacher-comparison.json";
 
 /// How a student was obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -81,6 +89,8 @@ pub struct Run {
     pub eval_examples: u64,
     /// Teachers fine-tuned as this run's was but with another seed, measured against it.
     pub teacher_reseeds: Vec<Reseed>,
+    /// Where the student parts from its teacher, from [`COMPARISON_FILE`] if the run has one.
+    pub parting: Option<Parting>,
 }
 
 /// A second teacher fine-tuned as a run's own (same data and learning rate), with another
@@ -92,6 +102,46 @@ pub struct Reseed {
     pub seed: u64,
     pub primary: f64,
     pub agreement: f64,
+    pub parting: Option<Parting>,
+}
+
+/// Where a classifier parts from a teacher on dev, from `mpcformer compare --output`: agreement
+/// on the half of the examples where the teacher is surest and on the other half, the teacher's
+/// accuracy on each, and the examples they answer differently by who is right.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Parting {
+    pub agreement: [f64; 2],
+    pub teacher_accuracy: [f64; 2],
+    pub teacher_right: u64,
+    pub student_right: u64,
+}
+
+/// The parting recorded in a comparison, `None` for a regression task or a file written before
+/// comparisons recorded it.
+fn parting(c: &Value) -> Option<Parting> {
+    let pair = |v: &Value| Some([v[0].as_f64()?, v[1].as_f64()?]);
+    let h = &c["by_teacher_confidence"];
+    let d = &c["disagreements"];
+    Some(Parting {
+        agreement: pair(&h["agreement"])?,
+        teacher_accuracy: pair(&h["teacher_accuracy"])?,
+        teacher_right: d["teacher_right"].as_u64()?,
+        student_right: d["student_right"].as_u64()?,
+    })
+}
+
+/// The first comparison of an `mpcformer compare --output` file.
+fn read_comparison(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    match v {
+        Value::Array(mut a) if !a.is_empty() => Ok(a.swap_remove(0)),
+        _ => bail!(
+            "{}: expected `mpcformer compare --output` JSON (a list of comparisons)",
+            path.display()
+        ),
+    }
 }
 
 /// Name of the file that records the teacher reseeded with `seed` (see [`Reseed`]).
@@ -111,11 +161,7 @@ fn load_reseeds(dir: &Path, primary_name: &str) -> Result<Vec<Reseed>> {
         else {
             continue;
         };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let v: Value =
-            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        let c = &v[0];
+        let c = read_comparison(&path)?;
         let (Some(primary), Some(agreement)) =
             (c["student"][primary_name].as_f64(), c["agreement"].as_f64())
         else {
@@ -128,6 +174,7 @@ fn load_reseeds(dir: &Path, primary_name: &str) -> Result<Vec<Reseed>> {
             seed,
             primary,
             agreement,
+            parting: parting(&c),
         });
     }
     out.sort_by_key(|r| r.seed);
@@ -291,6 +338,10 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         stage1_epochs: resolved("stage1", "epochs"),
         eval_examples: summary["eval_examples"].as_u64().unwrap_or(0),
         teacher_reseeds: load_reseeds(dir, &primary_name)?,
+        parting: match dir.join(COMPARISON_FILE) {
+            p if p.is_file() => parting(&read_comparison(&p)?),
+            _ => None,
+        },
     })
 }
 
@@ -628,6 +679,54 @@ How much of its teacher each student keeps (%, mean ± std over seeds): retentio
     }
 }
 
+/// Where students (and reseeded teachers) part from their teachers: the runs and reseeds with a
+/// recorded [`Parting`], task by task.
+fn parting_table(runs: &[Run], md: &mut String) {
+    let mut lines: Vec<(String, String)> = Vec::new();
+    let pct = |v: f64| format!("{:.1}", 100.0 * v);
+    let line = |task: &str, who: &str, agreement: Option<f64>, p: &Parting| {
+        format!(
+            "| {who} | {task} | {} | {} ({}) | {} ({}) | {} · {} |",
+            agreement.map_or("–".into(), pct),
+            pct(p.agreement[0]),
+            pct(p.teacher_accuracy[0]),
+            pct(p.agreement[1]),
+            pct(p.teacher_accuracy[1]),
+            p.teacher_right,
+            p.student_right
+        )
+    };
+    for r in runs {
+        if let Some(p) = &r.parting {
+            lines.push((r.task.clone(), line(&r.task, &r.name, r.agreement, p)));
+        }
+        for t in &r.teacher_reseeds {
+            if let Some(p) = &t.parting {
+                let who = format!("teacher of {}, reseeded (seed {})", r.name, t.seed);
+                lines.push((r.task.clone(), line(&r.task, &who, Some(t.agreement), p)));
+            }
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    lines.sort();
+    let _ = writeln!(
+        md,
+        "
+Where each student parts from its teacher (dev, %; `mpcformer compare`, classification tasks): the examples split at the teacher's median confidence (its top-class probability), with the agreement on each half and the teacher's accuracy there in brackets, and the examples the two answer differently, by which of them is right. Disagreements blind to the right answer fall in the ratio of the teacher's right answers to its errors; a teacher fine-tuned again with another seed is the yardstick:
+"
+    );
+    let _ = writeln!(
+        md,
+        "| model | task | agreement | teacher's surer half: agreement (teacher right) | other half: agreement (teacher right) | they differ: teacher right · student right |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for (_, l) in lines {
+        let _ = writeln!(md, "{l}");
+    }
+}
+
 /// What each lever was worth: every variant against the run that fine-tuned its teacher, with
 /// the same seed (so the same teacher and data order; only the lever differs), in points of the
 /// task's primary dev metric and of agreement. One seed each: differences of about a point are
@@ -917,6 +1016,7 @@ pub fn markdown(runs: &[Run]) -> String {
     }
     teachers_table(runs, &mut md);
     fidelity_table(&rows, &mut md);
+    parting_table(runs, &mut md);
     levers_table(runs, &mut md);
     time_table(runs, &mut md);
     let _ = writeln!(md, "\nEvery metric (dev, ×100; mean ± std over seeds):\n");

@@ -638,3 +638,78 @@ fn a_shipped_recipe_on_a_relabelled_runs_teacher() {
         "{md}"
     );
 }
+
+/// The parting table: a student's `compare` output and a reseeded teacher's, in the fields
+/// `mpcformer compare --output` writes (the library's own types, so the format cannot drift).
+#[test]
+fn where_students_part_from_their_teachers() {
+    use mpcformer::metric::{ConfidenceHalves, Disagreements};
+    let root = tempfile::tempdir().unwrap();
+    let distill = r#"["finetune", "stage1", "stage2"]"#;
+    fake_run(
+        root.path(),
+        "rte-s42",
+        "rte",
+        42,
+        (0.60, 0.58),
+        distill,
+        "fitted",
+    );
+    patch_run(
+        root.path(),
+        "rte-s42",
+        serde_json::json!({"agreement": 0.88}),
+        "",
+    );
+    let comparison = |student: f64, agreement: f64, halves: [f64; 2], differ: (usize, usize)| {
+        serde_json::json!([{
+            "task": "rte", "split": "dev", "n": 277,
+            "teacher": {"accuracy": 0.60}, "student": {"accuracy": student},
+            "agreement": agreement,
+            "disagreements": Disagreements {
+                teacher_right: differ.0, student_right: differ.1, both_wrong: 0
+            },
+            "by_teacher_confidence": ConfidenceHalves {
+                agreement: halves, teacher_accuracy: [0.62, 0.587]
+            },
+            "gap": {}
+        }])
+        .to_string()
+    };
+    let run = root.path().join("rte-s42");
+    std::fs::write(
+        run.join("teacher-comparison.json"),
+        comparison(0.58, 0.88, [0.978, 0.797], (19, 12)),
+    )
+    .unwrap();
+    std::fs::write(
+        run.join(reseed_file(1)),
+        comparison(0.61, 0.87, [0.935, 0.804], (17, 19)),
+    )
+    .unwrap();
+    let runs = find_runs(&[root.path().to_path_buf()]).unwrap();
+    let md = markdown(&runs);
+    for row in [
+        "| rte-s42 | rte | 88.0 | 97.8 (62.0) | 79.7 (58.7) | 19 · 12 |",
+        "| teacher of rte-s42, reseeded (seed 1) | rte | 87.0 | 93.5 (62.0) | 80.4 (58.7) | 17 · 19 |",
+    ] {
+        assert!(md.contains(row), "{row} not in\n{md}");
+    }
+    // `--save-runs` keeps the comparison beside the run's files.
+    let saved = tempfile::tempdir().unwrap();
+    save_runs(&runs, saved.path()).unwrap();
+    assert!(
+        saved
+            .path()
+            .join("rte-s42/teacher-comparison.json")
+            .is_file()
+    );
+    // Without comparisons there is no table; a comparison that is not a list is refused by name.
+    std::fs::remove_file(run.join("teacher-comparison.json")).unwrap();
+    std::fs::remove_file(run.join(reseed_file(1))).unwrap();
+    let md = markdown(&find_runs(&[root.path().to_path_buf()]).unwrap());
+    assert!(!md.contains("Where each student parts"), "{md}");
+    std::fs::write(run.join("teacher-comparison.json"), r#"{"agreement": 0.8}"#).unwrap();
+    let err = format!("{:#}", find_runs(&[root.path().to_path_buf()]).unwrap_err());
+    assert!(err.contains("rte-s42/teacher-comparison.json"), "{err}");
+}
