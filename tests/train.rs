@@ -847,3 +847,76 @@ fn fitted_start_is_logged_and_refused_with_score_matching() {
     }
     assert!(fit[0]["tokens"].as_u64().unwrap() > 0);
 }
+
+/// `stage2.label_weight`: stage 2's logged loss is the teacher term plus the weighted gold-label
+/// term, both logged; the key is refused where it cannot apply.
+#[test]
+fn stage_two_with_the_gold_labels() {
+    let bin = env!("CARGO_BIN_EXE_mpcformer");
+    let run = |sets: &[&str]| {
+        let a = tempfile::tempdir().unwrap();
+        let mut c = Command::new(bin);
+        c.arg("run").arg(tiny_recipe(a.path()));
+        c.args([
+            "--set",
+            "stage1.max_steps=2",
+            "--set",
+            "stage2.max_steps=20",
+        ]);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        let out = c.output().unwrap();
+        let rows = std::fs::read_to_string(a.path().join("runs/tiny/metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["stage"] == "stage2" && v.get("loss").is_some())
+            .collect::<Vec<_>>();
+        (out, rows)
+    };
+    let (out, rows) = run(&["stage2.label_weight=0.5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let f = |k: &str| {
+            r[k].as_f64()
+                .unwrap_or_else(|| panic!("{k} missing in {r}"))
+        };
+        let sum = f("distillation_loss") + 0.5 * f("label_loss");
+        assert!(f("label_loss") > 0.0, "{r}");
+        assert!((f("loss") - sum).abs() <= 1e-5 * sum, "{r}: {sum}");
+    }
+    let (_, plain) = run(&[]);
+    assert!(plain.iter().all(|r| r.get("label_loss").is_none()));
+    for (sets, message) in [
+        (
+            &["stage1.label_weight=1"][..],
+            "stage1.label_weight: only stage 2",
+        ),
+        (
+            &["stage2.label_weight=-1"][..],
+            "stage2.label_weight must be ≥ 0",
+        ),
+        (
+            &[
+                "stage2.label_weight=1",
+                "data.transfer_examples=32",
+                "data.transfer_kind=neighbours",
+                "data.transfer_stages=[\"stage1\", \"stage2\"]",
+            ][..],
+            "transfer examples, which have none",
+        ),
+    ] {
+        let (out, _) = run(sets);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(message),
+            "{sets:?}: {err}"
+        );
+    }
+}

@@ -316,6 +316,11 @@ pub struct StageConfig {
     /// Stage 2 on classification tasks: soft cross-entropy (the reference) or logit MSE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logit_loss: Option<LogitLoss>,
+    /// Stage 2 with the gold labels too (Hinton et al.'s distillation): this weight times the
+    /// cross-entropy with the gold class (regression: MSE to the gold score) is added to the
+    /// teacher term (0, the reference, by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_weight: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,6 +357,8 @@ pub struct StageSettings {
     pub regression_target: RegressionTarget,
     #[serde(skip_serializing_if = "LogitLoss::is_soft_ce")]
     pub logit_loss: LogitLoss,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub label_weight: f64,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -457,6 +464,7 @@ impl StageConfig {
             soft_ce_norm: self.soft_ce_norm.unwrap_or(SoftCeNorm::ElementMean),
             regression_target: self.regression_target.unwrap_or_default(),
             logit_loss: self.logit_loss.unwrap_or_default(),
+            label_weight: self.label_weight.unwrap_or(0.0),
         }
     }
 }
@@ -560,6 +568,42 @@ impl Recipe {
                 "{}: stage1.prediction_weight must be ≥ 0, found {w}",
                 path.display()
             );
+        }
+        for (name, stage) in [
+            ("finetune", &recipe.finetune),
+            ("stage1", &recipe.stage1),
+            ("supervised", &recipe.supervised),
+        ] {
+            if stage.label_weight.is_some() {
+                bail!(
+                    "{}: {name}.label_weight: only stage 2 adds a gold-label term to the teacher's (stage2.label_weight)",
+                    path.display()
+                );
+            }
+        }
+        if let Some(w) = recipe.stage2.label_weight {
+            if !(w >= 0.0 && w.is_finite()) {
+                bail!(
+                    "{}: stage2.label_weight must be ≥ 0, found {w}",
+                    path.display()
+                );
+            }
+            if w > 0.0
+                && task.is_regression()
+                && recipe.stage2.regression_target.unwrap_or_default() == RegressionTarget::Gold
+            {
+                bail!(
+                    "{}: stage2.label_weight: stage 2 of {} already fits the gold scores (stage2.regression_target = \"gold\"); the label term is for a stage 2 on the teacher's outputs",
+                    path.display(),
+                    task.name
+                );
+            }
+            if w > 0.0 && recipe.data.transfer_stages().contains(&StageKind::Stage2) {
+                bail!(
+                    "{}: stage2.label_weight needs gold labels, and stage 2 trains on transfer examples, which have none (data.transfer_stages)",
+                    path.display()
+                );
+            }
         }
         if recipe.student.init == StudentInit::Fitted {
             let st = &recipe.student;

@@ -228,19 +228,55 @@ fn label_tensors(labels: &[Label], device: &Device) -> (Option<Tensor<1, Int>>, 
 
 /// Supervised loss on gold labels: cross-entropy, or MSE for regression.
 fn label_loss(model: &SequenceClassifier, batch: &Batch, device: &Device) -> Result<LossTerms> {
+    let logits = model.logits(&batch.inputs.to_inputs(device));
+    Ok(LossTerms {
+        total: gold_loss(logits, batch, device)?,
+        parts: vec![],
+    })
+}
+
+/// Stage 2's loss on one batch: the student's logits against the teacher's (classification, and
+/// regression on `regression_target = "teacher"`) or the gold scores, plus `label_weight` times
+/// the gold-label term.
+fn stage2_loss(
+    student_logits: Tensor<2>,
+    teacher_logits: impl FnOnce() -> Tensor<2>,
+    batch: &Batch,
+    regression: bool,
+    settings: &StageSettings,
+    device: &Device,
+) -> Result<LossTerms> {
+    let gold = (settings.label_weight > 0.0)
+        .then(|| gold_loss(student_logits.clone(), batch, device))
+        .transpose()?;
+    let main = match (regression, settings.regression_target) {
+        (true, RegressionTarget::Gold) => {
+            gold_loss(student_logits, batch, device).context("stage 2 fits gold scores")?
+        }
+        _ => prediction_loss(student_logits, teacher_logits(), regression, settings),
+    };
+    Ok(match gold {
+        Some(g) => LossTerms {
+            total: main.clone() + g.clone() * settings.label_weight,
+            parts: vec![("distillation_loss", main), ("label_loss", g)],
+        },
+        None => LossTerms {
+            total: main,
+            parts: vec![],
+        },
+    })
+}
+
+/// Cross-entropy with the batch's gold classes, or MSE to its gold scores.
+fn gold_loss(logits: Tensor<2>, batch: &Batch, device: &Device) -> Result<Tensor<1>> {
     let labels = batch
         .labels
         .as_ref()
         .context("training data has unlabelled examples")?;
-    let logits = model.logits(&batch.inputs.to_inputs(device));
-    let total = match label_tensors(labels, device) {
+    Ok(match label_tensors(labels, device) {
         (Some(ids), _) => crate::loss::cross_entropy(logits, ids),
         (_, Some(y)) => crate::loss::mse(logits, y),
         _ => unreachable!(),
-    };
-    Ok(LossTerms {
-        total,
-        parts: vec![],
     })
 }
 
@@ -573,8 +609,12 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                         );
                         let mut parts = vec![("attention_loss", att), ("hidden_loss", hid)];
                         let total = if settings.prediction_weight > 0.0 {
-                            let p =
-                                prediction_loss(s.logits, t.logits, task.is_regression(), &settings);
+                            let p = prediction_loss(
+                                s.logits,
+                                t.logits,
+                                task.is_regression(),
+                                &settings,
+                            );
                             parts.push(("prediction_loss", p.clone()));
                             total + p * settings.prediction_weight
                         } else {
@@ -598,22 +638,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
                                 )
                                 .to_device(&ad)
                         };
-                        let total = match (task.is_regression(), settings.regression_target) {
-                            (false, _) => prediction_loss(s, teacher_logits(), false, &settings),
-                            (true, RegressionTarget::Gold) => {
-                                let labels = b.labels.as_ref().context(
-                                    "stage 2 fits gold scores, and this batch has unlabelled examples",
-                                )?;
-                                crate::loss::mse(s, label_tensors(labels, &ad).1.context("gold scores")?)
-                            }
-                            (true, RegressionTarget::Teacher) => {
-                                prediction_loss(s, teacher_logits(), true, &settings)
-                            }
-                        };
-                        Ok(LossTerms {
-                            total,
-                            parts: vec![],
-                        })
+                        stage2_loss(s, teacher_logits, b, task.is_regression(), &settings, &ad)
                     },
                     eval,
                 )?,
@@ -894,4 +919,76 @@ fn load_teacher(
 
 fn resolve_dir(spec: &str) -> Result<PathBuf> {
     Ok(crate::hub::model_dir(spec)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenize::HostBatch;
+    use crate::train::recipe::StageConfig;
+
+    fn labelled(classes: &[usize]) -> Batch {
+        Batch {
+            indices: vec![],
+            inputs: HostBatch {
+                input_ids: vec![],
+                attention_mask: vec![],
+                token_type_ids: vec![],
+                batch: 0,
+                seq: 0,
+            },
+            labels: Some(classes.iter().map(|&c| Label::Class(c)).collect()),
+        }
+    }
+
+    #[test]
+    fn stage2_adds_the_weighted_gold_cross_entropy() {
+        let device = Device::default();
+        let tensor =
+            |v: [f32; 4]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [2, 2]), &device);
+        let (s, t) = ([2.0f32, 0.0, 0.0, 1.0], [0.0f32, 1.0, 1.0, 0.0]);
+        let mut settings = StageConfig::default().resolve(StageKind::Stage2, "rte");
+        let value = |x: Tensor<1>| x.into_scalar::<f32>() as f64;
+        let teacher_term = value(prediction_loss(tensor(s), tensor(t), false, &settings));
+        let plain = stage2_loss(
+            tensor(s),
+            || tensor(t),
+            &labelled(&[0, 0]),
+            false,
+            &settings,
+            &device,
+        )
+        .unwrap();
+        assert!((value(plain.total) - teacher_term).abs() < 1e-6);
+        assert!(plain.parts.is_empty());
+        // Gold class 0 for both rows: −log softmax([2, 0])₀ and −log softmax([0, 1])₀.
+        let gold = ((1.0 + (-2.0f64).exp()).ln() + (1.0 + 1.0f64.exp()).ln()) / 2.0;
+        settings.label_weight = 0.5;
+        let mixed = stage2_loss(
+            tensor(s),
+            || tensor(t),
+            &labelled(&[0, 0]),
+            false,
+            &settings,
+            &device,
+        )
+        .unwrap();
+        assert!((value(mixed.total) - (teacher_term + 0.5 * gold)).abs() < 1e-5);
+        let names: Vec<&str> = mixed.parts.iter().map(|p| p.0).collect();
+        assert_eq!(names, ["distillation_loss", "label_loss"]);
+        // An unlabelled batch cannot feed the label term.
+        let mut unlabelled = labelled(&[0, 0]);
+        unlabelled.labels = None;
+        assert!(
+            stage2_loss(
+                tensor(s),
+                || tensor(t),
+                &unlabelled,
+                false,
+                &settings,
+                &device
+            )
+            .is_err()
+        );
+    }
 }
