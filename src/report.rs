@@ -835,7 +835,7 @@ fn time_table(runs: &[Run], md: &mut String) {
     let _ = writeln!(
         md,
         "
-Time to a student with the shipped recipe (this machine, seconds; mean over seeds; stage 1 with the fitted start's fit where the recipe has one), and stage 1's epochs against the reference's:
+Time to a student with the shipped recipe (this machine, seconds; per stage the fastest seed, since runs share the machine with builds and checks; stage 1 with the fitted start's fit where the recipe has one), and stage 1's epochs against the reference's:
 "
     );
     let _ = writeln!(
@@ -844,17 +844,16 @@ Time to a student with the shipped recipe (this machine, seconds; mean over seed
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     for ((task, approx), rs) in &groups {
-        let mean_of = |f: &dyn Fn(&Run) -> Option<f64>| {
-            let v: Vec<f64> = rs.iter().filter_map(|r| f(r)).collect();
-            (!v.is_empty()).then(|| mean_std(&v).0)
+        let fastest = |f: &dyn Fn(&Run) -> Option<f64>| {
+            rs.iter().filter_map(|r| f(r)).min_by(f64::total_cmp)
         };
-        let teacher = mean_of(&|r| finetune_wall(origin(runs, r)));
+        let teacher = fastest(&|r| finetune_wall(origin(runs, r)));
         // The fitted start's fit is part of getting a student through stage 1.
-        let s1 = mean_of(&|r| {
+        let s1 = fastest(&|r| {
             let fit = r.stage_wall_s.get("fit").copied().unwrap_or(0.0);
             r.stage_wall_s.get("stage1").map(|s| s + fit)
         });
-        let s2 = mean_of(&|r| r.stage_wall_s.get("stage2").copied());
+        let s2 = fastest(&|r| r.stage_wall_s.get("stage2").copied());
         let fmt = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0}"));
         let total = [teacher, s1, s2].iter().flatten().sum::<f64>() / 60.0;
         let epochs = rs[0].stage1_epochs.map_or("–".into(), |e| format!("{e}"));
