@@ -205,6 +205,14 @@ reseeded_teacher rte 1
 # RTE's students part from their teacher blind to the right answer, where a second teacher
 # trained on the labels leans to it: stage 2 with the gold labels beside the teacher's outputs.
 fitted rte 42 -labels "stage 2 with the gold labels" --set stage2.label_weight=1
+# It moved RTE's seed 42 from 160 to 164 of 277 (the teacher: 167): its other seeds, and the
+# other classification tasks with a teacher near its trivial answer, before more seeds of the
+# recipe without it.
+for seed in 1 2; do
+    fitted rte $seed -labels "stage 2 with the gold labels" --set stage2.label_weight=1
+done
+fitted mrpc 42 -labels "stage 2 with the gold labels" --set stage2.label_weight=1
+fitted cola 42 -labels "stage 2 with the gold labels" --set stage2.label_weight=1
 for seed in 1 2; do
     fitted stsb $seed
     fitted mrpc $seed
