@@ -844,9 +844,8 @@ Time to a student with the shipped recipe (this machine, seconds; per stage the 
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     for ((task, approx), rs) in &groups {
-        let fastest = |f: &dyn Fn(&Run) -> Option<f64>| {
-            rs.iter().filter_map(|r| f(r)).min_by(f64::total_cmp)
-        };
+        let fastest =
+            |f: &dyn Fn(&Run) -> Option<f64>| rs.iter().filter_map(|r| f(r)).min_by(f64::total_cmp);
         let teacher = fastest(&|r| finetune_wall(origin(runs, r)));
         // The fitted start's fit is part of getting a student through stage 1.
         let s1 = fastest(&|r| {
