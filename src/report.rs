@@ -74,6 +74,8 @@ pub struct Run {
     pub stage_wall_s: BTreeMap<String, f64>,
     /// `teacher.finetuned_run`: the teacher came fine-tuned from that run, not from this one.
     pub teacher_from: Option<String>,
+    /// `student.stage1_run`: the student after stage 1 came from that run.
+    pub stage1_from: Option<String>,
     pub losses: Vec<Point>,
     /// Primary dev metric at each evaluation during training.
     pub dev: Vec<Point>,
@@ -320,6 +322,11 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         stage_wall_s,
         teacher_from: teacher
             .and_then(|t| t.get("finetuned_run"))
+            .and_then(|r| r.as_str())
+            .map(|r| r.rsplit('/').next().unwrap_or(r).to_string()),
+        stage1_from: recipe
+            .get("student")
+            .and_then(|t| t.get("stage1_run"))
             .and_then(|r| r.as_str())
             .map(|r| r.rsplit('/').next().unwrap_or(r).to_string()),
         losses,
@@ -1063,8 +1070,11 @@ pub fn markdown(runs: &[Run]) -> String {
         let stages: Vec<String> = r
             .stage_wall_s
             .iter()
-            .map(|(k, v)| match (&r.teacher_from, k.as_str()) {
-                (Some(from), "finetune") => format!("finetune: teacher of {from}"),
+            .map(|(k, v)| match k.as_str() {
+                "finetune" if let Some(from) = &r.teacher_from => {
+                    format!("finetune: teacher of {from}")
+                }
+                "stage1" if let Some(from) = &r.stage1_from => format!("stage1: of {from}"),
                 _ => format!("{k} {v:.0}"),
             })
             .collect();

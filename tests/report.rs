@@ -407,6 +407,15 @@ fn trivial_baseline_margin_retention_agreement_and_sweep() {
                 "[teacher]\n",
                 "[teacher]\nfinetuned_run = \"checkpoints/rte-s42\"\n",
             );
+            // Seed 2 took seed 42's stage 1 as well (`student.stage1_run`).
+            let text = if seed == 2 {
+                text.replace(
+                    "[student]\n",
+                    "[student]\nstage1_run = \"checkpoints/rte-s42\"\n",
+                )
+            } else {
+                text
+            };
             std::fs::write(&recipe, text).unwrap();
         }
     }
@@ -472,6 +481,22 @@ fn trivial_baseline_margin_retention_agreement_and_sweep() {
     assert!(
         md.contains("| rte | quad+2quad | 123 | 100 | 50 | 5 | 6 / 50 |"),
         "{md}"
+    );
+    let runs_line = |name: &str| {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {name} | rte |")))
+            .unwrap_or_else(|| panic!("no line for {name} in {md}"))
+            .to_string()
+    };
+    assert!(
+        runs_line("rte-s2").contains("stage1: of rte-s42"),
+        "{}",
+        runs_line("rte-s2")
+    );
+    assert!(
+        runs_line("rte-s1").contains("stage1 100"),
+        "{}",
+        runs_line("rte-s1")
     );
     // A reseed file that is not `compare`'s output is refused by name.
     std::fs::write(

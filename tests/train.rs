@@ -920,3 +920,89 @@ fn stage_two_with_the_gold_labels() {
         );
     }
 }
+
+#[test]
+fn stage_two_variants_share_one_stage_one() {
+    let bin = env!("CARGO_BIN_EXE_mpcformer");
+    let a = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(a.path());
+    let runs = a.path().join("runs");
+    let run = |name: &str, sets: &[String]| {
+        let mut c = Command::new(bin);
+        c.arg("run")
+            .arg(&recipe)
+            .args(["--set", &format!("name={name}")]);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        c.output().unwrap()
+    };
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let first = runs.join("first");
+    ok(run("first", &[]));
+    let from_first = format!("student.stage1_run={:?}", first.display().to_string());
+    let labels = "stage2.label_weight=0.5".to_string();
+    ok(run("shared", &[from_first.clone(), labels.clone()]));
+    ok(run("alone", &[labels]));
+    // Stage 1 is deterministic: taking it from `first` gives the student that running it here
+    // gives, bit for bit, and the teacher's fine-tuning is credited to `first`.
+    let bytes = |run: &str, file: &str| std::fs::read(runs.join(run).join(file)).unwrap();
+    assert_eq!(
+        bytes("shared", "student/model.safetensors"),
+        bytes("alone", "student/model.safetensors")
+    );
+    assert_eq!(
+        bytes("shared", "teacher/model.safetensors"),
+        bytes("first", "teacher/model.safetensors")
+    );
+    let log = String::from_utf8(bytes("shared", "metrics.jsonl")).unwrap();
+    let stage1_steps = log
+        .lines()
+        .filter(|l| l.contains("\"stage\":\"stage1\"") && l.contains("\"loss\""))
+        .count();
+    assert_eq!(stage1_steps, 0, "{log}");
+    assert!(log.contains("\"reused_from\""), "{log}");
+    let resolved = String::from_utf8(bytes("shared", "recipe.toml")).unwrap();
+    assert!(
+        resolved.contains(&format!(
+            "finetuned_run = {:?}",
+            first.display().to_string()
+        )),
+        "{resolved}"
+    );
+    for (sets, message) in [
+        (
+            vec![from_first.clone(), "stage1.lr=1e-4".to_string()],
+            "resolved.stage1.lr",
+        ),
+        (vec![from_first.clone(), "seed=7".to_string()], "seed"),
+        (
+            vec![
+                from_first.clone(),
+                "stages=[\"finetune\", \"stage1\"]".to_string(),
+            ],
+            "`stages` needs both",
+        ),
+        (
+            vec![format!(
+                "student.stage1_run={:?}",
+                runs.join("shared-lr").display().to_string()
+            )],
+            "recipe.toml",
+        ),
+    ] {
+        let out = run("refused", &sets);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(message),
+            "{sets:?}: {err}"
+        );
+        let _ = std::fs::remove_dir_all(runs.join("refused"));
+    }
+}

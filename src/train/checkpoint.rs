@@ -147,12 +147,18 @@ impl Checkpoints {
             &tmp.path().join("state.json"),
             serde_json::to_string_pretty(&(state, optim.step))?.as_bytes(),
         )?;
-        let final_dir = self.dir.join(&name);
+        let final_dir = self.install(tmp, &name)?;
+        self.prune(&name);
+        Ok(final_dir)
+    }
+
+    /// Moves the complete checkpoint written in `tmp` to `<dir>/<name>` and points `latest` at it.
+    fn install(&self, tmp: tempfile::TempDir, name: &str) -> Result<PathBuf> {
+        let final_dir = self.dir.join(name);
         let _ = std::fs::remove_dir_all(&final_dir);
         std::fs::rename(tmp.keep(), &final_dir)
             .with_context(|| format!("renaming into {}", final_dir.display()))?;
         write_atomic(&self.dir.join("latest"), name.as_bytes())?;
-        self.prune(&name);
         Ok(final_dir)
     }
 
@@ -170,6 +176,23 @@ impl Checkpoints {
         for old in &all[..n] {
             let _ = std::fs::remove_dir_all(self.dir.join(old));
         }
+    }
+
+    /// Copies the complete checkpoint `ckpt` (another run's) in as this stage's newest.
+    pub fn adopt(&self, ckpt: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let name = ckpt
+            .file_name()
+            .with_context(|| format!("{}: not a checkpoint directory", ckpt.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".ckpt-")
+            .tempdir_in(&self.dir)?;
+        for file in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+            std::fs::copy(ckpt.join(file), tmp.path().join(file))
+                .with_context(|| format!("copying {}", ckpt.join(file).display()))?;
+        }
+        self.install(tmp, &name.to_string_lossy())
     }
 
     /// The newest complete checkpoint, if any.

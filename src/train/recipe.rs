@@ -156,6 +156,12 @@ pub struct StudentSpec {
     /// exported config, and the MPC engine uses it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub two_quad_c: Option<f64>,
+    /// A finished run whose student after stage 1 (and whose teacher) this run takes instead of
+    /// running stage 1 again: variants that differ in stage 2 alone share one stage 1. Every
+    /// setting but stage 2's, the name, label and output directory must be this recipe's, so
+    /// the student is the one stage 1 would give here (stage 1 is deterministic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage1_run: Option<PathBuf>,
 }
 
 impl StudentSpec {
@@ -183,6 +189,7 @@ impl Default for StudentSpec {
             hidden_size: None,
             intermediate_size: None,
             two_quad_c: None,
+            stage1_run: None,
         }
     }
 }
@@ -627,6 +634,15 @@ impl Recipe {
         {
             bail!(
                 "{}: student.init = \"fitted\" rescales each 2Quad head's scores, which stage 1's score MSE would undo; set stage1.attention_target = \"probs\"",
+                path.display()
+            );
+        }
+        if recipe.student.stage1_run.is_some()
+            && !(recipe.stages.contains(&StageKind::Stage1)
+                && recipe.stages.contains(&StageKind::Stage2))
+        {
+            bail!(
+                "{}: student.stage1_run takes another run's stage 1 for this run's stage 2; `stages` needs both",
                 path.display()
             );
         }

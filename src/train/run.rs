@@ -15,6 +15,7 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::checkpoint::Checkpoints;
 use super::fit::{LossTerms, MetricsLog, Score, Stage};
 use super::recipe::{Recipe, StageKind, StageSettings, StudentInit, TransferKind};
 use crate::data::batch::SplitMix64;
@@ -342,29 +343,71 @@ fn summary_of(model: &SequenceClassifier, s: &Score) -> ModelSummary {
     }
 }
 
-/// The teacher settings (model, data, resolved `finetune`, device, precision) on which the
-/// finished run `src` differs from `recipe`: the seed may differ, so students of several seeds
-/// learn from one teacher and their spread measures distillation alone.
-fn teacher_settings_differ(recipe: &Recipe, src: &Path) -> Result<Vec<&'static str>> {
+/// Every setting of a resolved recipe by its dotted key (`resolved.stage1.lr`), arrays whole.
+fn flat_settings(v: &toml::Value, prefix: &str, out: &mut BTreeMap<String, String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flat_settings(v, &key, out);
+            }
+        }
+        v => {
+            out.insert(prefix.to_string(), v.to_string());
+        }
+    }
+}
+
+/// Whether `key` is `section` or lies under it.
+fn under(key: &str, section: &str) -> bool {
+    key.strip_prefix(section)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// The settings among `relevant` (sections, by dotted key) on which the finished run `src`
+/// differs from `recipe`, by dotted key; `relevant` `None` compares all but `free`.
+fn settings_differ(
+    recipe: &Recipe,
+    src: &Path,
+    relevant: Option<&[&str]>,
+    free: &[&str],
+) -> Result<Vec<String>> {
     let path = src.join("recipe.toml");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let theirs: toml::Value =
         toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
     let ours: toml::Value = toml::from_str(&recipe.resolved_toml())?;
-    let pick = |v: &toml::Value, key: &str| {
-        key.split('.')
-            .try_fold(v.clone(), |v, k| v.get(k).cloned())
-            .map(|v| v.to_string())
-    };
-    let mut teacher_keys = vec![
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flat_settings(&theirs, "", &mut a);
+    flat_settings(&ours, "", &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    Ok(keys
+        .into_iter()
+        .filter(|k| relevant.is_none_or(|r| r.iter().any(|s| under(k, s))))
+        .filter(|k| !free.iter().any(|s| under(k, s)))
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect())
+}
+
+/// The teacher settings (model, data, resolved `finetune`, device, precision) on which the
+/// finished run `src` differs from `recipe`: the seed may differ, so students of several seeds
+/// learn from one teacher and their spread measures distillation alone.
+fn teacher_settings_differ(recipe: &Recipe, src: &Path) -> Result<Vec<String>> {
+    let teacher = [
         "teacher.model",
         "teacher.config",
         "resolved.finetune",
         "finetune.lr_grid",
-    ];
-    teacher_keys.extend(["data.task", "data.spec", "data.max_len", "data.train_split"]);
-    teacher_keys.extend([
+        "data.task",
+        "data.spec",
+        "data.max_len",
+        "data.train_split",
         "data.train_limit",
         "data.train_sample",
         "data.eval_split",
@@ -372,11 +415,70 @@ fn teacher_settings_differ(recipe: &Recipe, src: &Path) -> Result<Vec<&'static s
         "data.eval_sample",
         "device",
         "precision",
-    ]);
-    Ok(teacher_keys
-        .into_iter()
-        .filter(|k| pick(&theirs, k) != pick(&ours, k))
-        .collect())
+    ];
+    settings_differ(recipe, src, Some(&teacher), &[])
+}
+
+/// What a run that takes `src`'s stage 1 (`student.stage1_run`) may set otherwise: stage 2,
+/// its name and place, and where the teacher was copied from (the teacher itself is compared
+/// through its settings).
+const STAGE1_FREE: [&str; 8] = [
+    "name",
+    "label",
+    "output_dir",
+    "stage2",
+    "resolved.stage2",
+    "student.stage1_run",
+    "teacher.finetuned_run",
+    "teacher.sweep_from",
+];
+
+/// `recipe` with the teacher's origin of `src`, whose finished stage 1 it takes
+/// (`student.stage1_run`), after checking that `src` ran stage 1 as `recipe` would. The origin
+/// is `src`'s own `teacher.finetuned_run` (or `src`, when it fine-tuned), so that the report
+/// credits the teacher's fine-tuning to the run that did it.
+fn with_stage1_of(recipe: &Recipe, src: &Path) -> Result<Recipe> {
+    let differ = settings_differ(recipe, src, None, &STAGE1_FREE)?;
+    if !differ.is_empty() {
+        bail!(
+            "student.stage1_run {}: its stage 1 ran with other settings ({}); run stage 1 here instead",
+            src.display(),
+            differ.join(", ")
+        );
+    }
+    let log = src.join("metrics.jsonl");
+    let text =
+        std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+    let finished = text.lines().any(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .is_ok_and(|v| v["stage"] == "stage1" && v["done"] == true)
+    });
+    if !finished {
+        bail!(
+            "student.stage1_run {}: its stage 1 has not finished (no `done` record in {})",
+            src.display(),
+            log.display()
+        );
+    }
+    let theirs: toml::Value = toml::from_str(&std::fs::read_to_string(src.join("recipe.toml"))?)?;
+    let origin = theirs
+        .get("teacher")
+        .and_then(|t| t.get("finetuned_run"))
+        .and_then(|r| r.as_str())
+        .map_or_else(|| src.to_path_buf(), PathBuf::from);
+    if let Some(ours) = &recipe.teacher.finetuned_run
+        && *ours != origin
+    {
+        bail!(
+            "student.stage1_run {}: its teacher came from {}, not from teacher.finetuned_run {}; drop teacher.finetuned_run",
+            src.display(),
+            origin.display(),
+            ours.display()
+        );
+    }
+    let mut r = recipe.clone();
+    r.teacher.finetuned_run = Some(origin);
+    Ok(r)
 }
 
 /// Copies the fine-tuned teacher of the finished run `src` into `teacher_dir`, after checking
@@ -410,9 +512,44 @@ fn reuse_teacher(recipe: &Recipe, src: &Path, teacher_dir: &Path) -> Result<()> 
     Ok(())
 }
 
+/// Copies the last checkpoint of `src`'s stage 1 into `stage_dir` (unless a resumed run has
+/// one there already), where stage 1 then resumes at its end.
+fn adopt_stage1(src: &Path, stage_dir: &Path, log: &mut MetricsLog) -> Result<()> {
+    let ours = Checkpoints {
+        dir: stage_dir.to_path_buf(),
+        keep: 2,
+    };
+    if ours.latest().is_some() {
+        return Ok(());
+    }
+    let theirs = Checkpoints {
+        dir: src.join(StageKind::Stage1.name()),
+        keep: 2,
+    };
+    let last = theirs.latest().with_context(|| {
+        format!(
+            "student.stage1_run {}: no stage-1 checkpoint in {}",
+            src.display(),
+            theirs.dir.display()
+        )
+    })?;
+    ours.adopt(&last)?;
+    log.write(json!({"stage": "stage1", "reused_from": src}))?;
+    eprintln!("stage1: the student of {} after its stage 1", src.display());
+    Ok(())
+}
+
 /// Runs `recipe`; with `resume`, continues each stage from its last checkpoint and skips stages
 /// already finished.
 pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
+    let with_source;
+    let recipe = match &recipe.student.stage1_run {
+        Some(src) => {
+            with_source = with_stage1_of(recipe, src)?;
+            &with_source
+        }
+        None => recipe,
+    };
     let dir = recipe.output_dir.join(&recipe.name);
     if dir.join("metrics.jsonl").exists() && !resume {
         bail!(
@@ -487,7 +624,8 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         seed: recipe.seed,
         device: ad.clone(),
         precision: recipe.precision,
-        resume,
+        // A stage 1 taken from another run continues from its last checkpoint: its end.
+        resume: resume || (kind == StageKind::Stage1 && recipe.student.stage1_run.is_some()),
         tag: None,
     };
     let mut walls = BTreeMap::new();
@@ -501,7 +639,12 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             teacher =
                 load_pretrained(&teacher_dir.to_string_lossy(), &Overrides::default(), &ad)?.model;
             eprintln!("finetune: done earlier, loaded {}", teacher_dir.display());
-        } else if let Some(src) = &recipe.teacher.finetuned_run {
+        } else if let Some(src) = recipe
+            .student
+            .stage1_run
+            .as_ref()
+            .or(recipe.teacher.finetuned_run.as_ref())
+        {
             reuse_teacher(recipe, src, &teacher_dir)?;
             teacher =
                 load_pretrained(&teacher_dir.to_string_lossy(), &Overrides::default(), &ad)?.model;
@@ -579,6 +722,9 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         // once here (the losses take its outputs in f32).
         let frozen = recipe.precision.compute_copy(&frozen);
         let teacher_threads = crate::model::bert::inference_threads(&teacher_device);
+        if let Some(src) = &recipe.student.stage1_run {
+            adopt_stage1(src, &dir.join(StageKind::Stage1.name()), &mut log)?;
+        }
         let mut last = None;
         for &kind in recipe.stages.iter().filter(|k| **k != StageKind::Finetune) {
             let st = stage(kind);
