@@ -26,6 +26,7 @@ use crate::distill::{Student, init_student, intermediate_loss, prediction_loss, 
 use crate::eval::{predictions, run_model};
 use crate::io::write_atomic;
 use crate::metric;
+use crate::model::bert::{Capture, ClassifierOutput};
 use crate::model::{self, Inputs, ModelConfig, Overrides, SequenceClassifier, load_pretrained};
 use crate::tokenize::TextTokenizer;
 
@@ -539,6 +540,92 @@ fn adopt_stage1(src: &Path, stage_dir: &Path, log: &mut MetricsLog) -> Result<()
     Ok(())
 }
 
+/// What every part of a run needs: its recipe, directory, devices and data.
+struct RunContext<'a> {
+    recipe: &'a Recipe,
+    dir: PathBuf,
+    /// Evaluation and the frozen teacher run here; training on its autodiff twin `ad`.
+    device: Device,
+    ad: Device,
+    data: TaskData,
+    resume: bool,
+}
+
+impl RunContext<'_> {
+    fn stage(&self, kind: StageKind) -> Stage<'_> {
+        let (recipe, d) = (self.recipe, &self.data);
+        Stage {
+            kind,
+            settings: recipe.stage(kind),
+            dir: self.dir.join(kind.name()),
+            train: match &d.augmented {
+                Some(t) if recipe.data.transfer_stages().contains(&kind) => t,
+                _ => &d.train,
+            },
+            seed: recipe.seed,
+            device: self.ad.clone(),
+            precision: recipe.precision,
+            // A stage 1 taken from another run continues from its last checkpoint: its end.
+            resume: self.resume
+                || (kind == StageKind::Stage1 && recipe.student.stage1_run.is_some()),
+            tag: None,
+        }
+    }
+}
+
+impl TaskData {
+    /// The recipe's splits, tokenised once, and its transfer examples (which `teacher` labels).
+    fn load(
+        recipe: &Recipe,
+        task: &'static Task,
+        (teacher, tok_dir): (&SequenceClassifier, &Path),
+        device: &Device,
+    ) -> Result<TaskData> {
+        let max_len = recipe.data.max_len.unwrap_or(task.max_len);
+        let tokenizer = TextTokenizer::from_dir(tok_dir, max_len)?;
+        let spec = recipe.data.spec.as_deref();
+        let train_set = load_split(
+            task,
+            spec,
+            &recipe.data.train_split,
+            (recipe.data.train_limit, recipe.data.train_sample),
+        )?;
+        let dev_set = load_split(
+            task,
+            spec,
+            &recipe.data.eval_split,
+            (recipe.data.eval_limit, recipe.data.eval_sample),
+        )?;
+        let pad = recipe
+            .data
+            .pad_to_multiple_of
+            .unwrap_or_else(|| crate::device::default_pad_multiple(device, max_len));
+        let tokenize = |set: &Dataset| -> Result<Tokenized> {
+            let t = Tokenized::new(set, &tokenizer).map_err(anyhow::Error::msg)?;
+            Ok(t.pad_to_multiple_of(pad))
+        };
+        let augmented = match transfer_set(recipe, task, &train_set, (teacher, &tokenizer))? {
+            Some(t) => Some(tokenize(&t)?),
+            None => None,
+        };
+        let d = TaskData {
+            task,
+            augmented,
+            train: tokenize(&train_set)?,
+            dev: tokenize(&dev_set)?,
+            dev_set,
+        };
+        eprintln!(
+            "{}: {} train / {} dev examples of {}, max length {max_len}, batches padded to a multiple of {pad}",
+            recipe.name,
+            d.train.len(),
+            d.dev.len(),
+            task.title
+        );
+        Ok(d)
+    }
+}
+
 /// Runs `recipe`; with `resume`, continues each stage from its last checkpoint and skips stages
 /// already finished.
 pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
@@ -571,101 +658,29 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
     ad.seed(recipe.seed);
 
     let task = Task::find(&recipe.data.task).map_err(anyhow::Error::msg)?;
-    let (teacher, tok_dir) = load_teacher(recipe, task, &ad)?;
-    let max_len = recipe.data.max_len.unwrap_or(task.max_len);
-    let tokenizer = TextTokenizer::from_dir(&tok_dir, max_len)?;
-    let spec = recipe.data.spec.as_deref();
-    let train_set = load_split(
-        task,
-        spec,
-        &recipe.data.train_split,
-        (recipe.data.train_limit, recipe.data.train_sample),
-    )?;
-    let dev_set = load_split(
-        task,
-        spec,
-        &recipe.data.eval_split,
-        (recipe.data.eval_limit, recipe.data.eval_sample),
-    )?;
-    let pad = recipe
-        .data
-        .pad_to_multiple_of
-        .unwrap_or_else(|| crate::device::default_pad_multiple(&device, max_len));
-    let tokenize = |set: &Dataset| -> Result<Tokenized> {
-        let t = Tokenized::new(set, &tokenizer).map_err(anyhow::Error::msg)?;
-        Ok(t.pad_to_multiple_of(pad))
-    };
-    let augmented = match transfer_set(recipe, task, &train_set, (&teacher, &tokenizer))? {
-        Some(t) => Some(tokenize(&t)?),
-        None => None,
-    };
-    let d = TaskData {
-        task,
-        augmented,
-        train: tokenize(&train_set)?,
-        dev: tokenize(&dev_set)?,
-        dev_set,
-    };
-    eprintln!(
-        "{}: {} train / {} dev examples of {}, max length {max_len}, batches padded to a multiple of {pad}",
-        recipe.name,
-        d.train.len(),
-        d.dev.len(),
-        task.title
-    );
-    let stage = |kind: StageKind| Stage {
-        kind,
-        settings: recipe.stage(kind),
-        dir: dir.join(kind.name()),
-        train: match &d.augmented {
-            Some(t) if recipe.data.transfer_stages().contains(&kind) => t,
-            _ => &d.train,
-        },
-        seed: recipe.seed,
-        device: ad.clone(),
-        precision: recipe.precision,
-        // A stage 1 taken from another run continues from its last checkpoint: its end.
-        resume: resume || (kind == StageKind::Stage1 && recipe.student.stage1_run.is_some()),
-        tag: None,
+    let (pretrained, tok_dir) = load_teacher(recipe, task, &ad)?;
+    let data = TaskData::load(recipe, task, (&pretrained, &tok_dir), &device)?;
+    let cx = RunContext {
+        recipe,
+        dir,
+        device,
+        ad,
+        data,
+        resume,
     };
     let mut walls = BTreeMap::new();
-    let mut teacher = teacher;
-    let teacher_dir = dir.join("teacher");
 
     // 1. The teacher.
-    if recipe.stages.contains(&StageKind::Finetune) {
+    let teacher = if recipe.stages.contains(&StageKind::Finetune) {
         let t0 = Instant::now();
-        if resume && teacher_dir.join("model.safetensors").is_file() {
-            teacher =
-                load_pretrained(&teacher_dir.to_string_lossy(), &Overrides::default(), &ad)?.model;
-            eprintln!("finetune: done earlier, loaded {}", teacher_dir.display());
-        } else if let Some(src) = recipe
-            .student
-            .stage1_run
-            .as_ref()
-            .or(recipe.teacher.finetuned_run.as_ref())
-        {
-            reuse_teacher(recipe, src, &teacher_dir)?;
-            teacher =
-                load_pretrained(&teacher_dir.to_string_lossy(), &Overrides::default(), &ad)?.model;
-            log.write(json!({"stage": "finetune", "reused_from": src}))?;
-            eprintln!("finetune: the teacher of {} (same settings)", src.display());
-        } else {
-            let t = finetune(
-                recipe,
-                teacher,
-                stage(StageKind::Finetune),
-                &mut log,
-                &d,
-                &device,
-            )?;
-            t.valid().save_pretrained(&teacher_dir, Some(&tok_dir))?;
-            teacher = t;
-        }
+        let t = finetuned_teacher(&cx, pretrained, &tok_dir, &mut log)?;
         walls.insert("finetune".to_string(), t0.elapsed().as_secs_f64());
-    }
+        t
+    } else {
+        pretrained
+    };
     let teacher_plain = teacher.valid();
-    let teacher_score = score(&teacher_plain, &d, &device)?;
+    let teacher_score = score(&teacher_plain, &cx.data, &cx.device)?;
     log.write(json!({"stage": "teacher", "eval": teacher_score.1}))?;
     eprintln!(
         "teacher ({}): {:?}",
@@ -680,167 +695,240 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             StageKind::Stage1 | StageKind::Stage2 | StageKind::Supervised
         )
     });
-    let mut student_summary = None;
-    let mut agreement = None;
-    if distilling {
-        ad.seed(recipe.seed);
-        let (mut student, report) = init_student(&teacher, &recipe.student, &ad)?;
-        if let Some(r) = report {
-            eprintln!("student from teacher: {r}");
-        }
-        if recipe.student.init == StudentInit::Fitted {
-            let t0 = Instant::now();
-            let batches = fitting_batches(&d.train, recipe.seed, &device);
-            let (model, fit) = fitted::refit(student.model, &teacher_plain, &batches)?;
-            let seconds = t0.elapsed().as_secs_f64();
-            eprintln!("{fit}\n  ({seconds:.1} s)");
-            walls.insert("fit".to_string(), seconds);
-            let mut record = fit_record(&fit);
-            record["seconds"] = json!(seconds);
-            log.write(record)?;
-            student.model = model;
-        }
-        // The teacher runs without gradients and (unlike the reference) without dropout: then on
-        // the plain device, where no autodiff bookkeeping happens and its forward runs as two
-        // half-batches side by side (`forward_threaded`). Dropout
-        // needs the autodiff device (`teacher.dropout_during_distill`, the reference's fault).
-        let teacher_device = if recipe.teacher.dropout_during_distill {
-            ad.clone()
-        } else {
-            device.clone()
-        };
-        let frozen = if recipe.teacher.dropout_during_distill {
-            with_dropout_config(teacher.clone().no_grad())
-        } else {
-            let plain = teacher.clone().valid();
-            SequenceClassifier {
-                config: plain.config.clone().without_dropout(),
-                ..plain
-            }
-        };
-        // The teacher's forward pass in the student's precision: its Linear layers are cast
-        // once here (the losses take its outputs in f32).
-        let frozen = recipe.precision.compute_copy(&frozen);
-        let teacher_threads = crate::model::bert::inference_threads(&teacher_device);
-        if let Some(src) = &recipe.student.stage1_run {
-            adopt_stage1(src, &dir.join(StageKind::Stage1.name()), &mut log)?;
-        }
-        let mut last = None;
-        for &kind in recipe.stages.iter().filter(|k| **k != StageKind::Finetune) {
-            let st = stage(kind);
-            let settings = st.settings.clone();
-            let t0 = Instant::now();
-            let eval = |m: &Student| score(&m.model, &d, &device);
-            let (s, best) = match kind {
-                StageKind::Stage1 => st.fit(
-                    student,
-                    &mut log,
-                    |m: &Student, b: &Batch| {
-                        let inputs = b.inputs.to_inputs(&ad);
-                        let capture = stage1_capture(&settings);
-                        let t = frozen
-                            .forward_threaded(
-                                &b.inputs.to_inputs(&teacher_device),
-                                capture,
-                                teacher_threads,
-                            )
-                            .to_device(&ad);
-                        let s = m.model.forward(&inputs, capture);
-                        let (total, att, hid) = intermediate_loss(
-                            m,
-                            &s,
-                            &t,
-                            inputs.attention_mask.clone().float(),
-                            &settings,
-                        );
-                        let mut parts = vec![("attention_loss", att), ("hidden_loss", hid)];
-                        let total = if settings.prediction_weight > 0.0 {
-                            let p = prediction_loss(
-                                s.logits,
-                                t.logits,
-                                task.is_regression(),
-                                &settings,
-                            );
-                            parts.push(("prediction_loss", p.clone()));
-                            total + p * settings.prediction_weight
-                        } else {
-                            total
-                        };
-                        Ok(LossTerms { total, parts })
-                    },
-                    eval,
-                )?,
-                StageKind::Stage2 => st.fit(
-                    student,
-                    &mut log,
-                    |m: &Student, b: &Batch| {
-                        let inputs: Inputs = b.inputs.to_inputs(&ad);
-                        let s = m.model.logits(&inputs);
-                        let teacher_logits = || {
-                            frozen
-                                .logits_threaded(
-                                    &b.inputs.to_inputs(&teacher_device),
-                                    teacher_threads,
-                                )
-                                .to_device(&ad)
-                        };
-                        stage2_loss(s, teacher_logits, b, task.is_regression(), &settings, &ad)
-                    },
-                    eval,
-                )?,
-                StageKind::Supervised => st.fit(
-                    student,
-                    &mut log,
-                    |m: &Student, b: &Batch| label_loss(&m.model, b, &ad),
-                    eval,
-                )?,
-                StageKind::Finetune => unreachable!(),
-            };
-            walls.insert(kind.name().to_string(), t0.elapsed().as_secs_f64());
-            student = s;
-            last = best;
-        }
-        let student_plain = student.model.valid();
-        student_plain.save_pretrained(&dir.join("student"), Some(&tok_dir))?;
-        let s = match last {
-            Some(s) => s,
-            None => score(&student_plain, &d, &device)?,
-        };
-        log.write(json!({"stage": "student", "eval": s.1}))?;
-        eprintln!(
-            "student ({}): {:?}",
-            student_plain.config.approx.label(),
-            s.1
-        );
-        student_summary = Some(summary_of(&student_plain, &s));
-        let (t, s) = (
-            predict(&teacher_plain, &d, &device),
-            predict(&student_plain, &d, &device),
-        );
-        agreement = Some(metric::agreement(&t, &s).map_err(anyhow::Error::msg)?);
-    }
+    let (student, agreement) = if distilling {
+        let (s, a) = distil(&cx, &teacher, &tok_dir, &mut log, &mut walls)?;
+        (Some(s), Some(a))
+    } else {
+        (None, None)
+    };
     let summary = Summary {
         name: recipe.name.clone(),
         task: task.name.to_string(),
         seed: recipe.seed,
         recipe_hash: recipe.hash(),
-        retention: student_summary
-            .as_ref()
-            .map(|s| s.primary / teacher_score.0),
+        retention: student.as_ref().map(|s| s.primary / teacher_score.0),
         teacher: summary_of(&teacher_plain, &teacher_score),
-        student: student_summary,
-        trivial: trivial(&d)?,
+        student,
+        trivial: trivial(&cx.data)?,
         agreement,
         teacher_grid: grid_from_log(&log.path)?,
         stage_wall_s: walls,
-        train_examples: d.train.len(),
-        eval_examples: d.dev.len(),
+        train_examples: cx.data.train.len(),
+        eval_examples: cx.data.dev.len(),
     };
     write_atomic(
-        &dir.join("summary.json"),
+        &cx.dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(summary)
+}
+
+/// The run's teacher: loaded when a resumed run fine-tuned it already, copied from the run named
+/// by `student.stage1_run` or `teacher.finetuned_run`, or fine-tuned from `pretrained` and saved.
+fn finetuned_teacher(
+    cx: &RunContext,
+    pretrained: SequenceClassifier,
+    tok_dir: &Path,
+    log: &mut MetricsLog,
+) -> Result<SequenceClassifier> {
+    let recipe = cx.recipe;
+    let teacher_dir = cx.dir.join("teacher");
+    let load = || -> Result<SequenceClassifier> {
+        let dir = teacher_dir.to_string_lossy();
+        Ok(load_pretrained(&dir, &Overrides::default(), &cx.ad)?.model)
+    };
+    if cx.resume && teacher_dir.join("model.safetensors").is_file() {
+        eprintln!("finetune: done earlier, loaded {}", teacher_dir.display());
+        return load();
+    }
+    let source = recipe.student.stage1_run.as_ref();
+    if let Some(src) = source.or(recipe.teacher.finetuned_run.as_ref()) {
+        reuse_teacher(recipe, src, &teacher_dir)?;
+        log.write(json!({"stage": "finetune", "reused_from": src}))?;
+        eprintln!("finetune: the teacher of {} (same settings)", src.display());
+        return load();
+    }
+    let stage = cx.stage(StageKind::Finetune);
+    let t = finetune(recipe, pretrained, stage, log, &cx.data, &cx.device)?;
+    t.valid().save_pretrained(&teacher_dir, Some(tok_dir))?;
+    Ok(t)
+}
+
+/// The teacher as the distillation stages query it: without gradients and (unlike the
+/// reference) without dropout, on the plain device, where no autodiff bookkeeping happens and
+/// its forward runs as two half-batches side by side (`forward_threaded`). Dropout needs the
+/// autodiff device (`teacher.dropout_during_distill`, the reference's fault). Its Linear layers
+/// run in the student's precision, cast once here (the losses take its outputs in f32).
+struct FrozenTeacher {
+    model: SequenceClassifier,
+    device: Device,
+    threads: usize,
+    /// Where the student trains, and the teacher's outputs go.
+    ad: Device,
+}
+
+impl FrozenTeacher {
+    fn new(cx: &RunContext, teacher: &SequenceClassifier) -> Self {
+        let recipe = cx.recipe;
+        let (model, device) = if recipe.teacher.dropout_during_distill {
+            (
+                with_dropout_config(teacher.clone().no_grad()),
+                cx.ad.clone(),
+            )
+        } else {
+            let plain = teacher.clone().valid();
+            let model = SequenceClassifier {
+                config: plain.config.clone().without_dropout(),
+                ..plain
+            };
+            (model, cx.device.clone())
+        };
+        Self {
+            model: recipe.precision.compute_copy(&model),
+            threads: crate::model::bert::inference_threads(&device),
+            device,
+            ad: cx.ad.clone(),
+        }
+    }
+
+    fn forward(&self, b: &Batch, capture: Capture) -> ClassifierOutput {
+        let inputs = b.inputs.to_inputs(&self.device);
+        self.model
+            .forward_threaded(&inputs, capture, self.threads)
+            .to_device(&self.ad)
+    }
+
+    fn logits(&self, b: &Batch) -> Tensor<2> {
+        let inputs = b.inputs.to_inputs(&self.device);
+        self.model
+            .logits_threaded(&inputs, self.threads)
+            .to_device(&self.ad)
+    }
+}
+
+/// Stage 1's loss: hidden states and attention against the teacher's, plus the weighted logit
+/// term when `stage1.prediction_weight` joins stage 2's objective in.
+fn stage1_loss(
+    m: &Student,
+    b: &Batch,
+    teacher: &FrozenTeacher,
+    settings: &StageSettings,
+    regression: bool,
+) -> Result<LossTerms> {
+    let inputs = b.inputs.to_inputs(&teacher.ad);
+    let capture = stage1_capture(settings);
+    let t = teacher.forward(b, capture);
+    let s = m.model.forward(&inputs, capture);
+    let mask = inputs.attention_mask.clone().float();
+    let (total, att, hid) = intermediate_loss(m, &s, &t, mask, settings);
+    let mut parts = vec![("attention_loss", att), ("hidden_loss", hid)];
+    if settings.prediction_weight == 0.0 {
+        return Ok(LossTerms { total, parts });
+    }
+    let p = prediction_loss(s.logits, t.logits, regression, settings);
+    parts.push(("prediction_loss", p.clone()));
+    Ok(LossTerms {
+        total: total + p * settings.prediction_weight,
+        parts,
+    })
+}
+
+/// The student from `init_student`, refitted to the teacher when `student.init = "fitted"`.
+fn initial_student(
+    cx: &RunContext,
+    teacher: &SequenceClassifier,
+    log: &mut MetricsLog,
+    walls: &mut BTreeMap<String, f64>,
+) -> Result<Student> {
+    let recipe = cx.recipe;
+    cx.ad.seed(recipe.seed);
+    let (mut student, report) = init_student(teacher, &recipe.student, &cx.ad)?;
+    if let Some(r) = report {
+        eprintln!("student from teacher: {r}");
+    }
+    if recipe.student.init == StudentInit::Fitted {
+        let t0 = Instant::now();
+        let batches = fitting_batches(&cx.data.train, recipe.seed, &cx.device);
+        let (model, fit) = fitted::refit(student.model, &teacher.valid(), &batches)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        eprintln!("{fit}\n  ({seconds:.1} s)");
+        walls.insert("fit".to_string(), seconds);
+        let mut record = fit_record(&fit);
+        record["seconds"] = json!(seconds);
+        log.write(record)?;
+        student.model = model;
+    }
+    Ok(student)
+}
+
+/// Runs the recipe's student stages, saves the student, and returns its summary and its
+/// agreement with the teacher on dev.
+fn distil(
+    cx: &RunContext,
+    teacher: &SequenceClassifier,
+    tok_dir: &Path,
+    log: &mut MetricsLog,
+    walls: &mut BTreeMap<String, f64>,
+) -> Result<(ModelSummary, f64)> {
+    let (recipe, d, device) = (cx.recipe, &cx.data, &cx.device);
+    let mut student = initial_student(cx, teacher, log, walls)?;
+    let frozen = FrozenTeacher::new(cx, teacher);
+    if let Some(src) = &recipe.student.stage1_run {
+        adopt_stage1(src, &cx.dir.join(StageKind::Stage1.name()), log)?;
+    }
+    let regression = d.task.is_regression();
+    let mut last = None;
+    for &kind in recipe.stages.iter().filter(|k| **k != StageKind::Finetune) {
+        let st = cx.stage(kind);
+        let settings = st.settings.clone();
+        let t0 = Instant::now();
+        let eval = |m: &Student| score(&m.model, d, device);
+        let (s, best) = match kind {
+            StageKind::Stage1 => st.fit(
+                student,
+                log,
+                |m: &Student, b: &Batch| stage1_loss(m, b, &frozen, &settings, regression),
+                eval,
+            )?,
+            StageKind::Stage2 => st.fit(
+                student,
+                log,
+                |m: &Student, b: &Batch| {
+                    let s = m.model.logits(&b.inputs.to_inputs(&cx.ad));
+                    stage2_loss(s, || frozen.logits(b), b, regression, &settings, &cx.ad)
+                },
+                eval,
+            )?,
+            StageKind::Supervised => st.fit(
+                student,
+                log,
+                |m: &Student, b: &Batch| label_loss(&m.model, b, &cx.ad),
+                eval,
+            )?,
+            StageKind::Finetune => unreachable!(),
+        };
+        walls.insert(kind.name().to_string(), t0.elapsed().as_secs_f64());
+        student = s;
+        last = best;
+    }
+    let student_plain = student.model.valid();
+    student_plain.save_pretrained(&cx.dir.join("student"), Some(tok_dir))?;
+    let s = match last {
+        Some(s) => s,
+        None => score(&student_plain, d, device)?,
+    };
+    log.write(json!({"stage": "student", "eval": s.1}))?;
+    eprintln!(
+        "student ({}): {:?}",
+        student_plain.config.approx.label(),
+        s.1
+    );
+    let (t, p) = (
+        predict(&teacher.valid(), d, device),
+        predict(&student_plain, d, device),
+    );
+    let agreement = metric::agreement(&t, &p).map_err(anyhow::Error::msg)?;
+    Ok((summary_of(&student_plain, &s), agreement))
 }
 
 /// Fine-tunes the teacher, at `finetune.lr` or at each learning rate of `finetune.lr_grid` —
