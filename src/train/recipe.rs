@@ -530,90 +530,94 @@ impl Recipe {
             .replace("{act}", &recipe.student.act.to_string())
             .replace("{attn}", &recipe.student.attn.to_string())
             .replace("{seed}", &recipe.seed.to_string());
-        if recipe.teacher.model.is_none() && recipe.teacher.config.is_none() {
-            bail!(
-                "{}: set teacher.model (a checkpoint) or teacher.config",
-                path.display()
-            );
-        }
-        if recipe.stages.is_empty() {
-            bail!("{}: `stages` is empty", path.display());
-        }
-        let task = crate::data::Task::find(&recipe.data.task)
-            .map_err(|e| anyhow::anyhow!("{}: data.task: {e}", path.display()))?;
         recipe
-            .check_transfer(task)
+            .validate()
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(recipe)
+    }
+
+    /// Refuses settings that cannot work together, naming the key.
+    fn validate(&self) -> Result<()> {
+        if self.teacher.model.is_none() && self.teacher.config.is_none() {
+            bail!("set teacher.model (a checkpoint) or teacher.config");
+        }
+        if self.stages.is_empty() {
+            bail!("`stages` is empty");
+        }
+        let task = crate::data::Task::find(&self.data.task)
+            .map_err(|e| anyhow::anyhow!("data.task: {e}"))?;
+        self.check_transfer(task)?;
+        self.check_stage_terms(task)?;
+        self.check_student()?;
+        self.check_teacher()
+    }
+
+    /// Each stage's loss terms and grids, against the stages that have them.
+    fn check_stage_terms(&self, task: &crate::data::Task) -> Result<()> {
         for (name, stage) in [
-            ("stage1", &recipe.stage1),
-            ("stage2", &recipe.stage2),
-            ("supervised", &recipe.supervised),
+            ("stage1", &self.stage1),
+            ("stage2", &self.stage2),
+            ("supervised", &self.supervised),
         ] {
             if stage.lr_grid.is_some() {
                 bail!(
-                    "{}: {name}.lr_grid: only the teacher's fine-tuning sweeps learning rates (finetune.lr_grid)",
-                    path.display()
+                    "{name}.lr_grid: only the teacher's fine-tuning sweeps learning rates (finetune.lr_grid)"
                 );
             }
         }
         for (name, stage) in [
-            ("finetune", &recipe.finetune),
-            ("stage2", &recipe.stage2),
-            ("supervised", &recipe.supervised),
+            ("finetune", &self.finetune),
+            ("stage2", &self.stage2),
+            ("supervised", &self.supervised),
         ] {
             if stage.prediction_weight.is_some() {
                 bail!(
-                    "{}: {name}.prediction_weight: only stage 1 adds a prediction term to its loss (stage1.prediction_weight)",
-                    path.display()
+                    "{name}.prediction_weight: only stage 1 adds a prediction term to its loss (stage1.prediction_weight)"
                 );
             }
         }
-        if let Some(w) = recipe.stage1.prediction_weight
+        if let Some(w) = self.stage1.prediction_weight
             && !(w >= 0.0 && w.is_finite())
         {
-            bail!(
-                "{}: stage1.prediction_weight must be ≥ 0, found {w}",
-                path.display()
-            );
+            bail!("stage1.prediction_weight must be ≥ 0, found {w}");
         }
         for (name, stage) in [
-            ("finetune", &recipe.finetune),
-            ("stage1", &recipe.stage1),
-            ("supervised", &recipe.supervised),
+            ("finetune", &self.finetune),
+            ("stage1", &self.stage1),
+            ("supervised", &self.supervised),
         ] {
             if stage.label_weight.is_some() {
                 bail!(
-                    "{}: {name}.label_weight: only stage 2 adds a gold-label term to the teacher's (stage2.label_weight)",
-                    path.display()
+                    "{name}.label_weight: only stage 2 adds a gold-label term to the teacher's (stage2.label_weight)"
                 );
             }
         }
-        if let Some(w) = recipe.stage2.label_weight {
+        if let Some(w) = self.stage2.label_weight {
             if !(w >= 0.0 && w.is_finite()) {
-                bail!(
-                    "{}: stage2.label_weight must be ≥ 0, found {w}",
-                    path.display()
-                );
+                bail!("stage2.label_weight must be ≥ 0, found {w}");
             }
             if w > 0.0
                 && task.is_regression()
-                && recipe.stage2.regression_target.unwrap_or_default() == RegressionTarget::Gold
+                && self.stage2.regression_target.unwrap_or_default() == RegressionTarget::Gold
             {
                 bail!(
-                    "{}: stage2.label_weight: stage 2 of {} already fits the gold scores (stage2.regression_target = \"gold\"); the label term is for a stage 2 on the teacher's outputs",
-                    path.display(),
+                    "stage2.label_weight: stage 2 of {} already fits the gold scores (stage2.regression_target = \"gold\"); the label term is for a stage 2 on the teacher's outputs",
                     task.name
                 );
             }
-            if w > 0.0 && recipe.data.transfer_stages().contains(&StageKind::Stage2) {
+            if w > 0.0 && self.data.transfer_stages().contains(&StageKind::Stage2) {
                 bail!(
-                    "{}: stage2.label_weight needs gold labels, and stage 2 trains on transfer examples, which have none (data.transfer_stages)",
-                    path.display()
+                    "stage2.label_weight needs gold labels, and stage 2 trains on transfer examples, which have none (data.transfer_stages)"
                 );
             }
         }
-        if recipe.student.init == StudentInit::Fitted {
-            let st = &recipe.student;
+        Ok(())
+    }
+
+    /// The student's start against its shape and stages.
+    fn check_student(&self) -> Result<()> {
+        if self.student.init == StudentInit::Fitted {
+            let st = &self.student;
             for (key, set) in [
                 ("num_hidden_layers", st.num_hidden_layers.is_some()),
                 ("hidden_size", st.hidden_size.is_some()),
@@ -621,57 +625,53 @@ impl Recipe {
             ] {
                 if set {
                     bail!(
-                        "{}: student.init = \"fitted\" refits the teacher's own layers, so the student keeps the teacher's shape; drop student.{key}",
-                        path.display()
+                        "student.init = \"fitted\" refits the teacher's own layers, so the student keeps the teacher's shape; drop student.{key}"
                     );
                 }
             }
         }
-        if recipe.student.init == StudentInit::Fitted
-            && recipe.stages.contains(&StageKind::Stage1)
-            && recipe.stage(StageKind::Stage1).attention_target.is_scores()
-            && recipe.student.uses(crate::model::approx::Attn::TwoQuad)
+        if self.student.init == StudentInit::Fitted
+            && self.stages.contains(&StageKind::Stage1)
+            && self.stage(StageKind::Stage1).attention_target.is_scores()
+            && self.student.uses(crate::model::approx::Attn::TwoQuad)
         {
             bail!(
-                "{}: student.init = \"fitted\" rescales each 2Quad head's scores, which stage 1's score MSE would undo; set stage1.attention_target = \"probs\"",
-                path.display()
+                "student.init = \"fitted\" rescales each 2Quad head's scores, which stage 1's score MSE would undo; set stage1.attention_target = \"probs\""
             );
         }
-        if recipe.student.stage1_run.is_some()
-            && !(recipe.stages.contains(&StageKind::Stage1)
-                && recipe.stages.contains(&StageKind::Stage2))
+        if self.student.stage1_run.is_some()
+            && !(self.stages.contains(&StageKind::Stage1)
+                && self.stages.contains(&StageKind::Stage2))
         {
             bail!(
-                "{}: student.stage1_run takes another run's stage 1 for this run's stage 2; `stages` needs both",
-                path.display()
+                "student.stage1_run takes another run's stage 1 for this run's stage 2; `stages` needs both"
             );
         }
-        if recipe.teacher.sweep_from.is_some() {
-            let needs = if recipe.finetune.lr_grid.is_none() {
+        Ok(())
+    }
+
+    /// Where the teacher comes from, and its learning-rate sweep.
+    fn check_teacher(&self) -> Result<()> {
+        if self.teacher.sweep_from.is_some() {
+            let needs = if self.finetune.lr_grid.is_none() {
                 Some("finetune.lr_grid")
-            } else if recipe.teacher.finetuned_run.is_some() {
+            } else if self.teacher.finetuned_run.is_some() {
                 Some("no teacher.finetuned_run (that run's teacher is taken as it is)")
-            } else if !recipe.stages.contains(&StageKind::Finetune) {
+            } else if !self.stages.contains(&StageKind::Finetune) {
                 Some("the finetune stage")
             } else {
                 None
             };
             if let Some(needs) = needs {
-                bail!(
-                    "{}: teacher.sweep_from replays a learning-rate sweep; it needs {needs}",
-                    path.display()
-                );
+                bail!("teacher.sweep_from replays a learning-rate sweep; it needs {needs}");
             }
         }
-        if let Some(grid) = &recipe.finetune.lr_grid
+        if let Some(grid) = &self.finetune.lr_grid
             && (grid.is_empty() || grid.iter().any(|lr| !(*lr > 0.0 && lr.is_finite())))
         {
-            bail!(
-                "{}: finetune.lr_grid must list positive learning rates, found {grid:?}",
-                path.display()
-            );
+            bail!("finetune.lr_grid must list positive learning rates, found {grid:?}");
         }
-        Ok(recipe)
+        Ok(())
     }
 
     /// `data.transfer_*` against the task and stage 2's regression target.
