@@ -233,7 +233,7 @@ fitted cola 1 -labels "stage 2 with the gold labels" --set stage2.label_weight=1
 run "minilm-rte-quad+2quad-stage2x3-s42" rte --set "$(teacher_of rte)" \
     --set stage2.epochs=15 --set 'label=stage 2 ×3' $(stage1_in minilm-rte-quad+2quad-fitted-labels-s42)
 # The loss-term scales: stage 1's attention KL is ≈ 5× its hidden-state MSE on RTE (3.1 and 0.56
-# at the end of seed 1's stage 1): the hidden states weighted ×5, so both terms pull alike.
+# midway through seed 1's stage 1): the hidden states weighted ×5, so both terms pull alike.
 run "minilm-rte-quad+2quad-hidden-x5-s42" rte --set "$(teacher_of rte)" \
     --set stage1.hidden_weight=5 --set 'label=stage 1 hidden-state term ×5'
 for seed in 1 2; do
