@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::checkpoint::{Checkpoints, LoopState, load_params, params};
 use super::optim::Optimizer;
-use super::precision::{Precision, initialized};
+use super::precision::{LossScale, Precision, initialized};
 use super::recipe::{StageKind, StageSettings};
 use crate::data::{Batch, Order, Tokenized};
 use crate::io::{HostTensor, load_safetensors, save_safetensors};
@@ -78,7 +78,109 @@ fn step_seed(seed: u64, kind: StageKind, step: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((kind as u64) << 56) ^ step
 }
 
+/// The stage's progress bar, at `pos` of `total` steps.
+fn progress_bar(name: &str, total: u64, pos: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total).with_position(pos);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>10} {bar:28} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("template"),
+    );
+    bar.set_prefix(name.to_string());
+    bar
+}
+
+/// One optimiser step down `loss`'s gradient at `lr`. The compute copy's parameters are casts
+/// of `model`'s, so the gradients are collected on the f32 masters; with f16's `scaler` the loss
+/// is scaled before the backward pass, and a step whose scaled gradients overflowed is skipped
+/// (the scale was halved).
+fn descend<M: Module>(
+    model: M,
+    loss: Tensor<1>,
+    scaler: Option<&mut LossScale>,
+    optim: &mut Optimizer,
+    lr: f64,
+) -> M {
+    let loss = match &scaler {
+        Some(ls) => loss * ls.scale,
+        None => loss,
+    };
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let grads = match scaler {
+        Some(ls) => ls.unscale(&model, grads),
+        None => Some(grads),
+    };
+    match grads {
+        Some(grads) => optim.step(model, grads, lr),
+        None => model,
+    }
+}
+
+/// The loss's parts and f16's loss scale, into a step's log line.
+fn record_terms(
+    line: &mut serde_json::Value,
+    parts: &[(&'static str, Tensor<1>)],
+    scale: Option<&LossScale>,
+) {
+    for (k, v) in parts {
+        line[*k] = json!(v.clone().into_scalar::<f32>());
+    }
+    if let Some(ls) = scale {
+        line["loss_scale"] = json!(ls.scale);
+        line["skipped_steps"] = json!(ls.skipped);
+    }
+}
+
 impl Stage<'_> {
+    /// `finetune`, or `finetune lr=5e-5` in a sweep.
+    fn name(&self) -> String {
+        match &self.tag {
+            Some(t) => format!("{} {t}", self.kind.name()),
+            None => self.kind.name().to_string(),
+        }
+    }
+
+    fn total_steps(&self) -> Result<u64> {
+        let s = &self.settings;
+        let per_epoch = self.plan(0).len() as u64;
+        if per_epoch == 0 {
+            bail!(
+                "{}: no full batch of {} in the training data",
+                self.name(),
+                s.batch_size
+            );
+        }
+        Ok(s.max_steps
+            .unwrap_or((s.epochs * per_epoch as f64).ceil() as u64))
+    }
+
+    /// The model, optimiser and loop state of the last checkpoint when resuming, else a start.
+    fn restore<M: Module>(
+        &self,
+        model: M,
+        ckpts: &Checkpoints,
+        optim: &mut Optimizer,
+    ) -> Result<(M, LoopState)> {
+        let (model, mut st) = match ckpts.latest() {
+            Some(ck) if self.resume => {
+                let (m, st) = Checkpoints::restore(&ck, model, optim, &self.device)?;
+                eprintln!(
+                    "{}: resumed from {} (step {})",
+                    self.name(),
+                    ck.display(),
+                    st.step
+                );
+                (m, st)
+            }
+            _ => (model, LoopState::default()),
+        };
+        if st.loss_scale.is_none() {
+            st.loss_scale = self.precision.loss_scale();
+        }
+        Ok((model, st))
+    }
+
     fn plan(&self, epoch: u64) -> Vec<Vec<usize>> {
         let s = &self.settings;
         self.train.plan(
@@ -94,51 +196,23 @@ impl Stage<'_> {
     /// Runs the stage; returns the best model on dev when `keep_best`, else the last.
     pub fn fit<M: Module>(
         &self,
-        mut model: M,
+        model: M,
         log: &mut MetricsLog,
         mut loss_fn: impl FnMut(&M, &Batch) -> Result<LossTerms>,
         mut eval_fn: impl FnMut(&M) -> Result<Score>,
     ) -> Result<(M, Option<Score>)> {
         let s = &self.settings;
-        let name = match &self.tag {
-            Some(t) => format!("{} {t}", self.kind.name()),
-            None => self.kind.name().to_string(),
-        };
+        let name = self.name();
         let name = name.as_str();
-        let per_epoch = self.plan(0).len() as u64;
-        if per_epoch == 0 {
-            bail!(
-                "{name}: no full batch of {} in the training data",
-                s.batch_size
-            );
-        }
-        let total = s
-            .max_steps
-            .unwrap_or((s.epochs * per_epoch as f64).ceil() as u64);
+        let total = self.total_steps()?;
         let ckpts = Checkpoints {
             dir: self.dir.clone(),
             keep: 2,
         };
         let best_path = self.dir.join("best.safetensors");
         let mut optim = Optimizer::new(s.optimizer.clone());
-        let mut st = LoopState::default();
-        if self.resume
-            && let Some(ck) = ckpts.latest()
-        {
-            (model, st) = Checkpoints::restore(&ck, model, &mut optim, &self.device)?;
-            eprintln!("{name}: resumed from {} (step {})", ck.display(), st.step);
-        }
-        if st.loss_scale.is_none() {
-            st.loss_scale = self.precision.loss_scale();
-        }
-        let bar = ProgressBar::new(total).with_position(st.step);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>10} {bar:28} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-            )
-            .expect("template"),
-        );
-        bar.set_prefix(name.to_string());
+        let (mut model, mut st) = self.restore(model, &ckpts, &mut optim)?;
+        let bar = progress_bar(name, total, st.step);
         let started = Instant::now() - std::time::Duration::from_secs_f64(st.elapsed_s);
         let mut last_good: Option<PathBuf> = ckpts.latest();
         let mut window = (Instant::now(), 0usize);
@@ -182,26 +256,12 @@ impl Stage<'_> {
                             .map_or("none".into(), |p| p.display().to_string())
                     );
                 }
+                let lr = s.schedule.lr(s.lr, st.step, total);
                 let scaler = match precision {
                     Precision::F16 => st.loss_scale.as_mut(),
                     _ => None,
                 };
-                let total_loss = match &scaler {
-                    Some(ls) => terms.total * ls.scale,
-                    None => terms.total,
-                };
-                // The compute copy's parameters are casts of `model`'s: the gradients are
-                // collected on the f32 masters.
-                let grads = GradientsParams::from_grads(total_loss.backward(), &model);
-                let grads = match scaler {
-                    Some(ls) => ls.unscale(&model, grads),
-                    None => Some(grads),
-                };
-                let lr = s.schedule.lr(s.lr, st.step, total);
-                // A step whose scaled gradients overflowed is skipped (the scale was halved).
-                if let Some(grads) = grads {
-                    model = optim.step(model, grads, lr);
-                }
+                model = descend(model, terms.total, scaler, &mut optim, lr);
                 st.step += 1;
                 st.batch += 1;
                 window.1 += batch.inputs.batch * batch.inputs.seq;
@@ -212,13 +272,7 @@ impl Stage<'_> {
                     bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
                     let mut line = json!({"stage": name, "step": st.step, "epoch": st.epoch,
                         "loss": loss, "lr": lr, "tokens_per_s": tps});
-                    for (k, v) in &terms.parts {
-                        line[*k] = json!(v.clone().into_scalar::<f32>());
-                    }
-                    if let Some(ls) = &st.loss_scale {
-                        line["loss_scale"] = json!(ls.scale);
-                        line["skipped_steps"] = json!(ls.skipped);
-                    }
+                    record_terms(&mut line, &terms.parts, st.loss_scale.as_ref());
                     log.write(line)?;
                 }
                 if s.eval_every > 0 && st.step % s.eval_every == 0 {
