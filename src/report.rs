@@ -935,6 +935,19 @@ pub fn markdown(runs: &[Run]) -> String {
     };
     let rows = rows(runs);
     let mut md = String::new();
+    headline_table(&rows, &tasks, &mut md);
+    teachers_table(runs, &mut md);
+    fidelity_table(&rows, &mut md);
+    parting_table(runs, &mut md);
+    levers_table(runs, &mut md);
+    time_table(runs, &mut md);
+    metrics_table(runs, &tasks, &mut md);
+    runs_table(runs, &mut md);
+    md
+}
+
+/// The paper's table: each row's primary metric per task, the GLUE average and retention.
+fn headline_table(rows: &[Row], tasks: &[String], md: &mut String) {
     let title = |t: &str| {
         crate::data::Task::find(t)
             .map(|x| format!("{} ({})", x.title, x.primary.name()))
@@ -961,7 +974,7 @@ pub fn markdown(runs: &[Run]) -> String {
         titles(&others)
     );
     let _ = writeln!(md, "|---|{}---|---|", "---|".repeat(tasks.len()));
-    for row in &rows {
+    for row in rows {
         let means: Vec<f64> = averaged
             .iter()
             .filter_map(|t| {
@@ -979,30 +992,7 @@ pub fn markdown(runs: &[Run]) -> String {
         } else {
             "–".into()
         };
-        let retention = if row.retention.is_empty() {
-            String::new()
-        } else {
-            let part = |(t, v): (&String, &Vec<f64>)| format!("{t} {}", cell(v, 100.0));
-            let (inside, outside): (Vec<_>, Vec<_>) =
-                row.retention.iter().partition(|(t, _)| glue(t));
-            let per: Vec<f64> = inside.iter().map(|(_, v)| mean_std(v).0).collect();
-            let rest: Vec<String> = outside.into_iter().map(part).collect();
-            let rest = if rest.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", rest.join(", "))
-            };
-            if per.is_empty() {
-                rest.trim_start_matches("; ").to_string()
-            } else {
-                let parts: Vec<String> = inside.into_iter().map(part).collect();
-                format!(
-                    "{:.1}% ({}){rest}",
-                    100.0 * per.iter().sum::<f64>() / per.len() as f64,
-                    parts.join(", ")
-                )
-            }
-        };
+        let retention = retention_cell(row, &glue);
         let cells = |ts: &[&String]| {
             ts.iter()
                 .map(|t| {
@@ -1019,15 +1009,41 @@ pub fn markdown(runs: &[Run]) -> String {
             cells(&others)
         );
     }
-    teachers_table(runs, &mut md);
-    fidelity_table(&rows, &mut md);
-    parting_table(runs, &mut md);
-    levers_table(runs, &mut md);
-    time_table(runs, &mut md);
+}
+
+/// A row's retention: its mean over GLUE's tasks with each task's, then the others'.
+fn retention_cell(row: &Row, glue: &dyn Fn(&str) -> bool) -> String {
+    if row.retention.is_empty() {
+        String::new()
+    } else {
+        let part = |(t, v): (&String, &Vec<f64>)| format!("{t} {}", cell(v, 100.0));
+        let (inside, outside): (Vec<_>, Vec<_>) = row.retention.iter().partition(|(t, _)| glue(t));
+        let per: Vec<f64> = inside.iter().map(|(_, v)| mean_std(v).0).collect();
+        let rest: Vec<String> = outside.into_iter().map(part).collect();
+        let rest = if rest.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", rest.join(", "))
+        };
+        if per.is_empty() {
+            rest.trim_start_matches("; ").to_string()
+        } else {
+            let parts: Vec<String> = inside.into_iter().map(part).collect();
+            format!(
+                "{:.1}% ({}){rest}",
+                100.0 * per.iter().sum::<f64>() / per.len() as f64,
+                parts.join(", ")
+            )
+        }
+    }
+}
+
+/// Every metric of every model, per task, over its seeds.
+fn metrics_table(runs: &[Run], tasks: &[String], md: &mut String) {
     let _ = writeln!(md, "\nEvery metric (dev, ×100; mean ± std over seeds):\n");
     let _ = writeln!(md, "| task | model | metrics | seeds |");
     let _ = writeln!(md, "|---|---|---|---|");
-    for t in &tasks {
+    for t in tasks {
         let mut groups: BTreeMap<String, SeedGroup> = BTreeMap::new();
         let mut counted = std::collections::BTreeSet::new();
         for r in runs.iter().filter(|r| &r.task == t) {
@@ -1063,6 +1079,10 @@ pub fn markdown(runs: &[Run]) -> String {
             let _ = writeln!(md, "| {t} | {label} | {} | {seeds:?} |", parts.join(", "));
         }
     }
+}
+
+/// Each run's wall time per stage, and where it took a stage from another run.
+fn runs_table(runs: &[Run], md: &mut String) {
     let _ = writeln!(md, "\nRuns (wall time per stage, seconds):\n");
     let _ = writeln!(md, "| run | task | seed | stages |");
     let _ = writeln!(md, "|---|---|---|---|");
@@ -1087,7 +1107,6 @@ pub fn markdown(runs: &[Run]) -> String {
             stages.join(", ")
         );
     }
-    md
 }
 
 fn line_chart(
