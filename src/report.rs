@@ -211,6 +211,72 @@ fn metrics(v: &Value) -> BTreeMap<String, f64> {
         .unwrap_or_default()
 }
 
+/// A run's log: the loss at each logged step and the primary dev metric at each evaluation;
+/// each finished stage's wall time into `stage_wall_s` (a stage finished by an earlier process
+/// of a resumed run took no time in the last one: its time is in its `done` record).
+fn read_log(
+    text: &str,
+    primary_name: &str,
+    stage_wall_s: &mut BTreeMap<String, f64>,
+) -> (Vec<Point>, Vec<Point>) {
+    let (mut losses, mut dev) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if let (Some(true), Some(stage), Some(w)) = (
+            v["done"].as_bool(),
+            v["stage"].as_str(),
+            v["wall_s"].as_f64(),
+        ) {
+            stage_wall_s.insert(stage.to_string(), w);
+        }
+        let (Some(stage), Some(step)) = (v["stage"].as_str(), v["step"].as_f64()) else {
+            continue;
+        };
+        if let Some(l) = v["loss"].as_f64() {
+            losses.push(Point {
+                stage: stage.into(),
+                step,
+                value: l,
+            });
+        }
+        if let Some(m) = v["eval"][&primary_name].as_f64() {
+            dev.push(Point {
+                stage: stage.into(),
+                step,
+                value: m,
+            });
+        }
+    }
+    (losses, dev)
+}
+
+/// What a run trained: a distilled student, a baseline without distillation, or none.
+fn run_kind(recipe: &toml::Value) -> Option<Kind> {
+    let stages: Vec<&str> = recipe
+        .get("stages")
+        .and_then(|s| s.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    let random_init = recipe
+        .get("student")
+        .and_then(|s| s.get("init"))
+        .and_then(|i| i.as_str())
+        == Some("random");
+    if stages.iter().any(|s| *s == "stage1" || *s == "stage2") {
+        Some(Kind::Distilled)
+    } else if stages.contains(&"supervised") {
+        Some(if random_init {
+            Kind::WithoutPD
+        } else {
+            Kind::WithoutD
+        })
+    } else {
+        None
+    }
+}
+
 /// Reads a run directory.
 pub fn load_run(dir: &Path) -> Result<Run> {
     let read = |f: &str| {
@@ -220,31 +286,7 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         .with_context(|| format!("{}/summary.json", dir.display()))?;
     let recipe: toml::Value = toml::from_str(&read("recipe.toml")?)
         .with_context(|| format!("{}/recipe.toml", dir.display()))?;
-    let stages: Vec<String> = recipe
-        .get("stages")
-        .and_then(|s| s.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    let random_init = recipe
-        .get("student")
-        .and_then(|s| s.get("init"))
-        .and_then(|i| i.as_str())
-        == Some("random");
-    let kind = if stages.iter().any(|s| s == "stage1" || s == "stage2") {
-        Some(Kind::Distilled)
-    } else if stages.iter().any(|s| s == "supervised") {
-        Some(if random_init {
-            Kind::WithoutPD
-        } else {
-            Kind::WithoutD
-        })
-    } else {
-        None
-    };
+    let kind = run_kind(&recipe);
     let label = recipe
         .get("label")
         .and_then(|l| l.as_str())
@@ -268,41 +310,11 @@ pub fn load_run(dir: &Path) -> Result<Run> {
     let primary_name = crate::data::Task::find(&task)
         .map(|t| t.primary.name().to_string())
         .unwrap_or_default();
-    let (mut losses, mut dev) = (Vec::new(), Vec::new());
-    // A stage finished by an earlier process of a resumed run took no time in the last one:
-    // its wall time is in its `done` record.
     let mut stage_wall_s = metrics(&summary["stage_wall_s"]);
-    if let Ok(text) = read("metrics.jsonl") {
-        for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<Value>(line) else {
-                continue;
-            };
-            if let (Some(true), Some(stage), Some(w)) = (
-                v["done"].as_bool(),
-                v["stage"].as_str(),
-                v["wall_s"].as_f64(),
-            ) {
-                stage_wall_s.insert(stage.to_string(), w);
-            }
-            let (Some(stage), Some(step)) = (v["stage"].as_str(), v["step"].as_f64()) else {
-                continue;
-            };
-            if let Some(l) = v["loss"].as_f64() {
-                losses.push(Point {
-                    stage: stage.into(),
-                    step,
-                    value: l,
-                });
-            }
-            if let Some(m) = v["eval"][&primary_name].as_f64() {
-                dev.push(Point {
-                    stage: stage.into(),
-                    step,
-                    value: m,
-                });
-            }
-        }
-    }
+    let (losses, dev) = match read("metrics.jsonl") {
+        Ok(text) => read_log(&text, &primary_name, &mut stage_wall_s),
+        Err(_) => (Vec::new(), Vec::new()),
+    };
     Ok(Run {
         dir: dir.to_path_buf(),
         name: summary["name"].as_str().unwrap_or("?").to_string(),
