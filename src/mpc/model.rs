@@ -818,12 +818,8 @@ impl MpcModel {
     /// One private forward pass. Returns the logits `[batch · num_labels]` at P1, `None` at P0.
     pub fn forward(&self, ctx: &mut Ctx, input: &Input) -> Result<Option<Vec<f64>>> {
         let m = &self.cfg.model;
-        let f = ctx.f();
         let (b, s) = (input.batch, input.seq);
-        let (d, h) = (m.hidden_size, m.num_attention_heads);
-        let dh = d / h;
-        let rows = b * s;
-        if input.mask.len() != rows {
+        if input.mask.len() != b * s {
             return Err(MpcError::Length {
                 op: "input mask".into(),
                 shape: vec![b, s],
@@ -837,8 +833,34 @@ impl MpcModel {
                 m.max_position_embeddings
             )));
         }
+        let mut x = self.embed(ctx, input, &positions)?;
+        if ctx.is_offline() {
+            ctx.fetch_offline()?; // the embedding's share of the dealer's work, before the timer
+        }
+        let t_enc = Instant::now();
+        for (lw, lp) in self.layers.iter().zip(&self.cfg.layers) {
+            x = self.layer(ctx, (lw, lp), &x, input)?;
+            if ctx.is_offline() {
+                ctx.pipeline_offline()?; // the dealer works on this layer while P1 records the next
+            }
+        }
+        if ctx.is_offline() {
+            ctx.fetch_offline()?; // the encoder's share of the dealer's work
+        }
+        let enc_s = t_enc.elapsed().as_secs_f64();
+        if ctx.is_offline() {
+            ctx.encoder_offline_s += enc_s;
+        } else {
+            ctx.encoder_s += enc_s;
+        }
+        self.head(ctx, &x, (b, s))
+    }
 
-        // Embedding.
+    /// The word and token-type embeddings (the one-hot rows P1 shares, times the table), the
+    /// public positions' embeddings, and their LayerNorm.
+    fn embed(&self, ctx: &mut Ctx, input: &Input, positions: &[usize]) -> Result<AShare> {
+        let m = &self.cfg.model;
+        let (rows, d) = (input.batch * input.seq, m.hidden_size);
         ctx.op("embedding");
         let width = m.vocab_size + m.type_vocab_size;
         let onehot = match ctx.party {
@@ -879,91 +901,92 @@ impl MpcModel {
             }
         }
         ctx.op("layernorm");
-        let eps = m.layer_norm_eps;
-        let mut x = ctx.layer_norm(
+        ctx.layer_norm(
             &x,
             &self.emb_ln.gamma,
             self.emb_ln.beta.as_ref(),
-            eps,
+            m.layer_norm_eps,
             &self.cfg.emb_ln,
-        )?;
+        )
+    }
 
-        if ctx.is_offline() {
-            ctx.fetch_offline()?; // the embedding's share of the dealer's work, before the timer
-        }
-        let t_enc = Instant::now();
-        for (lw, lp) in self.layers.iter().zip(&self.cfg.layers) {
-            ctx.op("linear");
-            let qkv = ctx.linear(&x, &lw.qkv, lw.qkv_b.as_ref(), f)?;
-            let (q, kt, v) = split_heads(&qkv.t, b, s, h, dh);
-            let (q, kt, v) = (
-                AShare::new(ctx.party, q),
-                AShare::new(ctx.party, kt),
-                AShare::new(ctx.party, v),
-            );
-            ctx.op("attention_matmul");
-            // One score per query-key pair: a hot spot as soon as sequences are long.
-            let scores = ctx.run(&[Op::MatMul(&q, &kt)])?.remove(0);
-            let scores = ctx.truncate_hot(&scores, f)?.reshape(&[b, h, s, s])?;
-            let probs = match (lp.attn, &lp.softmax) {
-                (Attn::Softmax, Some(sp)) => {
-                    ctx.op("softmax");
-                    ctx.softmax(&scores, &input.mask, sp)?
-                }
-                (Attn::TwoRelu, _) => {
-                    ctx.op("2relu");
-                    ctx.two_relu(&scores, &input.mask, &lp.recip)?
-                }
-                _ => {
-                    ctx.op("2quad");
-                    ctx.two_quad(&scores, &input.mask, m.approx.c, &lp.recip)?
-                }
-            };
-            ctx.op("attention_matmul");
-            let probs = probs.reshape(&[b * h, s, s])?;
-            let c = ctx.run(&[Op::MatMul(&probs, &v)])?.remove(0);
-            let c = ctx.truncate_hot(&c, f)?;
-            let c = AShare::new(ctx.party, merge_heads(&c.t, b, s, h, dh));
-            ctx.op("linear");
-            let ao = ctx.linear(&c, &lw.o, lw.o_b.as_ref(), f)?.add(&x)?;
-            ctx.op("layernorm");
-            let x1 = ctx.layer_norm(&ao, &lw.ln1.gamma, lw.ln1.beta.as_ref(), eps, &lp.attn_ln)?;
-            ctx.op("linear");
-            let up = ctx.linear(&x1, &lw.up, lw.up_b.as_ref(), f)?;
-            let act = match (&lp.gelu, lp.act) {
-                (Some(g), _) => {
-                    ctx.op("gelu");
-                    ctx.gelu(&up, g)?
-                }
-                (None, Act::Relu) => {
-                    ctx.op("relu");
-                    ctx.relu(&up)?
-                }
-                _ => {
-                    ctx.op("quad");
-                    ctx.quad(&up, QUAD_A, QUAD_B, QUAD_C)?
-                }
-            };
-            ctx.op("linear");
-            let down = ctx
-                .linear(&act, &lw.down, lw.down_b.as_ref(), f)?
-                .add(&x1)?;
-            ctx.op("layernorm");
-            x = ctx.layer_norm(&down, &lw.ln2.gamma, lw.ln2.beta.as_ref(), eps, &lp.out_ln)?;
-            if ctx.is_offline() {
-                ctx.pipeline_offline()?; // the dealer works on this layer while P1 records the next
+    /// One encoder layer: attention and the feed-forward block, each with its residual and
+    /// LayerNorm.
+    fn layer(
+        &self,
+        ctx: &mut Ctx,
+        (lw, lp): (&LayerW, &LayerPlans),
+        x: &AShare,
+        input: &Input,
+    ) -> Result<AShare> {
+        let (f, eps) = (ctx.f(), self.cfg.model.layer_norm_eps);
+        let c = self.attention(ctx, (lw, lp), x, input)?;
+        ctx.op("linear");
+        let ao = ctx.linear(&c, &lw.o, lw.o_b.as_ref(), f)?.add(x)?;
+        ctx.op("layernorm");
+        let x1 = ctx.layer_norm(&ao, &lw.ln1.gamma, lw.ln1.beta.as_ref(), eps, &lp.attn_ln)?;
+        ctx.op("linear");
+        let up = ctx.linear(&x1, &lw.up, lw.up_b.as_ref(), f)?;
+        let act = activation(ctx, lp, &up)?;
+        ctx.op("linear");
+        let down = ctx
+            .linear(&act, &lw.down, lw.down_b.as_ref(), f)?
+            .add(&x1)?;
+        ctx.op("layernorm");
+        ctx.layer_norm(&down, &lw.ln2.gamma, lw.ln2.beta.as_ref(), eps, &lp.out_ln)
+    }
+
+    /// Self-attention up to the merged heads, before the output projection: the scores, their
+    /// normalisation (softmax, 2Quad or 2ReLU, as the layer's plan says), the weighted values.
+    fn attention(
+        &self,
+        ctx: &mut Ctx,
+        (lw, lp): (&LayerW, &LayerPlans),
+        x: &AShare,
+        input: &Input,
+    ) -> Result<AShare> {
+        let m = &self.cfg.model;
+        let f = ctx.f();
+        let (b, s) = (input.batch, input.seq);
+        let (d, h) = (m.hidden_size, m.num_attention_heads);
+        let dh = d / h;
+        ctx.op("linear");
+        let qkv = ctx.linear(x, &lw.qkv, lw.qkv_b.as_ref(), f)?;
+        let (q, kt, v) = split_heads(&qkv.t, b, s, h, dh);
+        let (q, kt, v) = (
+            AShare::new(ctx.party, q),
+            AShare::new(ctx.party, kt),
+            AShare::new(ctx.party, v),
+        );
+        ctx.op("attention_matmul");
+        // One score per query-key pair: a hot spot as soon as sequences are long.
+        let scores = ctx.run(&[Op::MatMul(&q, &kt)])?.remove(0);
+        let scores = ctx.truncate_hot(&scores, f)?.reshape(&[b, h, s, s])?;
+        let probs = match (lp.attn, &lp.softmax) {
+            (Attn::Softmax, Some(sp)) => {
+                ctx.op("softmax");
+                ctx.softmax(&scores, &input.mask, sp)?
             }
-        }
-        if ctx.is_offline() {
-            ctx.fetch_offline()?; // the encoder's share of the dealer's work
-        }
-        let enc_s = t_enc.elapsed().as_secs_f64();
-        if ctx.is_offline() {
-            ctx.encoder_offline_s += enc_s;
-        } else {
-            ctx.encoder_s += enc_s;
-        }
+            (Attn::TwoRelu, _) => {
+                ctx.op("2relu");
+                ctx.two_relu(&scores, &input.mask, &lp.recip)?
+            }
+            _ => {
+                ctx.op("2quad");
+                ctx.two_quad(&scores, &input.mask, m.approx.c, &lp.recip)?
+            }
+        };
+        ctx.op("attention_matmul");
+        let probs = probs.reshape(&[b * h, s, s])?;
+        let c = ctx.run(&[Op::MatMul(&probs, &v)])?.remove(0);
+        let c = ctx.truncate_hot(&c, f)?;
+        Ok(AShare::new(ctx.party, merge_heads(&c.t, b, s, h, dh)))
+    }
 
+    /// The pooler over each sequence's first token, the classifier, and the logits revealed to
+    /// P1 (`None` at P0).
+    fn head(&self, ctx: &mut Ctx, x: &AShare, (b, s): (usize, usize)) -> Result<Option<Vec<f64>>> {
+        let (d, f) = (self.cfg.model.hidden_size, ctx.f());
         ctx.op("pooler");
         let mut first = Vec::with_capacity(b * d);
         for i in 0..b {
@@ -977,6 +1000,24 @@ impl MpcModel {
         ctx.op("output");
         let out = ctx.reveal_to(&logits, Party::P1)?;
         Ok(out.map(|t| t.to_f64(ctx.fp)))
+    }
+}
+
+/// The feed-forward block's activation: GeLU, ReLU or Quad, as the layer's plan says.
+fn activation(ctx: &mut Ctx, lp: &LayerPlans, up: &AShare) -> Result<AShare> {
+    match (&lp.gelu, lp.act) {
+        (Some(g), _) => {
+            ctx.op("gelu");
+            ctx.gelu(up, g)
+        }
+        (None, Act::Relu) => {
+            ctx.op("relu");
+            ctx.relu(up)
+        }
+        _ => {
+            ctx.op("quad");
+            ctx.quad(up, QUAD_A, QUAD_B, QUAD_C)
+        }
     }
 }
 
