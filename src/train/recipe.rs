@@ -862,6 +862,41 @@ epochs = 7
         assert_ne!(r.hash(), Recipe::load(&child, &[]).unwrap().hash());
     }
 
+    /// Every recipe in `recipes/` loads for every task, including the per-task tables that a
+    /// default task never reaches; and the shipped recipe's gold-label term in stage 2 is on for
+    /// classification and off where stage 2 fits the gold scores already.
+    #[test]
+    fn shipped_recipes_load_for_every_task() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+        let mut files = Vec::new();
+        for dir in [root.clone(), root.join("baselines")] {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    files.push(path);
+                }
+            }
+        }
+        assert!(files.len() >= 7, "recipes found: {files:?}");
+        for file in &files {
+            for task in crate::data::TASKS {
+                let set = format!("data.task={}", task.name);
+                if let Err(e) = Recipe::load(file, &[set]) {
+                    panic!("{} for {}: {e:#}", file.display(), task.name);
+                }
+            }
+        }
+        let minilm = root.join("minilm.toml");
+        let label_weight = |task: &str| {
+            let r = Recipe::load(&minilm, &[format!("data.task={task}")]).unwrap();
+            r.stage(StageKind::Stage2).label_weight
+        };
+        for task in ["rte", "mrpc", "cola", "sst2", "imdb"] {
+            assert_eq!(label_weight(task), 1.0, "{task}");
+        }
+        assert_eq!(label_weight("stsb"), 0.0);
+    }
+
     #[test]
     fn extends_can_be_replaced_from_the_command_line() {
         let dir = tempfile::tempdir().unwrap();
