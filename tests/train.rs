@@ -1006,3 +1006,58 @@ fn stage_two_variants_share_one_stage_one() {
         let _ = std::fs::remove_dir_all(runs.join("refused"));
     }
 }
+
+/// `--resume` continues a run only with the settings its logged stages ran with: a stage not
+/// begun may change (and a stage may be added), a finished one may not, and a refused resume
+/// leaves the run's recipe.toml as it was.
+#[test]
+fn resume_refuses_other_settings_for_stages_begun() {
+    let bin = env!("CARGO_BIN_EXE_mpcformer");
+    let a = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(a.path());
+    let run = |resume: bool, sets: &[&str]| {
+        let mut c = Command::new(bin);
+        c.arg("run").arg(&recipe);
+        if resume {
+            c.arg("--resume");
+        }
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        c.output().unwrap()
+    };
+    let resume = |sets: &[&str]| run(true, sets);
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(run(false, &["stages=[\"finetune\", \"stage1\"]"]));
+    let stored = a.path().join("runs/tiny/recipe.toml");
+    let before = std::fs::read(&stored).unwrap();
+    for (sets, key) in [
+        (vec!["stage1.lr=1e-4"], "resolved.stage1.lr"),
+        (vec!["seed=7"], "seed"),
+        (vec!["student.attn=2relu"], "student.attn"),
+        (vec!["finetune.max_steps=10"], "resolved.finetune.max_steps"),
+    ] {
+        let out = resume(&sets);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(key) && err.contains("stage1"),
+            "{sets:?}: {err}"
+        );
+        assert_eq!(std::fs::read(&stored).unwrap(), before, "{sets:?}");
+    }
+    // Stage 2 has not begun: it is added, with a setting of its own, and a new label.
+    ok(resume(&["stage2.label_weight=0.5", "label=with stage 2"]));
+    let log = std::fs::read_to_string(a.path().join("runs/tiny/metrics.jsonl")).unwrap();
+    assert!(log.contains("\"stage\":\"stage2\""), "{log}");
+    assert!(
+        std::fs::read_to_string(&stored)
+            .unwrap()
+            .contains("label_weight = 0.5")
+    );
+}

@@ -434,6 +434,82 @@ const STAGE1_FREE: [&str; 8] = [
     "teacher.sweep_from",
 ];
 
+/// Refuses to resume `dir` with settings other than those its work so far ran with: each stage
+/// it has logged, and the teacher, data, seed and (once distillation has begun) student they rest
+/// on. Stages not begun, the run's name and label, where it lives, the device and `stages`
+/// itself may change; so may `teacher.sweep_from`, whose teacher is checked against its record.
+/// A distillation stage is compared by its resolved settings alone, so that a recipe spelling
+/// out a default does not count as a change.
+fn check_resume(recipe: &Recipe, dir: &Path) -> Result<()> {
+    let begun = logged_stages(dir)?;
+    if begun.is_empty() || !dir.join("recipe.toml").is_file() {
+        return Ok(());
+    }
+    let mut free = vec![
+        "name",
+        "label",
+        "output_dir",
+        "device",
+        "stages",
+        "teacher.sweep_from",
+        "stage1",
+        "stage2",
+        "supervised",
+    ];
+    if begun.iter().all(|b| b == "finetune") {
+        free.push("student");
+    }
+    if !begun.iter().any(|b| b == "finetune") {
+        free.push("finetune");
+    }
+    for (stage, resolved) in TRAINING_STAGES {
+        if !begun.iter().any(|b| b == stage) {
+            free.push(resolved);
+        }
+    }
+    let differ = settings_differ(recipe, dir, None, &free)?;
+    if !differ.is_empty() {
+        bail!(
+            "--resume {}: it ran with other values of {} (stages begun: {}); resume with the settings in its recipe.toml, or start another run (--set name=...)",
+            dir.display(),
+            differ.join(", "),
+            begun.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Each training stage's name in the metrics log, and its resolved settings in `recipe.toml`.
+const TRAINING_STAGES: [(&str, &str); 4] = [
+    ("finetune", "resolved.finetune"),
+    ("stage1", "resolved.stage1"),
+    ("stage2", "resolved.stage2"),
+    ("supervised", "resolved.supervised"),
+];
+
+/// The training stages `dir`'s metrics log has a record of, in the order first logged.
+fn logged_stages(dir: &Path) -> Result<Vec<String>> {
+    let log = dir.join("metrics.jsonl");
+    if !log.exists() {
+        return Ok(Vec::new());
+    }
+    let text =
+        std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+    let mut begun: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let Some(stage) = v["stage"].as_str()
+            && TRAINING_STAGES.iter().any(|(s, _)| *s == stage)
+            && !begun.iter().any(|b| b == stage)
+        {
+            begun.push(stage.to_string());
+        }
+    }
+    Ok(begun)
+}
+
 /// `recipe` with the teacher's origin of `src`, whose finished stage 1 it takes
 /// (`student.stage1_run`), after checking that `src` ran stage 1 as `recipe` would. The origin
 /// is `src`'s own `teacher.finetuned_run` (or `src`, when it fine-tuned), so that the report
@@ -643,6 +719,9 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
             "{} already holds a run: pass --resume to continue it, or choose another name (--set name=...)",
             dir.display()
         );
+    }
+    if resume {
+        check_resume(recipe, &dir)?;
     }
     // Before the run directory exists: a device that is not there (a build without the backend,
     // no driver) or a precision it refuses must not leave a run behind that only --resume gets
