@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::distill::loss::{SoftCeNorm, mse, soft_cross_entropy};
 use crate::loss;
-use crate::model::{Act, Approx, Attn, Capture, Inputs};
+use crate::model::{Act, Approx, Attn, Capture, Inputs, ModelConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -153,71 +153,11 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
         }
         Ok(())
     };
+    let n = warmup + steps;
     match case {
-        Case::Infer => {
-            let model = config(Approx::exact()).init(device);
-            let (inputs, _) = synthetic_batch(batch, seq, 30522, device);
-            let threads = crate::model::bert::inference_threads(device);
-            for i in 0..warmup + steps {
-                time(i, &mut || {
-                    let logits = model.logits_threaded(&inputs, threads);
-                    logits.sum().into_scalar::<f32>()
-                })?;
-            }
-        }
-        Case::Train => {
-            let ad = device.clone().autodiff();
-            let mut model = config(Approx::exact()).init(&ad);
-            let mut optim = AdamWConfig::new().init();
-            let (inputs, labels) = synthetic_batch(batch, seq, 30522, &ad);
-            for i in 0..warmup + steps {
-                time(i, &mut || {
-                    let logits = model.logits(&inputs);
-                    let loss = loss::cross_entropy(logits, labels.clone());
-                    let v = loss.clone().into_scalar::<f32>();
-                    let grads = GradientsParams::from_grads(loss.backward(), &model);
-                    model = optim.step(1e-4, model.clone(), grads);
-                    v
-                })?;
-            }
-        }
-        Case::Distill => {
-            let teacher = config(Approx::exact()).without_dropout().init(device);
-            let threads = crate::model::bert::inference_threads(device);
-            let ad = device.clone().autodiff();
-            let mut student = config(Approx::new(Act::Quad, Attn::TwoQuad)).init(&ad);
-            let mut optim = AdamWConfig::new().init();
-            let (inputs, _) = synthetic_batch(batch, seq, 30522, device);
-            let (inputs_ad, _) = synthetic_batch(batch, seq, 30522, &ad);
-            let capture = Capture {
-                hidden_states: true,
-                ..Capture::NONE
-            };
-            for i in 0..warmup + steps {
-                time(i, &mut || {
-                    let t = teacher.forward_threaded(&inputs, capture, threads);
-                    let s = student.forward(&inputs_ad, capture);
-                    let mut total = soft_cross_entropy(
-                        s.logits,
-                        t.logits.to_device(&ad),
-                        1.0,
-                        SoftCeNorm::PerExample,
-                    );
-                    for (hs, ht) in s
-                        .encoder
-                        .hidden_states
-                        .into_iter()
-                        .zip(t.encoder.hidden_states)
-                    {
-                        total = total + mse(hs, ht.to_device(&ad));
-                    }
-                    let v = total.clone().into_scalar::<f32>();
-                    let grads = GradientsParams::from_grads(total.backward(), &student);
-                    student = optim.step(1e-4, student.clone(), grads);
-                    v
-                })?;
-            }
-        }
+        Case::Infer => infer_steps(&config, batch, seq, n, device, &mut time)?,
+        Case::Train => train_steps(&config, batch, seq, n, device, &mut time)?,
+        Case::Distill => distill_steps(&config, batch, seq, n, device, &mut time)?,
     }
     let median_step_s = median(&step_s);
     Ok(BenchResult {
@@ -233,4 +173,100 @@ pub fn run(spec: &BenchSpec, device: &Device) -> Result<BenchResult> {
         backend: format!("{device:?}"),
         step_s,
     })
+}
+
+/// Times one measured step: `time(i, step)`.
+type Timer<'a> = dyn FnMut(usize, &mut dyn FnMut() -> f32) -> Result<()> + 'a;
+
+fn infer_steps(
+    config: &dyn Fn(Approx) -> ModelConfig,
+    batch: usize,
+    seq: usize,
+    n: usize,
+    device: &Device,
+    time: &mut Timer,
+) -> Result<()> {
+    let model = config(Approx::exact()).init(device);
+    let (inputs, _) = synthetic_batch(batch, seq, 30522, device);
+    let threads = crate::model::bert::inference_threads(device);
+    for i in 0..n {
+        time(i, &mut || {
+            let logits = model.logits_threaded(&inputs, threads);
+            logits.sum().into_scalar::<f32>()
+        })?;
+    }
+    Ok(())
+}
+
+fn train_steps(
+    config: &dyn Fn(Approx) -> ModelConfig,
+    batch: usize,
+    seq: usize,
+    n: usize,
+    device: &Device,
+    time: &mut Timer,
+) -> Result<()> {
+    let ad = device.clone().autodiff();
+    let mut model = config(Approx::exact()).init(&ad);
+    let mut optim = AdamWConfig::new().init();
+    let (inputs, labels) = synthetic_batch(batch, seq, 30522, &ad);
+    for i in 0..n {
+        time(i, &mut || {
+            let logits = model.logits(&inputs);
+            let loss = loss::cross_entropy(logits, labels.clone());
+            let v = loss.clone().into_scalar::<f32>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(1e-4, model.clone(), grads);
+            v
+        })?;
+    }
+    Ok(())
+}
+
+/// A distillation step as stage 1 + 2 take it: the frozen teacher's forward pass (no autodiff),
+/// the Quad+2Quad student's forward and backward on the logits and every hidden state.
+fn distill_steps(
+    config: &dyn Fn(Approx) -> ModelConfig,
+    batch: usize,
+    seq: usize,
+    n: usize,
+    device: &Device,
+    time: &mut Timer,
+) -> Result<()> {
+    let teacher = config(Approx::exact()).without_dropout().init(device);
+    let threads = crate::model::bert::inference_threads(device);
+    let ad = device.clone().autodiff();
+    let mut student = config(Approx::new(Act::Quad, Attn::TwoQuad)).init(&ad);
+    let mut optim = AdamWConfig::new().init();
+    let (inputs, _) = synthetic_batch(batch, seq, 30522, device);
+    let (inputs_ad, _) = synthetic_batch(batch, seq, 30522, &ad);
+    let capture = Capture {
+        hidden_states: true,
+        ..Capture::NONE
+    };
+    for i in 0..n {
+        time(i, &mut || {
+            let t = teacher.forward_threaded(&inputs, capture, threads);
+            let s = student.forward(&inputs_ad, capture);
+            let mut total = soft_cross_entropy(
+                s.logits,
+                t.logits.to_device(&ad),
+                1.0,
+                SoftCeNorm::PerExample,
+            );
+            for (hs, ht) in s
+                .encoder
+                .hidden_states
+                .into_iter()
+                .zip(t.encoder.hidden_states)
+            {
+                total = total + mse(hs, ht.to_device(&ad));
+            }
+            let v = total.clone().into_scalar::<f32>();
+            let grads = GradientsParams::from_grads(total.backward(), &student);
+            student = optim.step(1e-4, student.clone(), grads);
+            v
+        })?;
+    }
+    Ok(())
 }

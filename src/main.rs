@@ -1,7 +1,7 @@
 //! The `mpcformer` command line: thin — parses, then calls the library.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -12,7 +12,7 @@ use mpcformer::device::Backend;
 use mpcformer::eval;
 use mpcformer::export;
 use mpcformer::io::{HostTensor, batch_from_safetensors, save_safetensors};
-use mpcformer::model::{self, Act, Approx, Attn, Capture, Overrides};
+use mpcformer::model::{self, Act, Approx, Attn, Capture, ClassifierOutput, Inputs, Overrides};
 use mpcformer::tokenize::{Encoded, HostBatch, TextTokenizer};
 use mpcformer::train::recipe::Recipe;
 use mpcformer::train::run;
@@ -287,33 +287,9 @@ fn inspect(a: InspectArgs) -> Result<()> {
         cfg.hidden_size,
         cfg.approx.label()
     );
-    let inputs = if let Some(path) = &a.batch {
-        batch_from_safetensors(path, &device)?
-    } else {
-        if a.text.is_empty() {
-            bail!("give --text (repeatable) or --batch");
-        }
-        if !a.text_pair.is_empty() && a.text_pair.len() != a.text.len() {
-            bail!(
-                "{} --text-pair values for {} --text values; give one pair per text",
-                a.text_pair.len(),
-                a.text.len()
-            );
-        }
-        let tok = TextTokenizer::from_dir(&pre.dir, a.max_len)?;
-        let encs: Vec<Encoded> = a
-            .text
-            .iter()
-            .enumerate()
-            .map(|(i, t)| tok.encode(t, a.text_pair.get(i).map(String::as_str)))
-            .collect::<Result<_, _>>()
-            .map_err(anyhow::Error::msg)?;
-        for (i, e) in encs.iter().enumerate() {
-            println!("[{i}] tokens: {}", e.tokens.join(" "));
-            println!("[{i}] ids:    {:?}", e.ids);
-        }
-        let refs: Vec<&Encoded> = encs.iter().collect();
-        HostBatch::collate(&refs, tok.pad_id).to_inputs(&device)
+    let inputs = match &a.batch {
+        Some(path) => batch_from_safetensors(path, &device)?,
+        None => encode_texts(&a, &pre.dir, &device)?,
     };
     let capture = if a.dump.is_some() {
         Capture::ALL
@@ -347,37 +323,76 @@ fn inspect(a: InspectArgs) -> Result<()> {
             fmt_row(emb)
         );
     }
-    if let Some(path) = a.dump {
-        let mut map = BTreeMap::new();
-        map.insert(
-            "input_ids".into(),
-            HostTensor::from_int(inputs.input_ids.clone()),
-        );
-        map.insert(
-            "attention_mask".into(),
-            HostTensor::from_int(inputs.attention_mask.clone()),
-        );
-        if let Some(tt) = &inputs.token_type_ids {
-            map.insert("token_type_ids".into(), HostTensor::from_int(tt.clone()));
-        }
-        for (i, h) in out.encoder.hidden_states.into_iter().enumerate() {
-            map.insert(format!("hidden_states.{i}"), HostTensor::from_float(h));
-        }
-        for (i, t) in out.encoder.attention_scores.into_iter().enumerate() {
-            map.insert(format!("attention_scores.{i}"), HostTensor::from_float(t));
-        }
-        for (i, t) in out.encoder.attentions.into_iter().enumerate() {
-            map.insert(format!("attentions.{i}"), HostTensor::from_float(t));
-        }
-        map.insert(
-            "pooled_output".into(),
-            HostTensor::from_float(out.pooled_output),
-        );
-        map.insert("logits".into(), logits);
-        save_safetensors(&path, &map, None)
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {} tensors to {}", map.len(), path.display());
+    if let Some(path) = &a.dump {
+        dump_intermediates(path, &inputs, out, logits)?;
     }
+    Ok(())
+}
+
+/// `--text` (and `--text-pair`) tokenised with the model's tokenizer, each example's tokens and
+/// ids printed, collated into one batch.
+fn encode_texts(a: &InspectArgs, dir: &Path, device: &burn::prelude::Device) -> Result<Inputs> {
+    if a.text.is_empty() {
+        bail!("give --text (repeatable) or --batch");
+    }
+    if !a.text_pair.is_empty() && a.text_pair.len() != a.text.len() {
+        bail!(
+            "{} --text-pair values for {} --text values; give one pair per text",
+            a.text_pair.len(),
+            a.text.len()
+        );
+    }
+    let tok = TextTokenizer::from_dir(dir, a.max_len)?;
+    let encs: Vec<Encoded> = a
+        .text
+        .iter()
+        .enumerate()
+        .map(|(i, t)| tok.encode(t, a.text_pair.get(i).map(String::as_str)))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    for (i, e) in encs.iter().enumerate() {
+        println!("[{i}] tokens: {}", e.tokens.join(" "));
+        println!("[{i}] ids:    {:?}", e.ids);
+    }
+    let refs: Vec<&Encoded> = encs.iter().collect();
+    Ok(HostBatch::collate(&refs, tok.pad_id).to_inputs(device))
+}
+
+/// `--dump`: the inputs and every intermediate tensor, named as the PyTorch fixtures name them.
+fn dump_intermediates(
+    path: &Path,
+    inputs: &Inputs,
+    out: ClassifierOutput,
+    logits: HostTensor,
+) -> Result<()> {
+    let mut map = BTreeMap::new();
+    map.insert(
+        "input_ids".into(),
+        HostTensor::from_int(inputs.input_ids.clone()),
+    );
+    map.insert(
+        "attention_mask".into(),
+        HostTensor::from_int(inputs.attention_mask.clone()),
+    );
+    if let Some(tt) = &inputs.token_type_ids {
+        map.insert("token_type_ids".into(), HostTensor::from_int(tt.clone()));
+    }
+    for (i, h) in out.encoder.hidden_states.into_iter().enumerate() {
+        map.insert(format!("hidden_states.{i}"), HostTensor::from_float(h));
+    }
+    for (i, t) in out.encoder.attention_scores.into_iter().enumerate() {
+        map.insert(format!("attention_scores.{i}"), HostTensor::from_float(t));
+    }
+    for (i, t) in out.encoder.attentions.into_iter().enumerate() {
+        map.insert(format!("attentions.{i}"), HostTensor::from_float(t));
+    }
+    map.insert(
+        "pooled_output".into(),
+        HostTensor::from_float(out.pooled_output),
+    );
+    map.insert("logits".into(), logits);
+    save_safetensors(path, &map, None).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {} tensors to {}", map.len(), path.display());
     Ok(())
 }
 

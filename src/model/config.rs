@@ -133,6 +133,136 @@ struct TwoReluBlock {
     eps: f64,
 }
 
+impl HfConfig {
+    fn arch(&self) -> Result<Arch, String> {
+        match self.model_type.as_deref() {
+            Some("bert") => Ok(Arch::Bert),
+            Some("roberta") => Ok(Arch::Roberta),
+            Some(other) => Err(format!(
+                "model_type `{other}` is not supported (bert and roberta are)"
+            )),
+            None if self.architectures.iter().any(|a| a.starts_with("Roberta")) => {
+                Ok(Arch::Roberta)
+            }
+            None if self.architectures.iter().any(|a| a.starts_with("Bert")) => Ok(Arch::Bert),
+            None => Err("no `model_type` and no recognised `architectures`".into()),
+        }
+    }
+
+    fn attn(&self) -> Result<Attn, String> {
+        match self.softmax_act.as_deref() {
+            Some(s) => s.parse(),
+            None => Ok(Attn::Softmax),
+        }
+    }
+
+    /// The class names in id order: `id2label`, else `num_labels` of HF's `LABEL_i`, else HF's
+    /// `PretrainedConfig` default of two.
+    fn labels(&self) -> Result<Vec<String>, String> {
+        match (&self.id2label, self.num_labels) {
+            (Some(map), _) => {
+                let mut v: Vec<(usize, String)> = map
+                    .iter()
+                    .map(|(k, v)| {
+                        k.parse::<usize>()
+                            .map(|i| (i, v.clone()))
+                            .map_err(|_| format!("id2label key `{k}` is not an integer"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                v.sort();
+                if v.iter().enumerate().any(|(i, (k, _))| i != *k) {
+                    return Err("id2label ids are not 0..n".into());
+                }
+                Ok(v.into_iter().map(|(_, s)| s).collect())
+            }
+            (None, Some(n)) => Ok((0..n).map(|i| format!("LABEL_{i}")).collect()),
+            (None, None) => Ok(vec!["LABEL_0".into(), "LABEL_1".into()]),
+        }
+    }
+}
+
+impl MpcBlock {
+    /// Applies the block to `approx` (built from `hidden_act`/`softmax_act`): 2Quad's constant
+    /// and the per-layer choices. Coefficients this implementation does not compute, and a
+    /// `per_layer` list that contradicts the rest, are refused rather than silently ignored.
+    fn apply(&self, approx: &mut Approx, num_layers: usize) -> Result<(), String> {
+        approx.c = self.two_quad_c.unwrap_or(TWO_QUAD_C);
+        if let Some(q) = &self.two_quad {
+            if self.two_quad_c.is_some_and(|c| c != q.c) {
+                return Err(format!(
+                    "mpc.two_quad_c {} and mpc.2quad.c {} differ",
+                    approx.c, q.c
+                ));
+            }
+            approx.c = q.c;
+        }
+        self.check_fixed_coefficients()?;
+        for (k, v) in &self.layers {
+            let i = k
+                .parse::<usize>()
+                .map_err(|_| format!("mpc.layers key `{k}` is not a layer index"))?;
+            if i >= num_layers {
+                return Err(format!(
+                    "mpc.layers names layer {i}, but the model has {num_layers} layers"
+                ));
+            }
+            approx.layers.insert(i, *v);
+        }
+        self.check_per_layer(approx, num_layers)
+    }
+
+    fn check_fixed_coefficients(&self) -> Result<(), String> {
+        if let Some(q) = &self.quad
+            && (q.a, q.b, q.c) != (QUAD_A, QUAD_B, QUAD_C)
+        {
+            return Err(format!(
+                "mpc.quad coefficients (a, b, c) = ({}, {}, {}) differ from the ones this \
+                 implementation computes ({QUAD_A}, {QUAD_B}, {QUAD_C})",
+                q.a, q.b, q.c
+            ));
+        }
+        if let Some(r) = &self.two_relu
+            && r.eps != TWO_RELU_EPS
+        {
+            return Err(format!(
+                "mpc.2relu.eps {} differs from the one this implementation computes \
+                 ({TWO_RELU_EPS})",
+                r.eps
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_per_layer(&self, approx: &Approx, num_layers: usize) -> Result<(), String> {
+        let Some(per_layer) = &self.per_layer else {
+            return Ok(());
+        };
+        if per_layer.len() != num_layers {
+            return Err(format!(
+                "mpc.per_layer lists {} layers, but num_hidden_layers is {num_layers}",
+                per_layer.len()
+            ));
+        }
+        for (i, p) in per_layer.iter().enumerate() {
+            let want = LayerApprox {
+                act: p.hidden_act.parse()?,
+                attn: p.softmax_act.parse()?,
+            };
+            if approx.layer(i) != want {
+                return Err(format!(
+                    "mpc.per_layer[{i}] says {}+{}, but hidden_act/softmax_act and \
+                     mpc.layers give {}+{}",
+                    want.act,
+                    want.attn,
+                    approx.layer(i).act,
+                    approx.layer(i).attn
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Version of the `mpc` object's layout.
 pub const MPC_BLOCK_VERSION: u32 = 1;
 
@@ -164,18 +294,7 @@ impl ModelConfig {
 
     pub fn from_json_str(text: &str) -> Result<Self, String> {
         let hf: HfConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let arch = match hf.model_type.as_deref() {
-            Some("bert") => Arch::Bert,
-            Some("roberta") => Arch::Roberta,
-            Some(other) => {
-                return Err(format!(
-                    "model_type `{other}` is not supported (bert and roberta are)"
-                ));
-            }
-            None if hf.architectures.iter().any(|a| a.starts_with("Roberta")) => Arch::Roberta,
-            None if hf.architectures.iter().any(|a| a.starts_with("Bert")) => Arch::Bert,
-            None => return Err("no `model_type` and no recognised `architectures`".into()),
-        };
+        let arch = hf.arch()?;
         if let Some(p) = hf.position_embedding_type.as_deref()
             && p != "absolute"
         {
@@ -189,103 +308,15 @@ impl ModelConfig {
                 hf.hidden_size, hf.num_attention_heads
             ));
         }
-        let act: Act = hf.hidden_act.parse()?;
-        let attn: Attn = match hf.softmax_act.as_deref() {
-            Some(s) => s.parse()?,
-            None => Attn::Softmax,
-        };
-        let labels = match (&hf.id2label, hf.num_labels) {
-            (Some(map), _) => {
-                let mut v: Vec<(usize, String)> = map
-                    .iter()
-                    .map(|(k, v)| {
-                        k.parse::<usize>()
-                            .map(|i| (i, v.clone()))
-                            .map_err(|_| format!("id2label key `{k}` is not an integer"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                v.sort();
-                if v.iter().enumerate().any(|(i, (k, _))| i != *k) {
-                    return Err("id2label ids are not 0..n".into());
-                }
-                v.into_iter().map(|(_, s)| s).collect()
-            }
-            (None, Some(n)) => (0..n).map(|i| format!("LABEL_{i}")).collect(),
-            // HF's PretrainedConfig default.
-            (None, None) => vec!["LABEL_0".into(), "LABEL_1".into()],
-        };
+        let labels = hf.labels()?;
         let num_labels = if hf.problem_type.as_deref() == Some("regression") {
             1
         } else {
             labels.len()
         };
-        let mut approx = Approx::new(act, attn);
-        if let Some(mpc) = hf.mpc {
-            approx.c = mpc.two_quad_c.unwrap_or(TWO_QUAD_C);
-            if let Some(q) = &mpc.two_quad {
-                if mpc.two_quad_c.is_some_and(|c| c != q.c) {
-                    return Err(format!(
-                        "mpc.two_quad_c {} and mpc.2quad.c {} differ",
-                        approx.c, q.c
-                    ));
-                }
-                approx.c = q.c;
-            }
-            if let Some(q) = &mpc.quad
-                && (q.a, q.b, q.c) != (QUAD_A, QUAD_B, QUAD_C)
-            {
-                return Err(format!(
-                    "mpc.quad coefficients (a, b, c) = ({}, {}, {}) differ from the ones this \
-                     implementation computes ({QUAD_A}, {QUAD_B}, {QUAD_C})",
-                    q.a, q.b, q.c
-                ));
-            }
-            if let Some(r) = &mpc.two_relu
-                && r.eps != TWO_RELU_EPS
-            {
-                return Err(format!(
-                    "mpc.2relu.eps {} differs from the one this implementation computes \
-                     ({TWO_RELU_EPS})",
-                    r.eps
-                ));
-            }
-            for (k, v) in mpc.layers {
-                let i = k
-                    .parse::<usize>()
-                    .map_err(|_| format!("mpc.layers key `{k}` is not a layer index"))?;
-                if i >= hf.num_hidden_layers {
-                    return Err(format!(
-                        "mpc.layers names layer {i}, but the model has {} layers",
-                        hf.num_hidden_layers
-                    ));
-                }
-                approx.layers.insert(i, v);
-            }
-            if let Some(per_layer) = &mpc.per_layer {
-                if per_layer.len() != hf.num_hidden_layers {
-                    return Err(format!(
-                        "mpc.per_layer lists {} layers, but num_hidden_layers is {}",
-                        per_layer.len(),
-                        hf.num_hidden_layers
-                    ));
-                }
-                for (i, p) in per_layer.iter().enumerate() {
-                    let want = LayerApprox {
-                        act: p.hidden_act.parse()?,
-                        attn: p.softmax_act.parse()?,
-                    };
-                    if approx.layer(i) != want {
-                        return Err(format!(
-                            "mpc.per_layer[{i}] says {}+{}, but hidden_act/softmax_act and \
-                             mpc.layers give {}+{}",
-                            want.act,
-                            want.attn,
-                            approx.layer(i).act,
-                            approx.layer(i).attn
-                        ));
-                    }
-                }
-            }
+        let mut approx = Approx::new(hf.hidden_act.parse()?, hf.attn()?);
+        if let Some(mpc) = &hf.mpc {
+            mpc.apply(&mut approx, hf.num_hidden_layers)?;
         }
         let default_pad = match arch {
             Arch::Bert => 0,
@@ -438,78 +469,118 @@ impl ModelConfig {
                 })
                 .collect();
         }
-        if uses_act(Act::Quad) {
-            v["quad"] = serde_json::json!({
-                "formula": format!("{QUAD_A}·x² + {QUAD_B}·x + {QUAD_C}"),
-                "a": QUAD_A, "b": QUAD_B, "c": QUAD_C,
-                "where": "FFN activation (intermediate.dense output) of the layers that use it; \
-                    the pooler/classifier tanh is not replaced",
-            });
+        for (key, formula) in activation_formulas(&uses_act) {
+            v[key] = formula;
         }
-        if uses_act(Act::Gelu) {
-            v["gelu"] = serde_json::json!({
-                "formula": "x·Φ(x) = 0.5·x·(1 + erf(x/√2)) (exact erf form)",
-            });
-        }
-        if uses_act(Act::GeluTanh) {
-            v["gelu_new"] = serde_json::json!({
-                "formula": "0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))",
-            });
-        }
-        if uses_act(Act::Relu) {
-            v["relu"] = serde_json::json!({"formula": "max(x, 0)"});
-        }
-        let mut mask = serde_json::Map::new();
-        mask.insert(
-            "m".into(),
-            "m_j = attention_mask[j]: 1 for a real key token, 0 for padding (public); padded \
-             query rows are computed like the others"
-                .into(),
-        );
-        if uses_attn(Attn::TwoQuad) {
-            v["2quad"] = serde_json::json!({
-                "formula": format!("p_ij = (s_ij + {c})²·m_j / Σ_k (s_ik + {c})²·m_k"),
-                "c": c,
-                "eps": 0.0,
-                "ops": "a square per score, a row sum, a reciprocal per row",
-            });
-            mask.insert(
-                "2quad".into(),
-                "multiplicative: (s + c)² is multiplied by the 0/1 key mask m after squaring, so \
-                 masked keys get exactly 0; the additive −10000 mask is NOT applied (MPCFormer's \
-                 code adds it and multiplies by m as well: the same result in exact arithmetic, \
-                 but (s − 10000 + c)² overflows fixed point)"
-                    .into(),
-            );
-        }
-        if uses_attn(Attn::TwoRelu) {
-            v["2relu"] = serde_json::json!({
-                "formula": "p_ij = (relu(s_ij)·m_j + eps/L) / (Σ_k relu(s_ik)·m_k + eps), \
-                    L = key length including padding",
-                "eps": TWO_RELU_EPS,
-                "ops": "a comparison per score, a row sum, a reciprocal per row",
-            });
-            mask.insert(
-                "2relu".into(),
-                "multiplicative: relu(s) is multiplied by the 0/1 key mask m; masked keys keep \
-                 the eps/L share, as in MPCFormer"
-                    .into(),
-            );
-        }
-        if uses_attn(Attn::Softmax) {
-            v["softmax"] = serde_json::json!({
-                "formula": format!("p_ij = exp(s_ij + (1 − m_j)·({MASK_NEG})) / Σ_k exp(s_ik + (1 − m_k)·({MASK_NEG}))"),
-                "mask_value": MASK_NEG,
-            });
-            mask.insert(
-                "softmax".into(),
-                format!("additive: (1 − m_j)·({MASK_NEG}) is added to the scores before softmax, as BERT")
-                    .into(),
-            );
+        let (formulas, mask) = attention_formulas(&uses_attn, c);
+        for (key, formula) in formulas {
+            v[key] = formula;
         }
         v["mask"] = Value::Object(mask);
         v
     }
+}
+
+/// The `mpc` block's formula entries for the FFN activations that some layer uses.
+fn activation_formulas(uses_act: &dyn Fn(Act) -> bool) -> Vec<(&'static str, Value)> {
+    let mut out = Vec::new();
+    if uses_act(Act::Quad) {
+        out.push((
+            "quad",
+            serde_json::json!({
+                "formula": format!("{QUAD_A}·x² + {QUAD_B}·x + {QUAD_C}"),
+                "a": QUAD_A, "b": QUAD_B, "c": QUAD_C,
+                "where": "FFN activation (intermediate.dense output) of the layers that use it; \
+                    the pooler/classifier tanh is not replaced",
+            }),
+        ));
+    }
+    if uses_act(Act::Gelu) {
+        out.push((
+            "gelu",
+            serde_json::json!({
+                "formula": "x·Φ(x) = 0.5·x·(1 + erf(x/√2)) (exact erf form)",
+            }),
+        ));
+    }
+    if uses_act(Act::GeluTanh) {
+        out.push((
+            "gelu_new",
+            serde_json::json!({
+                "formula": "0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))",
+            }),
+        ));
+    }
+    if uses_act(Act::Relu) {
+        out.push(("relu", serde_json::json!({"formula": "max(x, 0)"})));
+    }
+    out
+}
+
+/// The `mpc` block's formula entries for the attentions that some layer uses, and how each
+/// applies the key mask.
+fn attention_formulas(
+    uses_attn: &dyn Fn(Attn) -> bool,
+    c: f64,
+) -> (Vec<(&'static str, Value)>, serde_json::Map<String, Value>) {
+    let mut out = Vec::new();
+    let mut mask = serde_json::Map::new();
+    mask.insert(
+        "m".into(),
+        "m_j = attention_mask[j]: 1 for a real key token, 0 for padding (public); padded \
+         query rows are computed like the others"
+            .into(),
+    );
+    if uses_attn(Attn::TwoQuad) {
+        out.push((
+            "2quad",
+            serde_json::json!({
+                "formula": format!("p_ij = (s_ij + {c})²·m_j / Σ_k (s_ik + {c})²·m_k"),
+                "c": c,
+                "eps": 0.0,
+                "ops": "a square per score, a row sum, a reciprocal per row",
+            }),
+        ));
+        mask.insert(
+            "2quad".into(),
+            "multiplicative: (s + c)² is multiplied by the 0/1 key mask m after squaring, so \
+             masked keys get exactly 0; the additive −10000 mask is NOT applied (MPCFormer's \
+             code adds it and multiplies by m as well: the same result in exact arithmetic, \
+             but (s − 10000 + c)² overflows fixed point)"
+                .into(),
+        );
+    }
+    if uses_attn(Attn::TwoRelu) {
+        out.push((
+            "2relu",
+            serde_json::json!({
+                "formula": "p_ij = (relu(s_ij)·m_j + eps/L) / (Σ_k relu(s_ik)·m_k + eps), \
+                    L = key length including padding",
+                "eps": TWO_RELU_EPS,
+                "ops": "a comparison per score, a row sum, a reciprocal per row",
+            }),
+        ));
+        mask.insert(
+            "2relu".into(),
+            "multiplicative: relu(s) is multiplied by the 0/1 key mask m; masked keys keep \
+             the eps/L share, as in MPCFormer"
+                .into(),
+        );
+    }
+    if uses_attn(Attn::Softmax) {
+        out.push(("softmax", serde_json::json!({
+            "formula": format!("p_ij = exp(s_ij + (1 − m_j)·({MASK_NEG})) / Σ_k exp(s_ik + (1 − m_k)·({MASK_NEG}))"),
+            "mask_value": MASK_NEG,
+        })));
+        mask.insert(
+            "softmax".into(),
+            format!(
+                "additive: (1 − m_j)·({MASK_NEG}) is added to the scores before softmax, as BERT"
+            )
+            .into(),
+        );
+    }
+    (out, mask)
 }
 
 #[cfg(test)]

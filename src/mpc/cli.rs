@@ -1308,38 +1308,56 @@ fn argmax(row: &[f64]) -> usize {
         .fold(0, |b, (j, v)| if *v > row[b] { j } else { b })
 }
 
-fn run(a: RunArgs) -> Result<()> {
-    let model_s = a.model.to_string_lossy().to_string();
-    let (cfg, _) = load_spec(&model_s, false, None, a.exp_iters)?;
-    let device = burn::prelude::Device::flex();
-    let k = cfg.model.num_labels;
-    // Batches, plaintext logits, gold labels (per example, in batch order).
-    let mut batches: Vec<HostBatch> = Vec::new();
-    let mut plain: Vec<f64> = Vec::new();
-    let mut gold: Vec<Option<Label>> = Vec::new();
-    let mut label_map: Vec<usize> = (0..k).collect();
-    let mut regression = cfg.model.is_regression();
-    if let Some(path) = &a.batch {
+/// The examples `mpc run` sends through MPC, with what plaintext makes of them.
+struct PlainRun {
+    batches: Vec<HostBatch>,
+    /// Plaintext logits, per example in batch order.
+    logits: Vec<f64>,
+    /// Gold labels, per example in batch order (none from a batch file).
+    gold: Vec<Option<Label>>,
+    /// Model class → dataset class.
+    label_map: Vec<usize>,
+    regression: bool,
+}
+
+impl PlainRun {
+    /// The batches of a saved batch file (`--batch`), run through the model in plaintext.
+    fn from_batch_file(
+        model: &str,
+        path: &Path,
+        cfg: &crate::model::ModelConfig,
+        device: &burn::prelude::Device,
+    ) -> Result<Self> {
         let pre = crate::model::load_pretrained(
-            &model_s,
+            model,
             &Overrides {
                 no_dropout: true,
                 ..Overrides::default()
             },
-            &device,
+            device,
         )?;
+        let mut run = Self {
+            batches: Vec::new(),
+            logits: Vec::new(),
+            gold: Vec::new(),
+            label_map: (0..cfg.num_labels).collect(),
+            regression: cfg.is_regression(),
+        };
         for hb in read_inputs(path)? {
-            let logits = pre.model.logits(&hb.to_inputs(&device));
-            plain.extend(HostTensor::from_float(logits).to_f64());
-            gold.extend(std::iter::repeat_n(None, hb.batch));
-            batches.push(hb);
+            let logits = pre.model.logits(&hb.to_inputs(device));
+            run.logits.extend(HostTensor::from_float(logits).to_f64());
+            run.gold.extend(std::iter::repeat_n(None, hb.batch));
+            run.batches.push(hb);
         }
-    } else {
+        Ok(run)
+    }
+
+    /// A task's split (`--task`, `--split`, `--limit`), batched by length as `eval` does.
+    fn from_task(a: &RunArgs, model: &str, device: &burn::prelude::Device) -> Result<Self> {
         let task_name = a.task.as_deref().context("give --task (or --batch)")?;
         let task = Task::find(task_name).map_err(anyhow::Error::msg)?;
-        regression = task.is_regression();
         let setup = crate::eval::Setup {
-            model: model_s.clone(),
+            model: model.to_string(),
             overrides: Overrides::default(),
             allow_random_head: false,
             batch_size: a.batch_size,
@@ -1349,7 +1367,6 @@ fn run(a: RunArgs) -> Result<()> {
             device: device.clone(),
         };
         let tm = crate::eval::load_for_task(&setup, task)?;
-        label_map = tm.label_map.clone();
         let split = *task
             .resolve_splits(&a.split)
             .map_err(anyhow::Error::msg)?
@@ -1360,22 +1377,72 @@ fn run(a: RunArgs) -> Result<()> {
             set.examples.truncate(n);
         }
         let tok = Tokenized::new(&set, &tm.tokenizer).map_err(anyhow::Error::msg)?;
+        let mut run = Self {
+            batches: Vec::new(),
+            logits: Vec::new(),
+            gold: Vec::new(),
+            label_map: tm.label_map.clone(),
+            regression: task.is_regression(),
+        };
         for idx in tok.plan(a.batch_size.max(1), Order::ByLength, false) {
             let b = tok.batch(&idx);
-            let logits = tm.model.logits(&b.inputs.to_inputs(&device));
-            plain.extend(HostTensor::from_float(logits).to_f64());
-            gold.extend(idx.iter().map(|&i| tok.labels[i]));
-            batches.push(b.inputs);
+            let logits = tm.model.logits(&b.inputs.to_inputs(device));
+            run.logits.extend(HostTensor::from_float(logits).to_f64());
+            run.gold.extend(idx.iter().map(|&i| tok.labels[i]));
+            run.batches.push(b.inputs);
         }
+        Ok(run)
     }
-    let n = gold.len();
+}
+
+/// How a classifier's answers under MPC compare with plaintext's and with the gold labels.
+struct ClassQuality {
+    agree: usize,
+    correct_mpc: usize,
+    correct_plain: usize,
+    labelled: usize,
+}
+
+impl ClassQuality {
+    fn of(mpc: &[f64], plain: &PlainRun, k: usize) -> Self {
+        let mut q = Self {
+            agree: 0,
+            correct_mpc: 0,
+            correct_plain: 0,
+            labelled: 0,
+        };
+        let map = |j: usize| plain.label_map.get(j).copied().unwrap_or(j);
+        for (i, gold) in plain.gold.iter().enumerate() {
+            let am = argmax(&mpc[i * k..(i + 1) * k]);
+            let ap = argmax(&plain.logits[i * k..(i + 1) * k]);
+            q.agree += usize::from(am == ap);
+            if let Some(Label::Class(g)) = *gold {
+                q.labelled += 1;
+                q.correct_mpc += usize::from(map(am) == g);
+                q.correct_plain += usize::from(map(ap) == g);
+            }
+        }
+        q
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let model_s = a.model.to_string_lossy().to_string();
+    let (cfg, _) = load_spec(&model_s, false, None, a.exp_iters)?;
+    let device = burn::prelude::Device::flex();
+    let k = cfg.model.num_labels;
+    let plain = match &a.batch {
+        Some(path) => PlainRun::from_batch_file(&model_s, path, &cfg.model, &device)?,
+        None => PlainRun::from_task(&a, &model_s, &device)?,
+    };
+    let n = plain.gold.len();
     if n == 0 {
         bail!("no examples to run");
     }
     println!(
         "mpc run: {} examples in {} batches, model {} (f = {}, ranges from {})",
         n,
-        batches.len(),
+        plain.batches.len(),
         a.model.display(),
         cfg.frac_bits,
         cfg.ranges_from
@@ -1386,53 +1453,36 @@ fn run(a: RunArgs) -> Result<()> {
         .unwrap_or_default();
     let l = launch(
         &model_s,
-        &batches,
+        &plain.batches,
         Duration::from_secs(a.timeout_s),
         &extra,
         a.insecure_plaintext,
     )?;
     let mpc = &l.p1.logits;
-    if mpc.len() != plain.len() {
-        bail!("P1 returned {} logits, expected {}", mpc.len(), plain.len());
+    if mpc.len() != plain.logits.len() {
+        bail!(
+            "P1 returned {} logits, expected {}",
+            mpc.len(),
+            plain.logits.len()
+        );
     }
     let max_diff = mpc
         .iter()
-        .zip(&plain)
+        .zip(&plain.logits)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max);
-    let (mut agree, mut correct_mpc, mut correct_plain, mut labelled) = (0, 0, 0, 0);
-    for i in 0..n {
-        let (rm, rp) = (&mpc[i * k..(i + 1) * k], &plain[i * k..(i + 1) * k]);
-        let (am, ap) = (argmax(rm), argmax(rp));
-        agree += usize::from(am == ap);
-        if let Some(Label::Class(g)) = gold[i] {
-            labelled += 1;
-            let map = |j: usize| label_map.get(j).copied().unwrap_or(j);
-            correct_mpc += usize::from(map(am) == g);
-            correct_plain += usize::from(map(ap) == g);
-        }
-    }
     let mut v = summary_json(&l);
-    let frac = |x: usize, n: usize| (n > 0).then(|| x as f64 / n as f64);
     v["n"] = json!(n);
-    v["accuracy"] = json!(if regression {
-        None
-    } else {
-        frac(correct_mpc, labelled)
-    });
-    v["plaintext_accuracy"] = json!(if regression {
-        None
-    } else {
-        frac(correct_plain, labelled)
-    });
-    v["agreement"] = json!(if regression { None } else { frac(agree, n) });
     v["max_logit_diff"] = json!(max_diff);
     v["model"] = json!(model_s);
     v["task"] = json!(a.task);
     v["plans"] = serde_json::to_value(&cfg)?;
-    print_summary(&l, &v);
-    if regression {
-        let q = RegressionQuality::of(mpc, &plain, &gold);
+    let frac = |x: usize, n: usize| (n > 0).then(|| x as f64 / n as f64);
+    if plain.regression {
+        v["accuracy"] = json!(None::<f64>);
+        v["plaintext_accuracy"] = json!(None::<f64>);
+        print_summary(&l, &v);
+        let q = RegressionQuality::of(mpc, &plain.logits, &plain.gold);
         v["agreement"] = json!(q.agreement);
         v["pearson_and_spearman"] = json!(q.mpc);
         v["plaintext_pearson_and_spearman"] = json!(q.plaintext);
@@ -1444,6 +1494,11 @@ fn run(a: RunArgs) -> Result<()> {
             max_diff
         );
     } else {
+        let q = ClassQuality::of(mpc, &plain, k);
+        v["accuracy"] = json!(frac(q.correct_mpc, q.labelled));
+        v["plaintext_accuracy"] = json!(frac(q.correct_plain, q.labelled));
+        v["agreement"] = json!(frac(q.agree, n));
+        print_summary(&l, &v);
         println!(
             "n = {n}: agreement with plaintext {}, accuracy under MPC {} (plaintext {}), max |logit diff| {:.4}",
             v["agreement"], v["accuracy"], v["plaintext_accuracy"], max_diff

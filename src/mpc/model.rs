@@ -635,6 +635,101 @@ impl Loader<'_> {
         data.map(|d| self.enc(&d, shape))
     }
 
+    /// The embedding table, `[word; type]` rows masked to P1, and the position embeddings,
+    /// public to P0.
+    fn embeddings(
+        &mut self,
+        ctx: &mut Ctx,
+        m: &ModelConfig,
+    ) -> Result<(PrivWeight, Option<RingTensor>)> {
+        let (d, v, t) = (m.hidden_size, m.vocab_size, m.type_vocab_size);
+        let p = m.arch.prefix();
+        let table = match self.w {
+            Some(w) => {
+                let mut x = w
+                    .get(&format!("{p}.embeddings.word_embeddings.weight"), &[v, d])?
+                    .to_vec();
+                x.extend_from_slice(w.get(
+                    &format!("{p}.embeddings.token_type_embeddings.weight"),
+                    &[t, d],
+                )?);
+                Some(x)
+            }
+            None => None,
+        };
+        let emb = self.private(ctx, table, &[v + t, d])?;
+        let pos = match self.w {
+            Some(w) => {
+                let np = m.max_position_embeddings;
+                let name = format!("{p}.embeddings.position_embeddings.weight");
+                Some(self.enc(w.get(&name, &[np, d])?, &[np, d]))
+            }
+            None => None,
+        };
+        Ok((emb, pos))
+    }
+
+    /// A Linear layer `name` (`[out, in]` as stored): its weight transposed to `[in, out]` and
+    /// masked to P1, its bias public to P0.
+    fn dense(
+        &mut self,
+        ctx: &mut Ctx,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<(PrivWeight, Option<RingTensor>)> {
+        let w = self.linear_t(&format!("{name}.weight"), out, inp, 1.0)?;
+        let w = self.private(ctx, w, &[inp, out])?;
+        let b = self.vec(&format!("{name}.bias"), out, 1.0)?;
+        Ok((w, self.p0(b, &[out])))
+    }
+
+    /// Encoder layer `l`: query, key and value fused into one `[d, 3d]` matrix, the query
+    /// scaled by 1/√head_dim so that no party multiplies the scores by it.
+    fn layer(&mut self, ctx: &mut Ctx, m: &ModelConfig, l: &str) -> Result<LayerW> {
+        let (d, ffn) = (m.hidden_size, m.intermediate_size);
+        let qscale = 1.0 / ((d / m.num_attention_heads) as f64).sqrt();
+        let scales = [("query", qscale), ("key", 1.0), ("value", 1.0)];
+        let (qkv, qkv_b) = match self.w {
+            Some(_) => {
+                let mut cat = vec![0.0; d * 3 * d];
+                let mut bias = Vec::with_capacity(3 * d);
+                for (j, (part, scale)) in scales.into_iter().enumerate() {
+                    let name = format!("{l}.attention.self.{part}");
+                    let w = self.linear_t(&format!("{name}.weight"), d, d, scale)?;
+                    let w = w.expect("P0 holds the weights");
+                    for r in 0..d {
+                        cat[r * 3 * d + j * d..r * 3 * d + (j + 1) * d]
+                            .copy_from_slice(&w[r * d..(r + 1) * d]);
+                    }
+                    let b = self.vec(&format!("{name}.bias"), d, scale)?;
+                    bias.extend(b.expect("P0 holds the weights"));
+                }
+                (Some(cat), Some(bias))
+            }
+            None => (None, None),
+        };
+        let qkv = self.private(ctx, qkv, &[d, 3 * d])?;
+        let qkv_b = self.p0(qkv_b, &[3 * d]);
+        let (o, o_b) = self.dense(ctx, &format!("{l}.attention.output.dense"), d, d)?;
+        let ln1 = self.ln(ctx, &format!("{l}.attention.output.LayerNorm"), d)?;
+        let (up, up_b) = self.dense(ctx, &format!("{l}.intermediate.dense"), ffn, d)?;
+        let (down, down_b) = self.dense(ctx, &format!("{l}.output.dense"), d, ffn)?;
+        let ln2 = self.ln(ctx, &format!("{l}.output.LayerNorm"), d)?;
+        Ok(LayerW {
+            qkv,
+            qkv_b,
+            o,
+            o_b,
+            ln1,
+            up,
+            up_b,
+            down,
+            down_b,
+            ln2,
+        })
+    }
+
     fn ln(&mut self, ctx: &mut Ctx, name: &str, d: usize) -> Result<LnW> {
         let g = self.vec(&format!("{name}.weight"), d, 1.0)?;
         let b = self.vec(&format!("{name}.bias"), d, 1.0)?;
@@ -654,114 +749,18 @@ impl MpcModel {
         }
         ctx.op("setup");
         let m = &cfg.model;
-        let (d, v, t) = (m.hidden_size, m.vocab_size, m.type_vocab_size);
+        let d = m.hidden_size;
         let p = m.arch.prefix();
         let mut ld = Loader {
             w: weights,
             fp: cfg.fp(),
             next_id: 0,
         };
-        // Embedding table: [word; type] rows.
-        let table = match weights {
-            Some(w) => {
-                let mut x = w
-                    .get(&format!("{p}.embeddings.word_embeddings.weight"), &[v, d])?
-                    .to_vec();
-                x.extend_from_slice(w.get(
-                    &format!("{p}.embeddings.token_type_embeddings.weight"),
-                    &[t, d],
-                )?);
-                Some(x)
-            }
-            None => None,
-        };
-        let emb = ld.private(ctx, table, &[v + t, d])?;
-        let pos = match weights {
-            Some(w) => {
-                let np = m.max_position_embeddings;
-                Some(ld.enc(
-                    w.get(
-                        &format!("{p}.embeddings.position_embeddings.weight"),
-                        &[np, d],
-                    )?,
-                    &[np, d],
-                ))
-            }
-            None => None,
-        };
+        let (emb, pos) = ld.embeddings(ctx, m)?;
         let emb_ln = ld.ln(ctx, &format!("{p}.embeddings.LayerNorm"), d)?;
-        let dh = m.hidden_size / m.num_attention_heads;
-        let qscale = 1.0 / (dh as f64).sqrt();
-        let ffn = m.intermediate_size;
-        let mut layers = Vec::new();
-        for i in 0..m.num_hidden_layers {
-            let l = format!("{p}.encoder.layer.{i}");
-            let qkv = match weights {
-                Some(_) => {
-                    let q =
-                        ld.linear_t(&format!("{l}.attention.self.query.weight"), d, d, qscale)?;
-                    let k = ld.linear_t(&format!("{l}.attention.self.key.weight"), d, d, 1.0)?;
-                    let vv = ld.linear_t(&format!("{l}.attention.self.value.weight"), d, d, 1.0)?;
-                    let (q, k, vv) = (q.unwrap(), k.unwrap(), vv.unwrap());
-                    let mut cat = vec![0.0; d * 3 * d];
-                    for r in 0..d {
-                        cat[r * 3 * d..r * 3 * d + d].copy_from_slice(&q[r * d..(r + 1) * d]);
-                        cat[r * 3 * d + d..r * 3 * d + 2 * d]
-                            .copy_from_slice(&k[r * d..(r + 1) * d]);
-                        cat[r * 3 * d + 2 * d..(r + 1) * 3 * d]
-                            .copy_from_slice(&vv[r * d..(r + 1) * d]);
-                    }
-                    Some(cat)
-                }
-                None => None,
-            };
-            let qkv_b = match weights {
-                Some(_) => {
-                    let mut b = ld
-                        .vec(&format!("{l}.attention.self.query.bias"), d, qscale)?
-                        .unwrap();
-                    b.extend(
-                        ld.vec(&format!("{l}.attention.self.key.bias"), d, 1.0)?
-                            .unwrap(),
-                    );
-                    b.extend(
-                        ld.vec(&format!("{l}.attention.self.value.bias"), d, 1.0)?
-                            .unwrap(),
-                    );
-                    Some(b)
-                }
-                None => None,
-            };
-            let qkv = ld.private(ctx, qkv, &[d, 3 * d])?;
-            let qkv_b = ld.p0(qkv_b, &[3 * d]);
-            let o = ld.linear_t(&format!("{l}.attention.output.dense.weight"), d, d, 1.0)?;
-            let o = ld.private(ctx, o, &[d, d])?;
-            let o_b = ld.vec(&format!("{l}.attention.output.dense.bias"), d, 1.0)?;
-            let o_b = ld.p0(o_b, &[d]);
-            let ln1 = ld.ln(ctx, &format!("{l}.attention.output.LayerNorm"), d)?;
-            let up = ld.linear_t(&format!("{l}.intermediate.dense.weight"), ffn, d, 1.0)?;
-            let up = ld.private(ctx, up, &[d, ffn])?;
-            let up_b = ld.vec(&format!("{l}.intermediate.dense.bias"), ffn, 1.0)?;
-            let up_b = ld.p0(up_b, &[ffn]);
-            let down = ld.linear_t(&format!("{l}.output.dense.weight"), d, ffn, 1.0)?;
-            let down = ld.private(ctx, down, &[ffn, d])?;
-            let down_b = ld.vec(&format!("{l}.output.dense.bias"), d, 1.0)?;
-            let down_b = ld.p0(down_b, &[d]);
-            let ln2 = ld.ln(ctx, &format!("{l}.output.LayerNorm"), d)?;
-            layers.push(LayerW {
-                qkv,
-                qkv_b,
-                o,
-                o_b,
-                ln1,
-                up,
-                up_b,
-                down,
-                down_b,
-                ln2,
-            });
-        }
-        let nl = m.num_labels;
+        let layers = (0..m.num_hidden_layers)
+            .map(|i| ld.layer(ctx, m, &format!("{p}.encoder.layer.{i}")))
+            .collect::<Result<Vec<_>>>()?;
         let (pool_name, cls_name) = match m.arch {
             Arch::Bert => (format!("{p}.pooler.dense"), "classifier".to_string()),
             Arch::Roberta => (
@@ -769,14 +768,8 @@ impl MpcModel {
                 "classifier.out_proj".to_string(),
             ),
         };
-        let pool = ld.linear_t(&format!("{pool_name}.weight"), d, d, 1.0)?;
-        let pool = ld.private(ctx, pool, &[d, d])?;
-        let pool_b = ld.vec(&format!("{pool_name}.bias"), d, 1.0)?;
-        let pool_b = ld.p0(pool_b, &[d]);
-        let cls = ld.linear_t(&format!("{cls_name}.weight"), nl, d, 1.0)?;
-        let cls = ld.private(ctx, cls, &[d, nl])?;
-        let cls_b = ld.vec(&format!("{cls_name}.bias"), nl, 1.0)?;
-        let cls_b = ld.p0(cls_b, &[nl]);
+        let (pool, pool_b) = ld.dense(ctx, &pool_name, d, d)?;
+        let (cls, cls_b) = ld.dense(ctx, &cls_name, m.num_labels, d)?;
         ctx.warm_dealer()?;
         Ok(Self {
             cfg,

@@ -565,144 +565,24 @@ impl Ctx {
     }
 
     fn finish(&self, op: &Op, m: &Material, mine: &[u64], theirs: &[u64]) -> Result<AShare> {
-        let party = self.party;
-        Ok(match op {
-            Op::Mul(x, y) => {
-                let n = x.numel();
-                let e = add_vec(&mine[..n], &theirs[..n]);
-                let f = add_vec(&mine[n..], &theirs[n..]);
-                let data = (0..n)
-                    .map(|i| {
-                        e[i].wrapping_mul(y.t.data[i])
-                            .wrapping_add(m.a[i].wrapping_mul(f[i]))
-                            .wrapping_add(m.c[i])
-                    })
-                    .collect();
-                AShare::new(party, RingTensor::new(x.shape().to_vec(), data)?)
-            }
-            Op::MulRow(x, y) => {
-                let n = x.numel();
-                let cols = *x.shape().last().unwrap_or(&1);
-                let e = add_vec(&mine[..n], &theirs[..n]);
-                let f = add_vec(&mine[n..], &theirs[n..]);
-                let data = (0..n)
-                    .map(|i| {
-                        let r = i / cols;
-                        e[i].wrapping_mul(y.t.data[r])
-                            .wrapping_add(m.a[i].wrapping_mul(f[r]))
-                            .wrapping_add(m.c[i])
-                    })
-                    .collect();
-                AShare::new(party, RingTensor::new(x.shape().to_vec(), data)?)
-            }
-            Op::Square(x) => {
-                let e = add_vec(mine, theirs);
-                let data = e
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &ei)| {
-                        let base = ei.wrapping_mul(2).wrapping_mul(m.a[i]).wrapping_add(m.c[i]);
-                        match party {
-                            Party::P0 => base.wrapping_add(ei.wrapping_mul(ei)),
-                            Party::P1 => base,
-                        }
-                    })
-                    .collect();
-                AShare::new(party, RingTensor::new(x.shape().to_vec(), data)?)
-            }
-            Op::MatMul(x, y) => {
-                let n = x.numel();
-                let e = RingTensor::new(x.shape().to_vec(), add_vec(&mine[..n], &theirs[..n]))?;
-                let f = RingTensor::new(y.shape().to_vec(), add_vec(&mine[n..], &theirs[n..]))?;
-                let a = RingTensor::new(x.shape().to_vec(), m.a.clone())?;
-                let mut z = e.matmul(&y.t)?;
-                z.add_assign(&a.matmul(&f)?)?;
-                let c = RingTensor::new(z.shape.clone(), m.c.clone())?;
-                z.add_assign(&c)?;
-                AShare::new(party, z)
-            }
-            Op::WeightMatMul(x, w) => {
-                let out_shape = matmul_shape(x.shape(), &w.data.shape)?;
-                let mut z = match party {
-                    Party::P0 => w.matmul_words(&add_vec(&x.t.data, theirs))?,
-                    Party::P1 => w.matmul_words(&m.a)?,
-                };
-                for (v, c) in z.iter_mut().zip(&m.c) {
-                    *v = v.wrapping_add(*c);
-                }
-                AShare::new(party, RingTensor::new(out_shape, z)?)
-            }
-            Op::WeightElem(x, w) => {
-                let cols = w.data.numel();
-                let src: Vec<u64> = match party {
-                    Party::P0 => add_vec(&x.t.data, theirs),
-                    Party::P1 => m.a.clone(),
-                };
-                let data = src
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| v.wrapping_mul(w.data.data[i % cols]).wrapping_add(m.c[i]))
-                    .collect();
-                AShare::new(party, RingTensor::new(x.shape().to_vec(), data)?)
-            }
-            Op::And(x, _) => {
-                let n = x.len();
-                let d = xor_vec(&mine[..n], &theirs[..n]);
-                let e = xor_vec(&mine[n..], &theirs[n..]);
-                let p0 = party == Party::P0;
-                let data = (0..n)
-                    .map(|i| {
-                        let z = (d[i] & m.b[i]) ^ (e[i] & m.a[i]) ^ m.c[i];
-                        if p0 { z ^ (d[i] & e[i]) } else { z }
-                    })
-                    .collect();
-                AShare::new(party, RingTensor::new(vec![n], data)?)
-            }
-            Op::AndOwned(x) => {
-                // d = x0 ⊕ a (P0's message), e = x1 ⊕ b (P1's); x0 & x1 = d&e ⊕ a&e ⊕ d&b ⊕ c.
-                let n = x.len();
-                let data = match party {
-                    Party::P0 => (0..n)
-                        .map(|i| (mine[i] & theirs[i]) ^ (m.a[i] & theirs[i]) ^ m.c[i])
-                        .collect(),
-                    Party::P1 => (0..n).map(|i| (theirs[i] & m.b[i]) ^ m.c[i]).collect(),
-                };
-                AShare::new(party, RingTensor::new(vec![n], data)?)
-            }
-            Op::B2A(_, n) => {
-                let c = xor_vec(mine, theirs);
-                let p0 = party == Party::P0;
-                let data = (0..*n)
-                    .map(|j| {
-                        let r = m.c[j];
-                        if (c[j / 64] >> (j % 64)) & 1 == 1 {
-                            // b = 1 − r
-                            if p0 {
-                                1u64.wrapping_sub(r)
-                            } else {
-                                r.wrapping_neg()
-                            }
-                        } else {
-                            r
-                        }
-                    })
-                    .collect();
-                AShare::new(party, RingTensor::new(vec![*n], data)?)
-            }
-            Op::OwnedBitAnd(x, n) => {
-                let (u, v) = match party {
-                    Party::P0 => (mine, theirs),
-                    Party::P1 => (theirs, mine),
-                };
-                let data = (0..*n)
-                    .map(|j| {
-                        let bit = |w: &[u64]| (w[j / 64] >> (j % 64)) & 1;
-                        owned_bit_and_share(party, bit(&x.words), bit(u), bit(v), bit(&m.a), m.c[j])
-                    })
-                    .collect();
-                AShare::new(party, RingTensor::new(vec![*n], data)?)
-            }
-        })
+        let o = Opened {
+            party: self.party,
+            m,
+            mine,
+            theirs,
+        };
+        match op {
+            Op::Mul(x, y) => o.mul(x, y),
+            Op::MulRow(x, y) => o.mul_row(x, y),
+            Op::Square(x) => o.square(x),
+            Op::MatMul(x, y) => o.matmul(x, y),
+            Op::WeightMatMul(x, w) => o.weight_matmul(x, w),
+            Op::WeightElem(x, w) => o.weight_elem(x, w),
+            Op::And(x, _) => o.and(x),
+            Op::AndOwned(x) => o.and_owned(x),
+            Op::B2A(_, n) => o.b2a(n),
+            Op::OwnedBitAnd(x, n) => o.owned_bit_and(x, n),
+        }
     }
 
     /// Runs one op of a round and truncates by `f`.
@@ -1458,5 +1338,230 @@ mod tests {
         for x in [-6.0, -1.0, 0.0, 0.3, 5.9] {
             assert!((cheb_eval(&p.coeffs, x / 6.0) - f64::tanh(x)).abs() < 1e-4);
         }
+    }
+}
+
+/// One operation's opened values and the dealer's material for it, from which each party
+/// computes its share of the result: the last step of every two-party protocol here.
+#[derive(Clone, Copy)]
+struct Opened<'a> {
+    party: Party,
+    m: &'a Material,
+    /// This party's message, as sent.
+    mine: &'a [u64],
+    /// The peer's message for this operation.
+    theirs: &'a [u64],
+}
+
+impl Opened<'_> {
+    fn mul(&self, x: &AShare, y: &AShare) -> Result<AShare> {
+        let Opened {
+            party,
+            m,
+            mine,
+            theirs,
+        } = *self;
+        let n = x.numel();
+        let e = add_vec(&mine[..n], &theirs[..n]);
+        let f = add_vec(&mine[n..], &theirs[n..]);
+        let data = (0..n)
+            .map(|i| {
+                e[i].wrapping_mul(y.t.data[i])
+                    .wrapping_add(m.a[i].wrapping_mul(f[i]))
+                    .wrapping_add(m.c[i])
+            })
+            .collect();
+        Ok(AShare::new(
+            party,
+            RingTensor::new(x.shape().to_vec(), data)?,
+        ))
+    }
+
+    fn mul_row(&self, x: &AShare, y: &AShare) -> Result<AShare> {
+        let Opened {
+            party,
+            m,
+            mine,
+            theirs,
+        } = *self;
+        let n = x.numel();
+        let cols = *x.shape().last().unwrap_or(&1);
+        let e = add_vec(&mine[..n], &theirs[..n]);
+        let f = add_vec(&mine[n..], &theirs[n..]);
+        let data = (0..n)
+            .map(|i| {
+                let r = i / cols;
+                e[i].wrapping_mul(y.t.data[r])
+                    .wrapping_add(m.a[i].wrapping_mul(f[r]))
+                    .wrapping_add(m.c[i])
+            })
+            .collect();
+        Ok(AShare::new(
+            party,
+            RingTensor::new(x.shape().to_vec(), data)?,
+        ))
+    }
+
+    fn square(&self, x: &AShare) -> Result<AShare> {
+        let Opened {
+            party,
+            m,
+            mine,
+            theirs,
+        } = *self;
+        let e = add_vec(mine, theirs);
+        let data = e
+            .iter()
+            .enumerate()
+            .map(|(i, &ei)| {
+                let base = ei.wrapping_mul(2).wrapping_mul(m.a[i]).wrapping_add(m.c[i]);
+                match party {
+                    Party::P0 => base.wrapping_add(ei.wrapping_mul(ei)),
+                    Party::P1 => base,
+                }
+            })
+            .collect();
+        Ok(AShare::new(
+            party,
+            RingTensor::new(x.shape().to_vec(), data)?,
+        ))
+    }
+
+    fn matmul(&self, x: &AShare, y: &AShare) -> Result<AShare> {
+        let Opened {
+            party,
+            m,
+            mine,
+            theirs,
+        } = *self;
+        let n = x.numel();
+        let e = RingTensor::new(x.shape().to_vec(), add_vec(&mine[..n], &theirs[..n]))?;
+        let f = RingTensor::new(y.shape().to_vec(), add_vec(&mine[n..], &theirs[n..]))?;
+        let a = RingTensor::new(x.shape().to_vec(), m.a.clone())?;
+        let mut z = e.matmul(&y.t)?;
+        z.add_assign(&a.matmul(&f)?)?;
+        let c = RingTensor::new(z.shape.clone(), m.c.clone())?;
+        z.add_assign(&c)?;
+        Ok(AShare::new(party, z))
+    }
+
+    fn weight_matmul(&self, x: &AShare, w: &PrivWeight) -> Result<AShare> {
+        let Opened {
+            party, m, theirs, ..
+        } = *self;
+        let out_shape = matmul_shape(x.shape(), &w.data.shape)?;
+        let mut z = match party {
+            Party::P0 => w.matmul_words(&add_vec(&x.t.data, theirs))?,
+            Party::P1 => w.matmul_words(&m.a)?,
+        };
+        for (v, c) in z.iter_mut().zip(&m.c) {
+            *v = v.wrapping_add(*c);
+        }
+        Ok(AShare::new(party, RingTensor::new(out_shape, z)?))
+    }
+
+    fn weight_elem(&self, x: &AShare, w: &PrivWeight) -> Result<AShare> {
+        let Opened {
+            party, m, theirs, ..
+        } = *self;
+        let cols = w.data.numel();
+        let src: Vec<u64> = match party {
+            Party::P0 => add_vec(&x.t.data, theirs),
+            Party::P1 => m.a.clone(),
+        };
+        let data = src
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v.wrapping_mul(w.data.data[i % cols]).wrapping_add(m.c[i]))
+            .collect();
+        Ok(AShare::new(
+            party,
+            RingTensor::new(x.shape().to_vec(), data)?,
+        ))
+    }
+
+    fn and(&self, x: &BShare) -> Result<AShare> {
+        let Opened {
+            party,
+            m,
+            mine,
+            theirs,
+        } = *self;
+        let n = x.len();
+        let d = xor_vec(&mine[..n], &theirs[..n]);
+        let e = xor_vec(&mine[n..], &theirs[n..]);
+        let p0 = party == Party::P0;
+        let data = (0..n)
+            .map(|i| {
+                let z = (d[i] & m.b[i]) ^ (e[i] & m.a[i]) ^ m.c[i];
+                if p0 { z ^ (d[i] & e[i]) } else { z }
+            })
+            .collect();
+        Ok(AShare::new(party, RingTensor::new(vec![n], data)?))
+    }
+
+    fn and_owned(&self, x: &BShare) -> Result<AShare> {
+        let Opened {
+            party,
+            m,
+            mine,
+            theirs,
+        } = *self;
+        // d = x0 ⊕ a (P0's message), e = x1 ⊕ b (P1's); x0 & x1 = d&e ⊕ a&e ⊕ d&b ⊕ c.
+        let n = x.len();
+        let data = match party {
+            Party::P0 => (0..n)
+                .map(|i| (mine[i] & theirs[i]) ^ (m.a[i] & theirs[i]) ^ m.c[i])
+                .collect(),
+            Party::P1 => (0..n).map(|i| (theirs[i] & m.b[i]) ^ m.c[i]).collect(),
+        };
+        Ok(AShare::new(party, RingTensor::new(vec![n], data)?))
+    }
+
+    fn b2a(&self, n: &usize) -> Result<AShare> {
+        let Opened {
+            party,
+            m,
+            mine,
+            theirs,
+        } = *self;
+        let c = xor_vec(mine, theirs);
+        let p0 = party == Party::P0;
+        let data = (0..*n)
+            .map(|j| {
+                let r = m.c[j];
+                if (c[j / 64] >> (j % 64)) & 1 == 1 {
+                    // b = 1 − r
+                    if p0 {
+                        1u64.wrapping_sub(r)
+                    } else {
+                        r.wrapping_neg()
+                    }
+                } else {
+                    r
+                }
+            })
+            .collect();
+        Ok(AShare::new(party, RingTensor::new(vec![*n], data)?))
+    }
+
+    fn owned_bit_and(&self, x: &BShare, n: &usize) -> Result<AShare> {
+        let Opened {
+            party,
+            m,
+            mine,
+            theirs,
+        } = *self;
+        let (u, v) = match party {
+            Party::P0 => (mine, theirs),
+            Party::P1 => (theirs, mine),
+        };
+        let data = (0..*n)
+            .map(|j| {
+                let bit = |w: &[u64]| (w[j / 64] >> (j % 64)) & 1;
+                owned_bit_and_share(party, bit(&x.words), bit(u), bit(v), bit(&m.a), m.c[j])
+            })
+            .collect();
+        Ok(AShare::new(party, RingTensor::new(vec![*n], data)?))
     }
 }

@@ -235,27 +235,10 @@ impl Stage<'_> {
             while st.batch < plan.len() && st.step < total {
                 self.device.seed(step_seed(self.seed, self.kind, st.step));
                 let batch = self.train.batch(&plan[st.batch]);
-                // Lazily initialised parameters (a model built from a config) take their values
-                // from the generator in the order they are first used: the f32 forward pass
-                // draws the embeddings first, the compute copy every Linear first. Such a
-                // model's first step runs in f32, so every precision starts from the weights
-                // (and dropout masks) of the f32 run.
-                let precision = if initialized(&model) {
-                    self.precision
-                } else {
-                    Precision::F32
-                };
+                let precision = self.step_precision(&model);
                 let terms = loss_fn(&precision.compute_copy(&model), &batch)?;
                 let loss = terms.total.clone().into_scalar::<f32>();
-                if !loss.is_finite() {
-                    bail!(
-                        "{name}: loss is {loss} at step {}; last good checkpoint: {}",
-                        st.step + 1,
-                        last_good
-                            .as_ref()
-                            .map_or("none".into(), |p| p.display().to_string())
-                    );
-                }
+                check_finite(name, loss, st.step + 1, last_good.as_deref())?;
                 let lr = s.schedule.lr(s.lr, st.step, total);
                 let scaler = match precision {
                     Precision::F16 => st.loss_scale.as_mut(),
@@ -304,9 +287,31 @@ impl Stage<'_> {
         if s.keep_best && best_path.is_file() && st.best_step != Some(st.step) {
             let best_params: BTreeMap<String, HostTensor> = load_safetensors(&best_path)?;
             model = load_params(model, &best_params)?;
-            let score = eval_fn(&model.valid())?;
-            best = Some(score);
+            best = Some(eval_fn(&model.valid())?);
         }
         Ok((model, best))
     }
+
+    /// Lazily initialised parameters (a model built from a config) take their values from the
+    /// generator in the order they are first used: the f32 forward pass draws the embeddings
+    /// first, the compute copy every Linear first. Such a model's first step runs in f32, so
+    /// every precision starts from the weights (and dropout masks) of the f32 run.
+    fn step_precision<M: Module>(&self, model: &M) -> Precision {
+        if initialized(model) {
+            self.precision
+        } else {
+            Precision::F32
+        }
+    }
+}
+
+/// Stops the stage at a non-finite loss, naming the step and the checkpoint to resume from.
+fn check_finite(stage: &str, loss: f32, step: u64, last_good: Option<&Path>) -> Result<()> {
+    if loss.is_finite() {
+        return Ok(());
+    }
+    bail!(
+        "{stage}: loss is {loss} at step {step}; last good checkpoint: {}",
+        last_good.map_or("none".into(), |p| p.display().to_string())
+    )
 }
