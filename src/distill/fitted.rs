@@ -29,7 +29,7 @@ use anyhow::{Result, bail};
 use burn::prelude::*;
 
 use crate::model::approx::{Act, Attn, QUAD_A, QUAD_B, QUAD_C};
-use crate::model::bert::{Capture, Inputs, apply_linear};
+use crate::model::bert::{BertLayer, Capture, Inputs, apply_linear};
 use crate::model::load::RawTensor;
 use crate::model::{Checkpoint, LoadOptions, ModelConfig, SequenceClassifier};
 
@@ -232,27 +232,16 @@ pub fn refit(
         .map(|x| model.bert.embeddings.forward(x))
         .collect();
     for (l, t_layer) in teacher.bert.encoder.layer.iter().enumerate() {
+        let fitting = LayerInputs {
+            masks: &masks,
+            host_masks: &host_masks,
+            teacher_in: &teacher_in,
+            student_in: &student_in,
+        };
         let want = model.config.approx.layer(l);
         let mut fit = LayerFit::default();
         if want.attn == Attn::TwoQuad && t_layer.approx.attn == Attn::Softmax {
-            let c = model.config.approx.c;
-            let heads = model.config.num_attention_heads;
-            let (mut kl, mut rows) = (vec![vec![0.0; grid.len()]; heads], 0.0);
-            for (b, mask) in masks.iter().enumerate() {
-                let s_layer = &model.bert.encoder.layer[l];
-                let weights_of = |block: (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>)| {
-                    block.1.expect("attention weights were asked for")
-                };
-                let (_, p) = weights_of(t_layer.attention_block(
-                    teacher_in[b][l].clone(),
-                    mask.clone(),
-                    true,
-                ));
-                let (scores, _) =
-                    weights_of(s_layer.attention_block(student_in[b].clone(), mask.clone(), true));
-                add_kl(&mut kl, p, scores, mask.clone(), &grid, c);
-                rows += host_masks[b].iter().sum::<f32>() as f64;
-            }
+            let (kl, rows) = head_kl(&model, t_layer, l, &fitting, &grid);
             let (before, after, alphas) = pick_alphas(&kl, &grid, rows);
             for (head, alpha) in alphas.iter().enumerate() {
                 weights.scale_head(&model.config, l, head, *alpha)?;
@@ -262,20 +251,7 @@ pub fn refit(
             model = weights.load(model)?;
         }
         if want.act == Act::Quad && t_layer.approx.act != Act::Quad {
-            let mut neurons = vec![Moments::default(); model.config.intermediate_size];
-            for (b, mask) in masks.iter().enumerate() {
-                let s_layer = &model.bert.encoder.layer[l];
-                let (s_out, _) =
-                    s_layer.attention_block(student_in[b].clone(), mask.clone(), false);
-                let z = apply_linear(&s_layer.intermediate.dense, s_out);
-                let (t_out, _) =
-                    t_layer.attention_block(teacher_in[b][l].clone(), mask.clone(), false);
-                let g = t_layer
-                    .approx
-                    .act
-                    .apply(apply_linear(&t_layer.intermediate.dense, t_out));
-                add_moments(&mut neurons, &z, &g, &host_masks[b]);
-            }
+            let neurons = ffn_moments(&model, t_layer, l, &fitting);
             let (mse, flat) = weights.fit_ffn(&model.config, l, &neurons)?;
             fit.ffn_mse = Some(mse);
             fit.flat_neurons = flat;
@@ -290,6 +266,65 @@ pub fn refit(
     }
     drop(model);
     Ok((weights.load(student)?, report))
+}
+
+/// What one layer is fitted on: per batch, the key mask (as a tensor and on the host), the
+/// teacher's input to every layer, and the fitted student's input to this one.
+struct LayerInputs<'a> {
+    masks: &'a [Tensor<2>],
+    host_masks: &'a [Vec<f32>],
+    teacher_in: &'a [Vec<Tensor<3>>],
+    student_in: &'a [Tensor<3>],
+}
+
+/// Per head and query scale on `grid`, the KL of layer `l`'s 2Quad attention from the teacher's
+/// softmax attention, summed over real query rows; and the number of those rows.
+fn head_kl(
+    model: &SequenceClassifier,
+    t_layer: &BertLayer,
+    l: usize,
+    ins: &LayerInputs,
+    grid: &[f64],
+) -> (Vec<Vec<f64>>, f64) {
+    let c = model.config.approx.c;
+    let heads = model.config.num_attention_heads;
+    let (mut kl, mut rows) = (vec![vec![0.0; grid.len()]; heads], 0.0);
+    let s_layer = &model.bert.encoder.layer[l];
+    let weights_of = |block: (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>)| {
+        block.1.expect("attention weights were asked for")
+    };
+    for (b, mask) in ins.masks.iter().enumerate() {
+        let (_, p) =
+            weights_of(t_layer.attention_block(ins.teacher_in[b][l].clone(), mask.clone(), true));
+        let (scores, _) =
+            weights_of(s_layer.attention_block(ins.student_in[b].clone(), mask.clone(), true));
+        add_kl(&mut kl, p, scores, mask.clone(), grid, c);
+        rows += ins.host_masks[b].iter().sum::<f32>() as f64;
+    }
+    (kl, rows)
+}
+
+/// Per FFN neuron of layer `l`, the moments of the student's pre-activation against the
+/// teacher's activation, over real tokens: what the least-squares quadratic is solved from.
+fn ffn_moments(
+    model: &SequenceClassifier,
+    t_layer: &BertLayer,
+    l: usize,
+    ins: &LayerInputs,
+) -> Vec<Moments> {
+    let mut neurons = vec![Moments::default(); model.config.intermediate_size];
+    let s_layer = &model.bert.encoder.layer[l];
+    for (b, mask) in ins.masks.iter().enumerate() {
+        let (s_out, _) = s_layer.attention_block(ins.student_in[b].clone(), mask.clone(), false);
+        let z = apply_linear(&s_layer.intermediate.dense, s_out);
+        let (t_out, _) = t_layer.attention_block(ins.teacher_in[b][l].clone(), mask.clone(), false);
+        let g = t_layer
+            .approx
+            .act
+            .apply(apply_linear(&t_layer.intermediate.dense, t_out));
+        add_moments(&mut neurons, &z, &g, &ins.host_masks[b]);
+    }
+    neurons
 }
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {

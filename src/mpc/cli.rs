@@ -736,43 +736,10 @@ fn client_main(a: ClientArgs) -> Result<()> {
             )
         },
     )
-    .map_err(|e| {
-        let hint = match e {
-            super::MpcError::PeerClosed { .. } => {
-                " (the server ended the session: its log says why, e.g. a dealer it could not reach, its --timeout-s or its shutdown)"
-            }
-            _ => "",
-        };
-        anyhow::Error::new(e).context(format!(
-            "P1: session with the server at {}{hint}",
-            a.peer
-        ))
-    })?;
+    .map_err(|e| session_error(e, &a.peer))?;
     let preds = client::predictions(&report.logits, &plan.order, &cfg);
     for (q, p) in queries.iter().zip(&preds) {
-        let answer = match (&p.label, p.score) {
-            (_, Some(s)) => format!("score {s:.4}"),
-            (Some(l), _) => {
-                let probs: Vec<String> = p
-                    .probabilities
-                    .iter()
-                    .enumerate()
-                    .map(|(j, v)| {
-                        let name = cfg.model.labels.get(j).cloned().unwrap_or(j.to_string());
-                        format!("{name}: {v:.4}")
-                    })
-                    .collect();
-                format!("{l}  [{}]", probs.join(", "))
-            }
-            _ => String::new(),
-        };
-        let text = match &q.text_pair {
-            Some(b) => format!("{} ||| {b}", q.text),
-            None => q.text.clone(),
-        };
-        let short: String = text.chars().take(60).collect();
-        let ell = if short.len() < text.len() { "…" } else { "" };
-        println!("{:>4}  {answer}  {short}{ell}", p.index);
+        print_prediction(q, p, &cfg.model.labels);
     }
     let t = totals(&report, false);
     eprintln!(
@@ -810,6 +777,44 @@ fn client_main(a: ClientArgs) -> Result<()> {
             }).collect::<Vec<_>>(),
         }),
     )
+}
+
+/// P1's session error, with what to look at when the server hung up.
+fn session_error(e: super::MpcError, peer: &str) -> anyhow::Error {
+    let hint = match e {
+        super::MpcError::PeerClosed { .. } => {
+            " (the server ended the session: its log says why, e.g. a dealer it could not reach, its --timeout-s or its shutdown)"
+        }
+        _ => "",
+    };
+    anyhow::Error::new(e).context(format!("P1: session with the server at {peer}{hint}"))
+}
+
+/// One answer line: index, the label with every class's probability (or the score), the text.
+fn print_prediction(q: &Query, p: &client::Prediction, labels: &[String]) {
+    let answer = match (&p.label, p.score) {
+        (_, Some(s)) => format!("score {s:.4}"),
+        (Some(l), _) => {
+            let probs: Vec<String> = p
+                .probabilities
+                .iter()
+                .enumerate()
+                .map(|(j, v)| {
+                    let name = labels.get(j).cloned().unwrap_or(j.to_string());
+                    format!("{name}: {v:.4}")
+                })
+                .collect();
+            format!("{l}  [{}]", probs.join(", "))
+        }
+        _ => String::new(),
+    };
+    let text = match &q.text_pair {
+        Some(b) => format!("{} ||| {b}", q.text),
+        None => q.text.clone(),
+    };
+    let short: String = text.chars().take(60).collect();
+    let ell = if short.len() < text.len() { "…" } else { "" };
+    println!("{:>4}  {answer}  {short}{ell}", p.index);
 }
 
 fn certs_main(a: CertsArgs) -> Result<()> {
@@ -853,6 +858,34 @@ fn loopback_security(tmp: &Path, plaintext: bool) -> Result<(Security, Vec<Strin
     ))
 }
 
+/// The export's public part (`p1/`), which P1 loads; the whole export where it has none.
+fn public_part(model: &str) -> String {
+    let p1_part = Path::new(model).join(P1_DIR);
+    if p1_part.join(PUBLIC_MANIFEST).is_file() {
+        p1_part.to_string_lossy().to_string()
+    } else {
+        model.to_string()
+    }
+}
+
+/// Starts P0 listening on a free loopback port and reads the address it announces.
+fn start_p0(mut cmd: Command) -> Result<(Child, String)> {
+    let mut c0 = cmd
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting P0")?;
+    let mut line = String::new();
+    BufReader::new(c0.stdout.take().expect("piped")).read_line(&mut line)?;
+    match line.trim().strip_prefix("MPC_LISTENING ") {
+        Some(addr) => Ok((c0, addr.to_string())),
+        None => {
+            kill(&mut c0);
+            bail!("P0 did not start (see its error above)")
+        }
+    }
+}
+
 /// Starts the dealer (thread) and both parties (processes) on loopback; `extra` goes to both
 /// parties' command lines (`--variant`, `--exp-iters`).
 fn launch(
@@ -874,12 +907,7 @@ fn launch(
     let t = Instant::now();
     // P1 gets the export's public part, as a client on another machine would: it never reads
     // the weights, the recipe or the metrics.
-    let p1_part = Path::new(model).join(P1_DIR);
-    let p1_model = if p1_part.join(PUBLIC_MANIFEST).is_file() {
-        p1_part.to_string_lossy().to_string()
-    } else {
-        model.to_string()
-    };
+    let p1_model = public_part(model);
     let common = |p: usize| {
         let mut c = Command::new(&exe);
         let m = if p == 1 { p1_model.as_str() } else { model };
@@ -892,21 +920,7 @@ fn launch(
             .arg(tmp.path().join(format!("p{p}.json")));
         c
     };
-    let mut c0 = common(0)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting P0")?;
-    let mut line = String::new();
-    BufReader::new(c0.stdout.take().expect("piped")).read_line(&mut line)?;
-    let Some(addr) = line
-        .trim()
-        .strip_prefix("MPC_LISTENING ")
-        .map(str::to_string)
-    else {
-        kill(&mut c0);
-        bail!("P0 did not start (see its error above)");
-    };
+    let (mut c0, addr) = start_p0(common(0))?;
     let mut c1 = match common(1)
         .args(["--peer", &addr])
         .arg("--inputs")
@@ -1200,71 +1214,10 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     let mut runs = Vec::new();
     for &seq in &a.seq {
-        let mut row: Vec<(String, Value)> = Vec::new();
-        for variant in &variants {
-            let (mut cfg, _) = load_spec(&a.shape, false, variant.as_deref(), a.exp_iters)?;
-            cfg.truncation = Truncation::parse(&a.truncation)?;
-            let m = &cfg.model;
-            if seq == 0 || seq > m.max_position_embeddings {
-                bail!("--seq must be 1..={}", m.max_position_embeddings);
-            }
-            use rand_core::RngCore;
-            let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_os_rng();
-            let n = a.batch * seq;
-            let ids: Vec<i64> = (0..n)
-                .map(|_| (rng.next_u64() % m.vocab_size as u64) as i64)
-                .collect();
-            let hb = HostBatch {
-                input_ids: ids,
-                attention_mask: vec![1; n],
-                token_type_ids: vec![0; n],
-                batch: a.batch,
-                seq,
-            };
-            let name = variant.clone().unwrap_or_else(|| {
-                let l = m.approx.layer(0);
-                format!("{}+{}", l.act, l.attn)
-            });
-            println!(
-                "mpc bench: {} ({} layers, hidden {}, {} heads, FFN {}), {name}, batch {}, seq {seq}, f = {}, ring matmul kernel {}, {} threads per party",
-                a.shape,
-                m.num_hidden_layers,
-                m.hidden_size,
-                m.num_attention_heads,
-                m.intermediate_size,
-                a.batch,
-                cfg.frac_bits,
-                matmul_kernel_name(),
-                rayon::current_num_threads()
-            );
-            let mut extra = Vec::new();
-            if let Some(v) = variant {
-                extra.extend(["--variant".to_string(), v.clone()]);
-            }
-            if let Some(n) = a.exp_iters {
-                extra.extend(["--exp-iters".to_string(), n.to_string()]);
-            }
-            if a.no_offline {
-                extra.push("--no-offline".to_string());
-            }
-            extra.extend(["--truncation".to_string(), a.truncation.clone()]);
-            let l = launch(
-                &a.shape,
-                &[hb],
-                Duration::from_secs(a.timeout_s),
-                &extra,
-                a.insecure_plaintext,
-            )?;
-            let mut v = summary_json(&l);
-            v["shape"] = json!(a.shape);
-            v["variant"] = json!(name);
-            v["seq"] = json!(seq);
-            v["batch"] = json!(a.batch);
-            v["offline_phase"] = json!(!a.no_offline);
-            v["plans"] = serde_json::to_value(&cfg)?;
-            print_summary(&l, &v);
-            row.push((name, v));
-        }
+        let row = variants
+            .iter()
+            .map(|variant| bench_one(&a, seq, variant.as_deref()))
+            .collect::<Result<Vec<_>>>()?;
         println!();
         print!("{}", bench_table(seq, &row));
         println!();
@@ -1277,29 +1230,106 @@ fn bench(a: BenchArgs) -> Result<()> {
     let out = if runs.len() == 1 {
         runs.pop().expect("one run").1
     } else {
-        let mut speedups = Vec::new();
-        for &seq in &a.seq {
-            let at = |n: &str| runs.iter().find(|(v, r)| v == n && r["seq"] == json!(seq));
-            if let Some((_, t)) = at("teacher") {
-                for (name, v) in runs.iter().filter(|(_, r)| r["seq"] == json!(seq)) {
-                    let ratio =
-                        |k: &str| t[k].as_f64().unwrap_or(0.0) / v[k].as_f64().unwrap_or(1.0);
-                    speedups.push(json!({
-                        "variant": name, "seq": seq,
-                        "online": ratio("wall_s"), "online_offline": ratio("total_s"),
-                        "lan": ratio("lan_s"), "wan": ratio("wan_s"),
-                    }));
-                }
-            }
-        }
         json!({
             "shape": a.shape,
             "batch": a.batch,
             "runs": runs.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
-            "speedup_over_teacher": speedups,
+            "speedup_over_teacher": speedups_over_teacher(&a.seq, &runs),
         })
     };
     write_json(&a.output, &out)
+}
+
+/// One benchmark run: `variant` (the export's own approximations when none) on a random batch
+/// of `a.batch` × `seq` tokens, through both parties and the dealer.
+fn bench_one(a: &BenchArgs, seq: usize, variant: Option<&str>) -> Result<(String, Value)> {
+    let (mut cfg, _) = load_spec(&a.shape, false, variant, a.exp_iters)?;
+    cfg.truncation = Truncation::parse(&a.truncation)?;
+    let m = &cfg.model;
+    if seq == 0 || seq > m.max_position_embeddings {
+        bail!("--seq must be 1..={}", m.max_position_embeddings);
+    }
+    let hb = random_batch(a.batch, seq, m.vocab_size);
+    let name = variant.map(str::to_string).unwrap_or_else(|| {
+        let l = m.approx.layer(0);
+        format!("{}+{}", l.act, l.attn)
+    });
+    println!(
+        "mpc bench: {} ({} layers, hidden {}, {} heads, FFN {}), {name}, batch {}, seq {seq}, f = {}, ring matmul kernel {}, {} threads per party",
+        a.shape,
+        m.num_hidden_layers,
+        m.hidden_size,
+        m.num_attention_heads,
+        m.intermediate_size,
+        a.batch,
+        cfg.frac_bits,
+        matmul_kernel_name(),
+        rayon::current_num_threads()
+    );
+    let mut extra = Vec::new();
+    if let Some(v) = variant {
+        extra.extend(["--variant".to_string(), v.to_string()]);
+    }
+    if let Some(n) = a.exp_iters {
+        extra.extend(["--exp-iters".to_string(), n.to_string()]);
+    }
+    if a.no_offline {
+        extra.push("--no-offline".to_string());
+    }
+    extra.extend(["--truncation".to_string(), a.truncation.clone()]);
+    let l = launch(
+        &a.shape,
+        &[hb],
+        Duration::from_secs(a.timeout_s),
+        &extra,
+        a.insecure_plaintext,
+    )?;
+    let mut v = summary_json(&l);
+    v["shape"] = json!(a.shape);
+    v["variant"] = json!(name);
+    v["seq"] = json!(seq);
+    v["batch"] = json!(a.batch);
+    v["offline_phase"] = json!(!a.no_offline);
+    v["plans"] = serde_json::to_value(&cfg)?;
+    print_summary(&l, &v);
+    Ok((name, v))
+}
+
+/// Uniformly random token ids (fresh each run: timings must not depend on the text), no padding.
+fn random_batch(batch: usize, seq: usize, vocab: usize) -> HostBatch {
+    use rand_core::RngCore;
+    let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_os_rng();
+    let n = batch * seq;
+    HostBatch {
+        input_ids: (0..n)
+            .map(|_| (rng.next_u64() % vocab as u64) as i64)
+            .collect(),
+        attention_mask: vec![1; n],
+        token_type_ids: vec![0; n],
+        batch,
+        seq,
+    }
+}
+
+/// Each variant's speed-up over the `teacher` run at the same length (online, online + offline,
+/// modelled LAN and WAN).
+fn speedups_over_teacher(seqs: &[usize], runs: &[(String, Value)]) -> Vec<Value> {
+    let mut speedups = Vec::new();
+    for &seq in seqs {
+        let at = |n: &str| runs.iter().find(|(v, r)| v == n && r["seq"] == json!(seq));
+        let Some((_, t)) = at("teacher") else {
+            continue;
+        };
+        for (name, v) in runs.iter().filter(|(_, r)| r["seq"] == json!(seq)) {
+            let ratio = |k: &str| t[k].as_f64().unwrap_or(0.0) / v[k].as_f64().unwrap_or(1.0);
+            speedups.push(json!({
+                "variant": name, "seq": seq,
+                "online": ratio("wall_s"), "online_offline": ratio("total_s"),
+                "lan": ratio("lan_s"), "wan": ratio("wan_s"),
+            }));
+        }
+    }
+    speedups
 }
 
 fn argmax(row: &[f64]) -> usize {

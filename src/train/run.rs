@@ -1057,21 +1057,7 @@ fn finetune(
             )?;
             continue;
         }
-        let point = Stage {
-            kind: stage.kind,
-            settings: StageSettings {
-                lr,
-                ..stage.settings.clone()
-            },
-            dir: stage.dir.join(format!("lr-{lr:e}")),
-            train: stage.train,
-            seed: stage.seed,
-            device: stage.device.clone(),
-            precision: stage.precision,
-            resume: stage.resume,
-            tag: Some(format!("lr={lr:e}")),
-        };
-        let (model, s) = fit(pretrained.clone(), &point, log)?;
+        let (model, s) = fit(pretrained.clone(), &grid_point(&stage, lr), log)?;
         let s = match s {
             Some(s) => s,
             None => score(&model.valid(), d, device)?,
@@ -1079,23 +1065,7 @@ fn finetune(
         log.write(json!({"stage": "finetune", "grid_lr": lr, "primary": s.0, "eval": s.1}))?;
         eprintln!("finetune lr={lr:e}: {} {:.4}", d.task.primary.name(), s.0);
         if let Some(b) = recorded_best.as_ref().filter(|b| b.lr == lr) {
-            reproduced = s.0 == b.primary;
-            log.write(json!({"stage": "finetune", "sweep_reproduced": reproduced,
-                "recorded": b.primary, "got": s.0}))?;
-            if reproduced {
-                eprintln!(
-                    "teacher.sweep_from: lr={lr:e} reproduced the recorded {} {}; the other points are taken from the record",
-                    d.task.primary.name(),
-                    s.0
-                );
-            } else {
-                eprintln!(
-                    "teacher.sweep_from: lr={lr:e} gave {} {} where the sweep recorded {}; running the rest of the sweep",
-                    d.task.primary.name(),
-                    s.0,
-                    b.primary
-                );
-            }
+            reproduced = check_reproduced(b, s.0, d.task, log)?;
         }
         if best.as_ref().is_none_or(|(_, b)| s.0 > *b) {
             best = Some((model, s.0));
@@ -1103,6 +1073,49 @@ fn finetune(
     }
     let (model, _) = best.expect("lr_grid is checked non-empty");
     Ok(model)
+}
+
+/// The fine-tuning stage at one learning rate of its sweep, in its own directory.
+fn grid_point<'a>(stage: &Stage<'a>, lr: f64) -> Stage<'a> {
+    Stage {
+        kind: stage.kind,
+        settings: StageSettings {
+            lr,
+            ..stage.settings.clone()
+        },
+        dir: stage.dir.join(format!("lr-{lr:e}")),
+        train: stage.train,
+        seed: stage.seed,
+        device: stage.device.clone(),
+        precision: stage.precision,
+        resume: stage.resume,
+        tag: Some(format!("lr={lr:e}")),
+    }
+}
+
+/// Whether the recorded sweep's best point came out again to the last digit (then the other
+/// points are taken from the record); logged either way.
+fn check_reproduced(
+    recorded: &GridPoint,
+    got: f64,
+    task: &Task,
+    log: &mut MetricsLog,
+) -> Result<bool> {
+    let (lr, metric) = (recorded.lr, task.primary.name());
+    let reproduced = got == recorded.primary;
+    log.write(json!({"stage": "finetune", "sweep_reproduced": reproduced,
+        "recorded": recorded.primary, "got": got}))?;
+    if reproduced {
+        eprintln!(
+            "teacher.sweep_from: lr={lr:e} reproduced the recorded {metric} {got}; the other points are taken from the record"
+        );
+    } else {
+        eprintln!(
+            "teacher.sweep_from: lr={lr:e} gave {metric} {got} where the sweep recorded {}; running the rest of the sweep",
+            recorded.primary
+        );
+    }
+    Ok(reproduced)
 }
 
 /// The sweep recorded in `src/summary.json`, after checking that `src` fine-tuned with this
