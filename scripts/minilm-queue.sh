@@ -90,10 +90,12 @@ remake_teacher() {
     fi
 }
 # The run that fine-tuned each task's teacher: the seed-42 run of MPCFormer's start where that
-# came first, the shipped recipe's seed-42 run elsewhere.
+# came first; for SST-2 and IMDb a run of the teacher's sweep alone (stages = ["finetune"]),
+# recorded in results/ as soon as it ends, so that the hour it takes survives a session that
+# ends before the students do.
 teacher_run() {
     case $1 in
-        sst2 | imdb) echo "minilm-$1-quad+2quad-fitted-s42" ;;
+        sst2 | imdb) echo "minilm-$1-teacher-s42" ;;
         *) echo "minilm-$1-quad+2quad-s42" ;;
     esac
 }
@@ -233,12 +235,14 @@ fitted mrpc 42 "" "" $(stage1_in minilm-mrpc-quad+2quad-fitted-teacher-only-s42)
 fitted cola 1 "" "" $(stage1_in minilm-cola-quad+2quad-fitted-teacher-only-s1)
 fitted stsb 1
 fitted stsb 2
-fitted cola 2 "" "" $(stage1_in minilm-cola-quad+2quad-fitted-teacher-only-s2)
-fitted cola 42
 # Every task before more levers: SST-2 and IMDb (teacher sweep and seed 42, hours each), then
 # MRPC's other seeds.
-fitted sst2 42
-fitted imdb 42
+for task in sst2 imdb; do
+    run "$(teacher_run $task)" $task --set 'stages=["finetune"]'
+    fitted $task 42
+done
+fitted cola 2 "" "" $(stage1_in minilm-cola-quad+2quad-fitted-teacher-only-s2)
+fitted cola 42
 for seed in 1 2; do
     fitted mrpc $seed
 done
