@@ -437,6 +437,15 @@ fn trivial_baseline_margin_retention_agreement_and_sweep() {
              "student": {"accuracy": 0.64}, "agreement": 0.8, "gap": {}}]"#,
     )
     .unwrap();
+    // Seed 1's stage 2 ended on a later evaluation (every fake run's stage 2 evaluates
+    // 51–55 at steps 1–5).
+    let log = root.path().join("rte-s1").join("metrics.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(
+        &log,
+        format!("{text}{{\"stage\":\"stage2\",\"step\":6,\"eval\":{{\"accuracy\":0.61}}}}\n"),
+    )
+    .unwrap();
     let runs = find_runs(&[root.path().to_path_buf()]).unwrap();
     let md = markdown(&runs);
     assert!(
@@ -473,6 +482,20 @@ fn trivial_baseline_margin_retention_agreement_and_sweep() {
     // The old run: margin (55 − 50) / (60 − 50) = 50.0 with the borrowed baseline, no agreement.
     assert!(
         md.contains("| MPCFormer quad+2quad, 2 + 2 epochs (minilm) | rte | 91.7 | 50.0 | – |"),
+        "{md}"
+    );
+    // The reported scores (68, 66, 70) beside the last evaluations (55, 61, 55), and retention
+    // from those: 55/70, 61/70, 55/70 = 81.4 ± 4.9; margin 5/20, 11/20, 5/20 = 35.0 ± 17.3.
+    assert!(
+        md.contains(
+            "| MPCFormer quad+2quad (minilm) | rte | 68.0 ± 2.0 (n=3) | 57.0 ± 3.5 (n=3) | 81.4 ± 4.9 (n=3) | 35.0 ± 17.3 (n=3) |"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "| MPCFormer quad+2quad, 2 + 2 epochs (minilm) | rte | 55.0 | 55.0 | 91.7 | 50.0 |"
+        ),
         "{md}"
     );
     // Time to a student: the seed-42 run's fine-tuning (123 s in its `done` record) and each
