@@ -89,6 +89,9 @@ pub struct Run {
     pub finetune_lr: Option<f64>,
     pub stage1_epochs: Option<f64>,
     pub eval_examples: u64,
+    /// Training examples the run held out to choose checkpoints and learning rates on, instead
+    /// of dev (`data.select_examples`).
+    pub held_out: Option<u64>,
     /// Teachers fine-tuned as this run's was but with another seed, measured against it.
     pub teacher_reseeds: Vec<Reseed>,
     /// Where the student parts from its teacher, from [`COMPARISON_FILE`] if the run has one.
@@ -255,7 +258,8 @@ fn read_log(
                 value: l,
             });
         }
-        if let Some(m) = v["eval"][&primary_name].as_f64() {
+        // Evaluations on held-out training examples (`data.select_examples`) are not dev's.
+        if let (Some(m), true) = (v["eval"][&primary_name].as_f64(), v["on"].is_null()) {
             dev.push(Point {
                 stage: stage.into(),
                 step,
@@ -370,6 +374,7 @@ pub fn load_run(dir: &Path) -> Result<Run> {
         finetune_lr: resolved("finetune", "lr"),
         stage1_epochs: resolved("stage1", "epochs"),
         eval_examples: summary["eval_examples"].as_u64().unwrap_or(0),
+        held_out: summary["held_out_examples"].as_u64(),
         teacher_reseeds: load_reseeds(dir, &primary_name)?,
         parting: match dir.join(COMPARISON_FILE) {
             p if p.is_file() => parting(&read_comparison(&p)?),
@@ -647,7 +652,8 @@ Teachers against the trivial answer (dev, ×100), the learning rates each was ch
     }
 }
 
-/// `2e-5 55.2 · 5e-5 **60.1**`, or the one rate used.
+/// `2e-5 55.2 · 5e-5 **60.1**`, or the one rate used; `(on 250 held out)` after a sweep scored
+/// on held-out training examples.
 fn sweep(r: &Run) -> String {
     if r.teacher_grid.is_empty() {
         return r
@@ -666,7 +672,10 @@ fn sweep(r: &Run) -> String {
             }
         })
         .collect();
-    parts.join(" · ")
+    match r.held_out {
+        Some(n) => format!("{} (on {n} held out)", parts.join(" · ")),
+        None => parts.join(" · "),
+    }
 }
 
 /// Per student and task: retention, margin retention and agreement over seeds, and their

@@ -869,4 +869,36 @@ fn a_sample_is_uniform_in_file_order_and_the_same_for_every_run() {
     let mut c = sorted();
     c.sample(20_000);
     assert_eq!(c.len(), 10_000, "asking for more keeps everything");
+
+    // Held-out examples (`data.select_examples`): taken out of the set, both labels, the same
+    // every time, and another draw than the sample's.
+    let mut rest = sorted();
+    let held = rest.hold_out(1_000);
+    assert_eq!((held.len(), rest.len()), (1_000, 9_000));
+    let held_ids: Vec<usize> = held
+        .examples
+        .iter()
+        .map(|e| e.id.parse().unwrap())
+        .collect();
+    let rest_ids: std::collections::BTreeSet<usize> = rest
+        .examples
+        .iter()
+        .map(|e| e.id.parse().unwrap())
+        .collect();
+    assert!(held_ids.windows(2).all(|w| w[0] < w[1]));
+    assert!(held_ids.iter().all(|i| !rest_ids.contains(i)), "disjoint");
+    assert_eq!(rest_ids.len() + held_ids.len(), 10_000, "nothing lost");
+    let held_pos = held
+        .examples
+        .iter()
+        .filter(|e| e.label == Some(Label::Class(1)))
+        .count();
+    assert!(
+        (410..=590).contains(&held_pos),
+        "{held_pos} positives held out"
+    );
+    assert_ne!(held_ids, ids, "not the sample's draw");
+    let mut again = sorted();
+    assert_eq!(again.hold_out(1_000).examples, held.examples);
+    assert_eq!(again.examples, rest.examples);
 }

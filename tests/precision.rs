@@ -144,6 +144,7 @@ fn stage1_losses(precision: Precision, dir: &Path) -> Vec<serde_json::Value> {
         precision,
         resume: false,
         tag: None,
+        held_out: false,
     };
     std::fs::create_dir_all(dir).unwrap();
     let mut log = MetricsLog::open(&dir.join("metrics.jsonl")).unwrap();

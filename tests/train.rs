@@ -55,6 +55,7 @@ fn stage1_losses(spec: StudentSpec, target: AttentionTarget) -> Vec<f64> {
         precision: Precision::F32,
         resume: false,
         tag: None,
+        held_out: false,
     };
     let mut log = MetricsLog::open(&run_dir.path().join("metrics.jsonl")).unwrap();
     let capture = stage1_capture(&settings);
@@ -188,6 +189,7 @@ fn nan_loss_stops_with_the_step() {
         precision: Precision::F32,
         resume: false,
         tag: None,
+        held_out: false,
     };
     let mut log = MetricsLog::open(&run_dir.path().join("metrics.jsonl")).unwrap();
     let mut calls = 0;
@@ -1059,5 +1061,77 @@ fn resume_refuses_other_settings_for_stages_begun() {
         std::fs::read_to_string(&stored)
             .unwrap()
             .contains("label_weight = 0.5")
+    );
+}
+
+/// `data.select_examples`: checkpoints and the teacher's learning rate are chosen on training
+/// examples held out of training, every such evaluation is logged as held-out, and the scores
+/// in the summary are dev's, of the chosen models.
+#[test]
+fn checkpoints_chosen_on_held_out_training_examples() {
+    let bin = env!("CARGO_BIN_EXE_mpcformer");
+    let a = tempfile::tempdir().unwrap();
+    let recipe = tiny_recipe(a.path());
+    let run = |sets: &[&str]| {
+        let mut c = Command::new(bin);
+        c.arg("run").arg(&recipe);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        c.output().unwrap()
+    };
+    let out = run(&[
+        "data.select_examples=64",
+        "finetune.lr_grid=[1e-3, 1e-5]",
+        "stage1.max_steps=2",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let s = summary(a.path());
+    assert_eq!(s["train_examples"], 256 - 64);
+    assert_eq!(s["held_out_examples"], 64);
+    assert_eq!(s["eval_examples"], 128);
+
+    let dir = a.path().join("runs/tiny");
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let in_training: Vec<&serde_json::Value> = log
+        .iter()
+        .filter(|v| v.get("eval").is_some() && v["stage"] != "teacher" && v["stage"] != "student")
+        .collect();
+    assert!(in_training.len() >= 2 + 4, "{in_training:?}");
+    assert!(
+        in_training.iter().all(|v| v["on"] == "held-out"),
+        "{in_training:?}"
+    );
+
+    // The summary's scores are the chosen models' on dev: recounted from their predictions
+    // (`predict` batches the whole dev set, so a near-tie may fall either way: 2 of 128 slack).
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let gold: Vec<String> = std::fs::read_to_string(repo.join("data/quickstart/SST-2/dev.tsv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take(128)
+        .map(|l| l.trim_end().rsplit('\t').next().unwrap().to_string())
+        .collect();
+    for who in ["teacher", "student"] {
+        let predicted = predict_dev(&dir.join(who), &a.path().join(format!("p-{who}")));
+        let right = predicted.iter().zip(&gold).filter(|(p, g)| p == g).count();
+        let reported = s[who]["primary"].as_f64().unwrap();
+        assert!(
+            (reported - right as f64 / 128.0).abs() <= 2.0 / 128.0,
+            "{who}: {reported} vs {right}/128"
+        );
+    }
+
+    let err =
+        String::from_utf8_lossy(&run(&["name=all", "data.select_examples=256"]).stderr).to_string();
+    assert!(
+        err.contains("data.select_examples = 256") && err.contains("256 training examples"),
+        "{err}"
     );
 }

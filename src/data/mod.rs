@@ -56,26 +56,43 @@ impl Dataset {
     /// recipe sees the same subset — and a split sorted by label (IMDb's) keeps both labels,
     /// which a head (`*_limit`) would not.
     pub fn sample(&mut self, n: usize) {
-        use rand_chacha::ChaCha8Rng;
-        use rand_core::{RngCore, SeedableRng};
-        let len = self.examples.len();
-        if n >= len {
-            return;
+        if n < self.len() {
+            let keep = draw(self.len(), n, 0);
+            self.examples = self.split_off(&keep);
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(len as u64);
-        let mut idx: Vec<usize> = (0..len).collect();
-        // Partial Fisher–Yates: the first n slots become a uniform n-subset.
-        for i in 0..n {
-            let j = i + (rng.next_u64() % (len - i) as u64) as usize;
-            idx.swap(i, j);
+    }
+
+    /// Moves `n` examples, drawn uniformly as [`Dataset::sample`] draws (the same for every
+    /// seed, another draw than `sample`'s), into a dataset of their own, and returns it: the
+    /// held-out examples a run chooses its checkpoints on (`data.select_examples`).
+    pub fn hold_out(&mut self, n: usize) -> Dataset {
+        let out = draw(
+            self.len(),
+            n.min(self.len()),
+            u64::from_be_bytes(*b"held-out"),
+        );
+        Dataset {
+            task: self.task,
+            split: format!("{} (held out)", self.split),
+            source: self.source.clone(),
+            examples: self.split_off(&out),
         }
-        let mut keep = idx[..n].to_vec();
-        keep.sort_unstable();
-        let mut all: Vec<Option<Example>> = std::mem::take(&mut self.examples)
-            .into_iter()
-            .map(Some)
-            .collect();
-        self.examples = keep.into_iter().map(|i| all[i].take().unwrap()).collect();
+    }
+
+    /// Removes the examples at `idx` (sorted) and returns them in order.
+    fn split_off(&mut self, idx: &[usize]) -> Vec<Example> {
+        let mut taken = Vec::with_capacity(idx.len());
+        let mut rest = Vec::with_capacity(self.len() - idx.len());
+        let mut next = idx.iter().peekable();
+        for (i, e) in std::mem::take(&mut self.examples).into_iter().enumerate() {
+            if next.next_if(|&&j| j == i).is_some() {
+                taken.push(e);
+            } else {
+                rest.push(e);
+            }
+        }
+        self.examples = rest;
+        taken
     }
 
     pub fn is_empty(&self) -> bool {
@@ -365,4 +382,21 @@ fn find_in_dir(task: &Task, dir: &Path, split: &Split) -> Result<Found, DataErro
             }
         ),
     })
+}
+
+/// `n` of `0..len` drawn uniformly without replacement, sorted; the draw depends only on `len`,
+/// `n` and `salt`.
+fn draw(len: usize, n: usize, salt: u64) -> Vec<usize> {
+    use rand_chacha::ChaCha8Rng;
+    use rand_core::{RngCore, SeedableRng};
+    let mut rng = ChaCha8Rng::seed_from_u64(len as u64 ^ salt);
+    let mut idx: Vec<usize> = (0..len).collect();
+    // Partial Fisher–Yates: the first n slots become a uniform n-subset.
+    for i in 0..n {
+        let j = i + (rng.next_u64() % (len - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    idx.truncate(n);
+    idx.sort_unstable();
+    idx
 }

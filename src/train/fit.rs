@@ -67,6 +67,9 @@ pub struct Stage<'a> {
     /// Written after the stage's name in the log (`finetune lr=5e-5`), when one stage runs
     /// several times in a run (a learning-rate sweep).
     pub tag: Option<String>,
+    /// The stage's evaluations score held-out training examples, not the evaluation split
+    /// (`data.select_examples`): their log records say so (`"on": "held-out"`).
+    pub held_out: bool,
 }
 
 /// Dev score: the primary metric (higher is better) and every metric.
@@ -193,7 +196,7 @@ impl Stage<'_> {
         )
     }
 
-    /// Runs the stage; returns the best model on dev when `keep_best`, else the last.
+    /// Runs the stage; returns the best model under `eval_fn` when `keep_best`, else the last.
     pub fn fit<M: Module>(
         &self,
         model: M,
@@ -220,7 +223,12 @@ impl Stage<'_> {
         let mut evaluated_at: Option<u64> = None;
         let mut evaluate = |model: &M, st: &mut LoopState, log: &mut MetricsLog| -> Result<Score> {
             let score = eval_fn(&model.valid())?;
-            log.write(json!({"stage": name, "step": st.step, "epoch": st.epoch, "eval": score.1}))?;
+            let mut record =
+                json!({"stage": name, "step": st.step, "epoch": st.epoch, "eval": score.1});
+            if self.held_out {
+                record["on"] = "held-out".into();
+            }
+            log.write(record)?;
             if st.best_score.is_none_or(|b| score.0 > b) {
                 st.best_score = Some(score.0);
                 st.best_step = Some(st.step);

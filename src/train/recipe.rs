@@ -227,6 +227,13 @@ pub struct DataSpec {
     /// Use N evaluation examples drawn uniformly, after `eval_limit`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_sample: Option<usize>,
+    /// Hold N training examples out of training (drawn as `train_sample` draws, the same for
+    /// every seed) and choose on them what is otherwise chosen on the evaluation split: each
+    /// stage's best checkpoint (`keep_best`) and the teacher's learning rate. The evaluation
+    /// split is then scored once, at the end. Unset: chosen on the evaluation split, as the
+    /// reference and `run_glue` users do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select_examples: Option<usize>,
     /// Add this many unlabelled transfer examples to the training data of the stages in
     /// `transfer_stages` (`data::transfer`), drawn from the seed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

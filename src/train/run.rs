@@ -68,12 +68,16 @@ pub struct Summary {
     /// Share of dev examples where student and teacher predict the same class (regression: the
     /// Pearson correlation of their scores).
     pub agreement: Option<f64>,
-    /// `finetune.lr_grid`: every learning rate tried and its best dev score; the teacher is the
-    /// best of them. Empty when the teacher was fine-tuned at one learning rate or reused.
+    /// `finetune.lr_grid`: every learning rate tried and its best score on what the run chooses
+    /// on (dev, or the held-out examples); the teacher is the best of them. Empty when the teacher was fine-tuned at one learning rate or reused.
     pub teacher_grid: Vec<GridPoint>,
     pub stage_wall_s: BTreeMap<String, f64>,
     pub train_examples: usize,
     pub eval_examples: usize,
+    /// Training examples held out to choose checkpoints and the teacher's learning rate on
+    /// (`data.select_examples`); absent when those were chosen on dev.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out_examples: Option<usize>,
 }
 
 /// Data shared by every stage: tokenised once.
@@ -85,6 +89,9 @@ struct TaskData {
     augmented: Option<Tokenized>,
     dev: Tokenized,
     dev_set: Dataset,
+    /// Training examples held out to choose checkpoints and learning rates on
+    /// (`data.select_examples`), instead of dev.
+    select: Option<(Dataset, Tokenized)>,
 }
 
 fn load_split(
@@ -313,16 +320,46 @@ fn fit_record(fit: &fitted::FitReport) -> serde_json::Value {
 
 /// `model`'s answers on dev.
 fn predict(model: &SequenceClassifier, d: &TaskData, device: &Device) -> Vec<Label> {
-    let out = run_model(model, &d.dev, 64, device, "eval");
-    let map: Vec<usize> = (0..d.task.labels.len()).collect();
-    predictions(&out, d.task, &map)
+    predict_on(model, d.task, &d.dev, device)
+}
+
+fn predict_on(
+    model: &SequenceClassifier,
+    task: &'static Task,
+    examples: &Tokenized,
+    device: &Device,
+) -> Vec<Label> {
+    let out = run_model(model, examples, 64, device, "eval");
+    let map: Vec<usize> = (0..task.labels.len()).collect();
+    predictions(&out, task, &map)
 }
 
 /// Scores `model` on dev with the task's metrics.
 fn score(model: &SequenceClassifier, d: &TaskData, device: &Device) -> Result<Score> {
-    let gold = d.dev_set.labels().context("dev split is unlabelled")?;
-    let s = metric::score(d.task, &gold, &predict(model, d, device)).map_err(anyhow::Error::msg)?;
-    let primary = s.get(d.task.primary).unwrap_or(f64::NAN);
+    score_on(model, d.task, (&d.dev_set, &d.dev), device)
+}
+
+/// Scores `model` on what checkpoints and learning rates are chosen on: the held-out training
+/// examples (`data.select_examples`), else dev, as the reference and `run_glue` users choose.
+fn selection_score(model: &SequenceClassifier, d: &TaskData, device: &Device) -> Result<Score> {
+    match &d.select {
+        Some((set, examples)) => score_on(model, d.task, (set, examples), device),
+        None => score(model, d, device),
+    }
+}
+
+fn score_on(
+    model: &SequenceClassifier,
+    task: &'static Task,
+    (set, examples): (&Dataset, &Tokenized),
+    device: &Device,
+) -> Result<Score> {
+    let gold = set
+        .labels()
+        .with_context(|| format!("{} ({}) is unlabelled", set.split, set.source))?;
+    let predicted = predict_on(model, task, examples, device);
+    let s = metric::score(task, &gold, &predicted).map_err(anyhow::Error::msg)?;
+    let primary = s.get(task.primary).unwrap_or(f64::NAN);
     Ok((primary, s.to_map()))
 }
 
@@ -414,6 +451,7 @@ fn teacher_settings_differ(recipe: &Recipe, src: &Path) -> Result<Vec<String>> {
         "data.eval_split",
         "data.eval_limit",
         "data.eval_sample",
+        "data.select_examples",
         "device",
         "precision",
     ];
@@ -645,6 +683,7 @@ impl RunContext<'_> {
             resume: self.resume
                 || (kind == StageKind::Stage1 && recipe.student.stage1_run.is_some()),
             tag: None,
+            held_out: d.select.is_some(),
         }
     }
 }
@@ -660,12 +699,22 @@ impl TaskData {
         let max_len = recipe.data.max_len.unwrap_or(task.max_len);
         let tokenizer = TextTokenizer::from_dir(tok_dir, max_len)?;
         let spec = recipe.data.spec.as_deref();
-        let train_set = load_split(
+        let mut train_set = load_split(
             task,
             spec,
             &recipe.data.train_split,
             (recipe.data.train_limit, recipe.data.train_sample),
         )?;
+        let select_set = match recipe.data.select_examples {
+            Some(n) if n == 0 || n >= train_set.len() => bail!(
+                "data.select_examples = {n}: hold out at least 1 and fewer than the {} training examples of {} ({})",
+                train_set.len(),
+                task.title,
+                train_set.source
+            ),
+            Some(n) => Some(train_set.hold_out(n)),
+            None => None,
+        };
         let dev_set = load_split(
             task,
             spec,
@@ -690,6 +739,13 @@ impl TaskData {
             train: tokenize(&train_set)?,
             dev: tokenize(&dev_set)?,
             dev_set,
+            select: match select_set {
+                Some(s) => {
+                    let t = tokenize(&s)?;
+                    Some((s, t))
+                }
+                None => None,
+            },
         };
         eprintln!(
             "{}: {} train / {} dev examples of {}, max length {max_len}, batches padded to a multiple of {pad}",
@@ -794,6 +850,7 @@ pub fn run(recipe: &Recipe, resume: bool) -> Result<Summary> {
         stage_wall_s: walls,
         train_examples: cx.data.train.len(),
         eval_examples: cx.data.dev.len(),
+        held_out_examples: cx.data.select.as_ref().map(|(s, _)| s.len()),
     };
     write_atomic(
         &cx.dir.join("summary.json"),
@@ -961,7 +1018,7 @@ fn distil(
         let st = cx.stage(kind);
         let settings = st.settings.clone();
         let t0 = Instant::now();
-        let eval = |m: &Student| score(&m.model, d, device);
+        let eval = |m: &Student| selection_score(&m.model, d, device);
         let (s, best) = match kind {
             StageKind::Stage1 => st.fit(
                 student,
@@ -992,9 +1049,10 @@ fn distil(
     }
     let student_plain = student.model.valid();
     student_plain.save_pretrained(&cx.dir.join("student"), Some(tok_dir))?;
+    // A score chosen on held-out examples is not the dev score.
     let s = match last {
-        Some(s) => s,
-        None => score(&student_plain, d, device)?,
+        Some(s) if d.select.is_none() => s,
+        _ => score(&student_plain, d, device)?,
     };
     log.write(json!({"stage": "student", "eval": s.1}))?;
     eprintln!(
@@ -1027,11 +1085,18 @@ fn finetune(
             model,
             log,
             |m, b| label_loss(m, b, &st.device),
-            |m| score(m, d, device),
+            |m| selection_score(m, d, device),
         )
     };
     let Some(mut grid) = recipe.finetune.lr_grid.clone() else {
         return Ok(fit(pretrained, &stage, log)?.0);
+    };
+    let record = |lr: f64, s: &Score| {
+        let mut r = json!({"stage": "finetune", "grid_lr": lr, "primary": s.0, "eval": s.1});
+        if d.select.is_some() {
+            r["on"] = "held-out".into();
+        }
+        r
     };
     let recorded = match &recipe.teacher.sweep_from {
         Some(src) => recorded_sweep(recipe, src, &grid)?,
@@ -1060,10 +1125,19 @@ fn finetune(
         let (model, s) = fit(pretrained.clone(), &grid_point(&stage, lr), log)?;
         let s = match s {
             Some(s) => s,
-            None => score(&model.valid(), d, device)?,
+            None => selection_score(&model.valid(), d, device)?,
         };
-        log.write(json!({"stage": "finetune", "grid_lr": lr, "primary": s.0, "eval": s.1}))?;
-        eprintln!("finetune lr={lr:e}: {} {:.4}", d.task.primary.name(), s.0);
+        log.write(record(lr, &s))?;
+        let on = if d.select.is_some() {
+            " (held out)"
+        } else {
+            ""
+        };
+        eprintln!(
+            "finetune lr={lr:e}: {}{on} {:.4}",
+            d.task.primary.name(),
+            s.0
+        );
         if let Some(b) = recorded_best.as_ref().filter(|b| b.lr == lr) {
             reproduced = check_reproduced(b, s.0, d.task, log)?;
         }
@@ -1090,6 +1164,7 @@ fn grid_point<'a>(stage: &Stage<'a>, lr: f64) -> Stage<'a> {
         precision: stage.precision,
         resume: stage.resume,
         tag: Some(format!("lr={lr:e}")),
+        held_out: stage.held_out,
     }
 }
 
