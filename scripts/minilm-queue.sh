@@ -237,10 +237,15 @@ fitted stsb 1
 fitted stsb 2
 # Every task before more levers: SST-2 and IMDb (teacher sweep and seed 42, hours each), then
 # MRPC's other seeds.
-for task in sst2 imdb; do
-    run "$(teacher_run $task)" $task --set 'stages=["finetune"]'
-    fitted $task 42
-done
+run "$(teacher_run sst2)" sst2 --set 'stages=["finetune"]'
+# Stage 2 keeps its best checkpoint on dev and the teacher's learning rate is chosen on dev, as
+# in the reference (RESULTS.md, "Chosen on dev"): both chosen instead on 249 training pairs held
+# out of training (10 %), with the teacher of its own that this makes; dev scored once, at the end.
+run "minilm-rte-quad+2quad-fitted-held-out-s42" rte --set data.select_examples=249 \
+    --set 'label=chosen on 249 held-out training pairs, not on dev'
+fitted sst2 42
+run "$(teacher_run imdb)" imdb --set 'stages=["finetune"]'
+fitted imdb 42
 fitted cola 2 "" "" $(stage1_in minilm-cola-quad+2quad-fitted-teacher-only-s2)
 fitted cola 42
 for seed in 1 2; do
