@@ -761,3 +761,48 @@ fn where_students_part_from_their_teachers() {
     let err = format!("{:#}", find_runs(&[root.path().to_path_buf()]).unwrap_err());
     assert!(err.contains("rte-s42/teacher-comparison.json"), "{err}");
 }
+
+/// A run that chose its checkpoints and learning rate on held-out training examples
+/// (`data.select_examples`): its evaluations during training are not dev's, so it has no "last
+/// evaluation" on dev, and its sweep says what it was scored on.
+#[test]
+fn choices_on_held_out_examples_are_not_read_as_dev() {
+    let root = tempfile::tempdir().unwrap();
+    let distill = r#"["finetune", "stage1", "stage2"]"#;
+    fake_labelled_run(
+        root.path(),
+        "rte-held-s1",
+        "rte",
+        1,
+        (0.60, 0.57),
+        distill,
+        "teacher",
+        Some("held out"),
+    );
+    patch_run(
+        root.path(),
+        "rte-held-s1",
+        serde_json::json!({
+            "held_out_examples": 249,
+            "teacher_grid": [
+                {"lr": 3e-5, "primary": 0.64, "metrics": {}},
+                {"lr": 1e-4, "primary": 0.62, "metrics": {}}
+            ],
+        }),
+        "",
+    );
+    let log = root.path().join("rte-held-s1/metrics.jsonl");
+    let text = std::fs::read_to_string(&log)
+        .unwrap()
+        .replace("\"eval\":", "\"on\":\"held-out\",\"eval\":");
+    std::fs::write(&log, text).unwrap();
+    let runs = find_runs(&[root.path().to_path_buf()]).unwrap();
+    assert!(runs[0].dev.is_empty(), "{:?}", runs[0].dev);
+    assert_eq!(runs[0].last_dev(), None);
+    let md = markdown(&runs);
+    assert!(!md.contains("| reported (best on dev) |"), "{md}");
+    assert!(
+        md.contains("| 3e-5 **64.0** · 1e-4 62.0 (on 249 held out) |"),
+        "{md}"
+    );
+}
