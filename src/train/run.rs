@@ -747,8 +747,12 @@ impl TaskData {
                 None => None,
             },
         };
+        let held_out = match &d.select {
+            Some((s, _)) => format!(" ({} more held out to choose on)", s.len()),
+            None => String::new(),
+        };
         eprintln!(
-            "{}: {} train / {} dev examples of {}, max length {max_len}, batches padded to a multiple of {pad}",
+            "{}: {} train{held_out} / {} dev examples of {}, max length {max_len}, batches padded to a multiple of {pad}",
             recipe.name,
             d.train.len(),
             d.dev.len(),
