@@ -253,13 +253,14 @@ run "minilm-rte-quad+2quad-labels-x2-s42" rte --set "$(teacher_of rte)" \
 run "minilm-rte-quad+2quad-stage2x3-s42" rte --set "$(teacher_of rte)" --set stage2.epochs=15 \
     --set 'label=stage 2 ×3' $(stage1_of rte 42 || stage1_in minilm-rte-quad+2quad-labels-x2-s42)
 fitted sst2 42
-run "$(teacher_run imdb)" imdb --set 'stages=["finetune"]'
-fitted imdb 42
+# Three seeds on CoLA and MRPC (the bar's), then IMDb (teacher sweep and seed 42).
 fitted cola 2 "" "" $(stage1_in minilm-cola-quad+2quad-fitted-teacher-only-s2)
 fitted cola 42
 for seed in 1 2; do
     fitted mrpc $seed
 done
+run "$(teacher_run imdb)" imdb --set 'stages=["finetune"]'
+fitted imdb 42
 # The loss-term scales: stage 1's attention KL is ≈ 5× its hidden-state MSE on RTE (3.1 and 0.56
 # midway through seed 1's stage 1): the hidden states weighted ×5, so both terms pull alike.
 run "minilm-rte-quad+2quad-hidden-x5-s42" rte --set "$(teacher_of rte)" \
