@@ -28,6 +28,7 @@ use std::fmt;
 use anyhow::{Result, bail};
 use burn::prelude::*;
 
+use crate::data::batch::SplitMix64;
 use crate::model::approx::{Act, Attn, QUAD_A, QUAD_B, QUAD_C};
 use crate::model::bert::{BertLayer, Capture, Inputs, apply_linear};
 use crate::model::load::RawTensor;
@@ -39,6 +40,31 @@ pub const MIN_CURVATURE: f64 = 0.02;
 
 /// Training examples the statistics are gathered on (a seeded sample of the training set).
 pub const EXAMPLES: usize = 512;
+
+/// Tokens they may hold at most: 512 examples at length 128, so that every GLUE task (length
+/// 128) keeps its 512. Longer inputs take fewer examples: the query-scale search costs
+/// length² per example and head for each α on the grid, and IMDb's 512 reviews at length 512
+/// had not left it after 17 min on 2 cores (one pass over 512² scores per α, head and layer).
+pub const TOKENS: usize = EXAMPLES * 128;
+
+/// Which of the training examples (by their token `lengths`) the statistics are gathered on:
+/// a prefix of one seeded shuffle, at most [`EXAMPLES`] long and holding at most [`TOKENS`]
+/// tokens (and at least one example).
+pub fn sample(lengths: &[usize], seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..lengths.len()).collect();
+    SplitMix64::new(seed).shuffle(&mut idx);
+    idx.truncate(EXAMPLES);
+    let mut tokens = 0;
+    let kept = idx
+        .iter()
+        .take_while(|&&i| {
+            tokens += lengths[i];
+            tokens <= TOKENS
+        })
+        .count();
+    idx.truncate(kept.max(1));
+    idx
+}
 
 /// The query scales tried for each 2Quad head: geometric from 0.1 to 10^(15/12) ≈ 17.8, with 1
 /// (the unfitted start) on it. Heads of all-MiniLM-L6-v2 pick 0.8–17.8 at c = 5 (CoLA, RTE).
@@ -511,6 +537,40 @@ impl Weights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sample_keeps_512_examples_at_length_128_and_a_quarter_at_512() {
+        let short = sample(&[128; 8551], 42);
+        assert_eq!(short.len(), 512);
+        let long = sample(&[512; 1000], 42);
+        assert_eq!(long.len(), 65_536 / 512);
+        // The long sample is the short one's prefix: one seeded shuffle, cut by the budget.
+        let all = sample(&[1; 1000], 42);
+        assert_eq!(all.len(), 512);
+        assert_eq!(long[..], all[..long.len()]);
+        let mut distinct = all.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 512);
+        assert!(all.iter().all(|&i| i < 1000));
+    }
+
+    #[test]
+    fn the_sample_holds_at_most_the_token_budget_but_never_nothing() {
+        let lengths: Vec<usize> = (0..3000).map(|i| 1 + (i * 7919) % 512).collect();
+        let s = sample(&lengths, 7);
+        let tokens: usize = s.iter().map(|&i| lengths[i]).sum();
+        assert!(
+            tokens <= TOKENS && s.len() < EXAMPLES,
+            "{tokens} tokens, {}",
+            s.len()
+        );
+        // One more example of the same shuffle would have passed the budget.
+        let next = sample(&vec![1; 3000], 7)[s.len()];
+        assert!(tokens + lengths[next] > TOKENS);
+        assert_eq!(sample(&[100_000; 10], 1).len(), 1);
+        assert!(sample(&[], 1).is_empty());
+    }
 
     fn moments(points: &[(f64, f64)]) -> Moments {
         let mut m = Moments::default();

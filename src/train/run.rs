@@ -18,7 +18,6 @@ use serde_json::json;
 use super::checkpoint::Checkpoints;
 use super::fit::{LossTerms, MetricsLog, Score, Stage};
 use super::recipe::{Recipe, StageKind, StageSettings, StudentInit, TransferKind};
-use crate::data::batch::SplitMix64;
 use crate::data::{self, Batch, Dataset, Fields, Label, Task, Tokenized};
 use crate::distill::fitted;
 use crate::distill::loss::RegressionTarget;
@@ -292,10 +291,8 @@ fn gold_loss(logits: Tensor<2>, batch: &Batch, device: &Device) -> Result<Tensor
 /// Training examples the fitted start gathers its statistics on: a seeded sample, in batches of
 /// similar length.
 fn fitting_batches(train: &Tokenized, seed: u64, device: &Device) -> Vec<Inputs> {
-    let mut idx: Vec<usize> = (0..train.len()).collect();
-    SplitMix64::new(seed).shuffle(&mut idx);
-    idx.truncate(fitted::EXAMPLES);
     let lengths = train.lengths();
+    let mut idx = fitted::sample(&lengths, seed);
     idx.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
     idx.chunks(32)
         .map(|c| train.batch(c).inputs.to_inputs(device))
