@@ -561,11 +561,12 @@ fn lr_grid_transfer_data_trivial_and_agreement() {
     };
     assert_eq!(by_lr(&replayed["teacher_grid"]), by_lr(&s["teacher_grid"]));
 
-    // A record the best point does not reproduce: the rest of the sweep runs.
+    // A record the best point does not reproduce (by 100× the tolerance a correlation's
+    // summation order is allowed): the rest of the sweep runs.
     let path = run.join("summary.json");
     let tampered = std::fs::read_to_string(&path).unwrap().replace(
         &format!("\"primary\": {best}"),
-        &format!("\"primary\": {}", best + 1e-6),
+        &format!("\"primary\": {}", best + 1e-4),
     );
     assert_ne!(tampered, std::fs::read_to_string(&path).unwrap());
     std::fs::write(&path, tampered).unwrap();
