@@ -302,6 +302,11 @@ run "minilm-cola-gelu+2quad-fitted-s42" cola --set "$(teacher_of cola)" --set st
 run "minilm-cola-quad+softmax-fitted-s42" cola --set "$(teacher_of cola)" --set student.attn=softmax \
     --set 'label=softmax kept (Quad alone)'
 levers rte 12450 1.0
+# The loss-term scales per layer: each layer's hidden-state MSE over the teacher's mean square
+# there. MiniLM's output LayerNorms (γ² + β², 0.38 to 0.52 by layer) predict little reweighting
+# between layers and the hidden term ≈ 2.3× as a whole, which ×5 did not help on RTE.
+run "minilm-rte-quad+2quad-hidden-norm-s42" rte --set "$(teacher_of rte)" \
+    --set stage1.hidden_norm=layer --set 'label=stage 1 hidden states normalised per layer'
 levers cola 42755 1.0 --set 'data.transfer_from=["sst2", "imdb=../shared/data/imdb"]'
 for task in sst2 imdb; do
     for seed in 42 1 2; do

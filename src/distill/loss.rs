@@ -59,6 +59,36 @@ impl AttentionTarget {
     }
 }
 
+/// How stage 1 weighs each layer's hidden-state MSE.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenNorm {
+    /// The plain MSE summed over layers (the reference): a layer whose states are larger
+    /// weighs more in the sum.
+    #[default]
+    None,
+    /// Each layer's MSE divided by the teacher's mean square in that layer (no gradient through
+    /// it), so each term is a relative error and every layer pulls alike.
+    Layer,
+}
+
+impl HiddenNorm {
+    pub fn is_none(&self) -> bool {
+        *self == HiddenNorm::None
+    }
+}
+
+/// One layer's hidden-state term of stage 1, normalised as `norm` says.
+pub fn hidden_mse(student: Tensor<3>, teacher: Tensor<3>, norm: HiddenNorm) -> Tensor<1> {
+    match norm {
+        HiddenNorm::None => mse(student, teacher),
+        HiddenNorm::Layer => {
+            let power = teacher.clone().cast(DType::F32).square().mean().detach();
+            mse(student, teacher) / power
+        }
+    }
+}
+
 /// What stage 2 fits on a regression task.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -299,6 +329,50 @@ mod tests {
         assert!(want > 0.01, "the two normalisers should disagree: {want}");
         assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
         assert!(worst <= 1e-4, "gradient: worst relative gap {worst:e}");
+    }
+
+    /// `layer`: MSE / mean(t²) with the gradient `2(s − t) / (n · mean(t²))` on the student and
+    /// none on the teacher; `none`: the plain MSE. Against f64 sums.
+    #[test]
+    fn hidden_mse_per_layer_is_the_relative_error() {
+        let device = Device::flex().autodiff();
+        let shape = [2usize, 3, 4];
+        let n = shape.iter().product::<usize>();
+        let vals = |a: f32, b: usize| -> Vec<f32> {
+            (0..n).map(|i| a * (((i * b) % 11) as f32 - 5.0)).collect()
+        };
+        let (sv, tv) = (vals(0.3, 7), vals(2.5, 3));
+        let leaf = |v: &Vec<f32>| {
+            Tensor::<3>::from_data(TensorData::new(v.clone(), shape), &device).require_grad()
+        };
+        let (s, t) = (leaf(&sv), leaf(&tv));
+        let sq_err: f64 = sv
+            .iter()
+            .zip(&tv)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
+        let power: f64 = tv.iter().map(|b| (*b as f64).powi(2)).sum::<f64>() / n as f64;
+        assert!(
+            power > 2.0,
+            "the test needs a teacher far from unit scale: {power}"
+        );
+        let plain = hidden_mse(s.clone(), t.clone(), HiddenNorm::None);
+        assert!((scalar(plain) - sq_err / n as f64).abs() <= 1e-5 * sq_err / n as f64);
+        let loss = hidden_mse(s.clone(), t.clone(), HiddenNorm::Layer);
+        let want = sq_err / n as f64 / power;
+        assert!((scalar(loss.clone()) - want).abs() <= 1e-5 * want, "{want}");
+        let grads = loss.backward();
+        let gs = HostTensor::from_float(s.grad(&grads).unwrap()).to_f64();
+        for (i, g) in gs.iter().enumerate() {
+            let w = 2.0 * (sv[i] as f64 - tv[i] as f64) / (n as f64 * power);
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1e-3), "{i}: {g} vs {w}");
+        }
+        // The teacher's gradient is the plain MSE's alone: none flows through the normaliser.
+        let gt = HostTensor::from_float(t.grad(&grads).unwrap()).to_f64();
+        for (i, g) in gt.iter().enumerate() {
+            let w = -2.0 * (sv[i] as f64 - tv[i] as f64) / (n as f64 * power);
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1e-3), "{i}: {g} vs {w}");
+        }
     }
 
     #[test]

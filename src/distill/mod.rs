@@ -16,7 +16,7 @@ use crate::model::{
 };
 use crate::train::recipe::{StageSettings, StudentInit, StudentSpec};
 use loss::{
-    AttentionTarget, LogitLoss, attention_kl, attention_mse, mse, soft_cross_entropy,
+    AttentionTarget, LogitLoss, attention_kl, attention_mse, hidden_mse, mse, soft_cross_entropy,
     with_additive_mask,
 };
 
@@ -201,7 +201,7 @@ pub fn stage1_capture(settings: &StageSettings) -> Capture {
 }
 
 /// Stage-1 loss: Σ attention term ([`AttentionTarget`]: MSE of scores masked as TinyBERT, or KL
-/// of the distributions) + Σ MSE(hidden states), weighted. Both outputs come from a forward pass
+/// of the distributions) + Σ MSE(hidden states) ([`loss::HiddenNorm`]), weighted. Both outputs come from a forward pass
 /// with [`stage1_capture`]. Returns (total, attention part, hidden part).
 pub fn intermediate_loss(
     student: &Student,
@@ -235,7 +235,7 @@ pub fn intermediate_loss(
             Some(fd) => crate::model::bert::apply_linear(fd, h),
             None => h,
         };
-        hid = hid + mse(h, t.encoder.hidden_states[ti].clone());
+        hid = hid + hidden_mse(h, t.encoder.hidden_states[ti].clone(), settings.hidden_norm);
     }
     let total = att.clone() * settings.attention_weight + hid.clone() * settings.hidden_weight;
     (total, att, hid)

@@ -16,7 +16,7 @@ use super::optim::{OptimizerConfig, OptimizerKind};
 use super::precision::Precision;
 use super::schedule::Schedule;
 use crate::device::Backend;
-use crate::distill::loss::{AttentionTarget, LogitLoss, RegressionTarget, SoftCeNorm};
+use crate::distill::loss::{AttentionTarget, HiddenNorm, LogitLoss, RegressionTarget, SoftCeNorm};
 use crate::model::{Act, Attn, LayerOverride};
 
 /// One step of the pipeline.
@@ -317,6 +317,10 @@ pub struct StageConfig {
     /// What stage 1 matches of attention: `scores` (MSE, the reference) or `probs` (KL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_target: Option<AttentionTarget>,
+    /// Stage 1's hidden-state MSE per layer: `none` (the reference) or `layer` (each divided by
+    /// the teacher's mean square in that layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_norm: Option<HiddenNorm>,
     /// Stage 1 joined with stage 2: this weight times the logit-matching loss is added to stage
     /// 1's (0, the reference, by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -363,6 +367,8 @@ pub struct StageSettings {
     pub attention_weight: f64,
     #[serde(skip_serializing_if = "AttentionTarget::is_scores")]
     pub attention_target: AttentionTarget,
+    #[serde(skip_serializing_if = "HiddenNorm::is_none")]
+    pub hidden_norm: HiddenNorm,
     #[serde(skip_serializing_if = "is_zero")]
     pub prediction_weight: f64,
     pub temperature: f64,
@@ -473,6 +479,7 @@ impl StageConfig {
             hidden_weight: self.hidden_weight.unwrap_or(1.0),
             attention_weight: self.attention_weight.unwrap_or(1.0),
             attention_target: self.attention_target.unwrap_or_default(),
+            hidden_norm: self.hidden_norm.unwrap_or_default(),
             prediction_weight: self.prediction_weight.unwrap_or(0.0),
             temperature: self.temperature.unwrap_or(1.0),
             soft_ce_norm: self.soft_ce_norm.unwrap_or(SoftCeNorm::ElementMean),
@@ -580,6 +587,11 @@ impl Recipe {
             if stage.prediction_weight.is_some() {
                 bail!(
                     "{name}.prediction_weight: only stage 1 adds a prediction term to its loss (stage1.prediction_weight)"
+                );
+            }
+            if stage.hidden_norm.is_some() {
+                bail!(
+                    "{name}.hidden_norm: only stage 1 matches hidden states (stage1.hidden_norm)"
                 );
             }
         }
@@ -951,6 +963,27 @@ epochs = 7
             Recipe::load(&p, &["data.task=squad".into()]).unwrap_err()
         );
         assert!(err.contains("squad"), "{err}");
+    }
+
+    /// `hidden_norm` belongs to stage 1 and changes nothing in a resolved recipe when unset,
+    /// so the runs made before it keep their `recipe.toml`.
+    #[test]
+    fn hidden_norm_is_stage_one_only_and_silent_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "r.toml", BASE);
+        let err = format!(
+            "{:#}",
+            Recipe::load(&p, &["stage2.hidden_norm=\"layer\"".into()]).unwrap_err()
+        );
+        assert!(err.contains("stage2.hidden_norm: only stage 1"), "{err}");
+        let plain = Recipe::load(&p, &[]).unwrap();
+        let text = toml::to_string(&plain.stage(StageKind::Stage1)).unwrap();
+        assert!(!text.contains("hidden_norm"), "{text}");
+        let layer = Recipe::load(&p, &["stage1.hidden_norm=\"layer\"".into()]).unwrap();
+        assert_eq!(
+            layer.stage(StageKind::Stage1).hidden_norm,
+            HiddenNorm::Layer
+        );
     }
 
     #[test]
