@@ -13,6 +13,8 @@
 # `mpcformer run` locks its run directory, so a second queue (or a run by hand) on the same run
 # fails at once instead of interleaving checkpoints; its line then says FAILED.
 # MPCFORMER_BIN picks the binary (default: target/release/mpcformer of CARGO_TARGET_DIR).
+# MPCFORMER_QUEUE_RUNS=N stops the queue before it starts its (N+1)-th run, so that a slot (a
+# core, the time left in a session) goes to the next N runs of the listed tasks alone.
 # MPCFORMER_RUNS picks where run directories live (default: checkpoints).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +40,7 @@ run() {
         echo "done already: $name (now in results/)"
         return
     fi
+    may_start || exit 0
     local arg
     for arg in "$@"; do
         if [[ $arg == teacher.finetuned_run=* ]]; then
@@ -55,6 +58,15 @@ run() {
     else
         echo "$(date +%T) FAILED: $name (logs/$name.log)"
     fi
+}
+# may_start: whether MPCFORMER_QUEUE_RUNS allows one more run to start (and counts it).
+STARTED=0
+may_start() {
+    if [ -n "${MPCFORMER_QUEUE_RUNS:-}" ] && [ "$STARTED" -ge "$MPCFORMER_QUEUE_RUNS" ]; then
+        echo "$(date +%T) stopping: MPCFORMER_QUEUE_RUNS=$MPCFORMER_QUEUE_RUNS runs started"
+        return 1
+    fi
+    STARTED=$((STARTED + 1))
 }
 # compare_run DIR TASK: where the run's student parts from its teacher on dev
 # (teacher-comparison.json, which --save-runs copies into results/). Not IMDb: its runs evaluate
@@ -129,6 +141,7 @@ reseeded_teacher() {
         "results/$(teacher_run "$task")/summary.json") || return
     local resume=()
     [ -f "$RUNS/$name/metrics.jsonl" ] && resume=(--resume)
+    may_start || exit 0
     echo "$(date +%T) start: $name (lr $lr)"
     if "$BIN" run $M --set data.task="$task" --set "name=$name" --set "output_dir=$RUNS" --set seed="$seed" \
         --set 'stages=["finetune"]' --set "finetune.lr_grid=[$lr]" "${resume[@]}" >> "logs/$name.log" 2>&1 &&
