@@ -14,6 +14,13 @@
 //!   examples. This changes the student's scores, so stage 1 must match attention
 //!   probabilities (`stage1.attention_target = "probs"`), which the recipe check enforces.
 //!
+//! - **Key shift** (`student.fit_shift`). Moving a head's key bias by δ adds q·δ to each query's
+//!   scores, a per-query constant that softmax ignores (so the teacher's key bias says nothing
+//!   about it) but 2ReLU and 2Quad do not: it sets where 2ReLU cuts a row off and where 2Quad's
+//!   parabola turns. δ is taken along the head's mean query q̄ (δ = t·q̄/|q̄|², so a query near
+//!   the mean has its scores shifted by t) and t is chosen from a grid, after the query scale.
+//!   It is the only attention fit 2ReLU has: its weights do not change when the scores scale.
+//!
 //! Layers are fitted from the bottom up, each on the inputs the fitted layers below it give it,
 //! against the teacher's outputs on the same examples: fitting every layer on the teacher's own
 //! activations instead left CoLA's untrained student agreeing with its teacher on 51 % of dev
@@ -75,6 +82,21 @@ fn alpha_grid() -> Vec<f64> {
     (-12..=15).map(|i| 10f64.powf(i as f64 / 12.0)).collect()
 }
 
+/// The key shifts t tried for each head (`student.fit_shift`), in units of a mean query's
+/// scores: −4 to 12 in steps of 0.5, with 0 (no shift) on it. all-MiniLM-L6-v2's scores span
+/// about ±10; a shift past the largest makes 2ReLU's rows nearly uniform, which the KL then
+/// refuses.
+fn shift_grid() -> Vec<f64> {
+    (-8..=24).map(|i| i as f64 / 2.0).collect()
+}
+
+/// What the fit may change beyond the FFN quadratics and 2Quad's query scales.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FitOptions {
+    /// Each approximated head's key shift (module docs).
+    pub key_shift: bool,
+}
+
 /// What the fit changed, per layer: the error of the approximation before and after.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FitReport {
@@ -92,8 +114,10 @@ pub struct LayerFit {
     pub flat_neurons: usize,
     /// Mean KL(teacher ‖ student) of the attention rows, at α = 1 and fitted.
     pub attention_kl: Option<(f64, f64)>,
-    /// The chosen query scale of each head.
+    /// The chosen query scale of each 2Quad head.
     pub alphas: Vec<f64>,
+    /// The chosen key shift t of each head (`student.fit_shift`; empty without it).
+    pub shifts: Vec<f64>,
 }
 
 impl fmt::Display for FitReport {
@@ -109,14 +133,21 @@ impl fmt::Display for FitReport {
                 )?;
             }
             if let Some((before, after)) = l.attention_kl {
-                let (lo, hi) = l
-                    .alphas
-                    .iter()
-                    .fold((f64::MAX, f64::MIN), |(lo, hi), a| (lo.min(*a), hi.max(*a)));
-                write!(
-                    f,
-                    "; attention KL {before:.4} → {after:.4} (query scale {lo:.2}–{hi:.2})"
-                )?;
+                write!(f, "; attention KL {before:.4} → {after:.4} (")?;
+                let range = |v: &[f64]| {
+                    let (lo, hi) = v
+                        .iter()
+                        .fold((f64::MAX, f64::MIN), |(lo, hi), a| (lo.min(*a), hi.max(*a)));
+                    format!("{lo:.2}–{hi:.2}")
+                };
+                let mut parts = Vec::new();
+                if !l.alphas.is_empty() {
+                    parts.push(format!("query scale {}", range(&l.alphas)));
+                }
+                if !l.shifts.is_empty() {
+                    parts.push(format!("key shift {}", range(&l.shifts)));
+                }
+                write!(f, "{})", parts.join(", "))?;
             }
         }
         Ok(())
@@ -226,6 +257,7 @@ pub fn refit(
     student: SequenceClassifier,
     teacher: &SequenceClassifier,
     batches: &[Inputs],
+    options: FitOptions,
 ) -> Result<(SequenceClassifier, FitReport)> {
     let (s, t) = (&student.config, &teacher.config);
     if (s.num_hidden_layers, s.hidden_size, s.intermediate_size)
@@ -235,7 +267,7 @@ pub fn refit(
             "student.init = \"fitted\" needs the teacher's shape (layers, hidden and FFN sizes); this student differs"
         );
     }
-    let grid = alpha_grid();
+    let (grid, shifts) = (alpha_grid(), shift_grid());
     let masks: Vec<Tensor<2>> = batches
         .iter()
         .map(|x| x.attention_mask.clone().float())
@@ -266,14 +298,32 @@ pub fn refit(
         };
         let want = model.config.approx.layer(l);
         let mut fit = LayerFit::default();
-        if want.attn == Attn::TwoQuad && t_layer.approx.attn == Attn::Softmax {
-            let (kl, rows) = head_kl(&model, t_layer, l, &fitting, &grid);
-            let (before, after, alphas) = pick_alphas(&kl, &grid, rows);
+        let attn_fitted = t_layer.approx.attn == Attn::Softmax && want.attn != Attn::Softmax;
+        let c = model.config.approx.c;
+        if attn_fitted && want.attn == Attn::TwoQuad {
+            let (kl, rows) = head_kl(&model, t_layer, l, &fitting, grid.len(), |_, s, m, i| {
+                Attn::TwoQuad.composite(s * grid[i], m, c)
+            });
+            let (before, after, alphas) = pick(&kl, &grid, 1.0, rows);
             for (head, alpha) in alphas.iter().enumerate() {
                 weights.scale_head(&model.config, l, head, *alpha)?;
             }
             fit.attention_kl = Some((before, after));
             fit.alphas = alphas;
+            model = weights.load(model)?;
+        }
+        if attn_fitted && options.key_shift {
+            let means = mean_queries(&model, l, &fitting);
+            let units = shift_units(&model, l, &fitting, &means);
+            let (kl, rows) = head_kl(&model, t_layer, l, &fitting, shifts.len(), |b, s, m, i| {
+                want.attn.composite(s + units[b].clone() * shifts[i], m, c)
+            });
+            let (before, after, chosen) = pick(&kl, &shifts, 0.0, rows);
+            for (head, t) in chosen.iter().enumerate() {
+                weights.shift_keys(&model.config, l, head, &means[head], *t)?;
+            }
+            fit.attention_kl = Some((fit.attention_kl.map_or(before, |(b, _)| b), after));
+            fit.shifts = chosen;
             model = weights.load(model)?;
         }
         if want.act == Act::Quad && t_layer.approx.act != Act::Quad {
@@ -303,18 +353,19 @@ struct LayerInputs<'a> {
     student_in: &'a [Tensor<3>],
 }
 
-/// Per head and query scale on `grid`, the KL of layer `l`'s 2Quad attention from the teacher's
-/// softmax attention, summed over real query rows; and the number of those rows.
+/// Per head and grid point `i < points`, the KL of layer `l`'s attention from the teacher's
+/// softmax attention, summed over real query rows; and the number of those rows. `candidate(b,
+/// scores, key_mask, i)` gives the student's weights on batch `b` at point `i` from its scores.
 fn head_kl(
     model: &SequenceClassifier,
     t_layer: &BertLayer,
     l: usize,
     ins: &LayerInputs,
-    grid: &[f64],
+    points: usize,
+    candidate: impl Fn(usize, Tensor<4>, Tensor<2>, usize) -> Tensor<4>,
 ) -> (Vec<Vec<f64>>, f64) {
-    let c = model.config.approx.c;
     let heads = model.config.num_attention_heads;
-    let (mut kl, mut rows) = (vec![vec![0.0; grid.len()]; heads], 0.0);
+    let (mut kl, mut rows) = (vec![vec![0.0; points]; heads], 0.0);
     let s_layer = &model.bert.encoder.layer[l];
     let weights_of = |block: (Tensor<3>, Option<(Tensor<4>, Tensor<4>)>)| {
         block.1.expect("attention weights were asked for")
@@ -324,10 +375,81 @@ fn head_kl(
             weights_of(t_layer.attention_block(ins.teacher_in[b][l].clone(), mask.clone(), true));
         let (scores, _) =
             weights_of(s_layer.attention_block(ins.student_in[b].clone(), mask.clone(), true));
-        add_kl(&mut kl, p, scores, mask.clone(), grid, c);
+        let scores = scores.cast(burn::tensor::DType::F32);
+        add_kl(&mut kl, p, mask.clone(), points, |i| {
+            candidate(b, scores.clone(), mask.clone(), i)
+        });
         rows += ins.host_masks[b].iter().sum::<f32>() as f64;
     }
     (kl, rows)
+}
+
+/// The student's queries of layer `l` as its scores use them (`Wq·x + b` over √d_head),
+/// [B, H, S, d_head], on batch `b`.
+fn queries(model: &SequenceClassifier, l: usize, ins: &LayerInputs, b: usize) -> Tensor<4> {
+    let attn = &model.bert.encoder.layer[l].attention.self_attn;
+    let q = apply_linear(&attn.query, ins.student_in[b].clone());
+    let [batch, s, d] = q.dims();
+    let h = model.config.num_attention_heads;
+    let dh = d / h;
+    (q.cast(burn::tensor::DType::F32) * (1.0 / (dh as f64).sqrt()))
+        .reshape([batch, s, h, dh])
+        .swap_dims(1, 2)
+}
+
+/// Each head's mean query over the real tokens of every batch (q̄ of the key shift).
+fn mean_queries(model: &SequenceClassifier, l: usize, ins: &LayerInputs) -> Vec<Vec<f64>> {
+    let h = model.config.num_attention_heads;
+    let dh = model.config.hidden_size / h;
+    let (mut sums, mut count) = (vec![vec![0.0f64; dh]; h], 0.0);
+    for (b, mask) in ins.host_masks.iter().enumerate() {
+        let q = queries(model, l, ins, b);
+        let [_, _, s, _] = q.dims();
+        let q = host(q);
+        for (head, sum) in sums.iter_mut().enumerate() {
+            for (row, m) in mask.iter().enumerate() {
+                if *m == 0.0 {
+                    continue;
+                }
+                let (bi, t) = (row / s, row % s);
+                let at = ((bi * h + head) * s + t) * dh;
+                for (acc, v) in sum.iter_mut().zip(&q[at..at + dh]) {
+                    *acc += *v as f64;
+                }
+            }
+        }
+        count += mask.iter().filter(|m| **m > 0.0).count() as f64;
+    }
+    for sum in &mut sums {
+        sum.iter_mut().for_each(|v| *v /= count.max(1.0));
+    }
+    sums
+}
+
+/// Per batch, the shift each query's scores take per unit of t: q·q̄/|q̄|², [B, H, S, 1].
+fn shift_units(
+    model: &SequenceClassifier,
+    l: usize,
+    ins: &LayerInputs,
+    means: &[Vec<f64>],
+) -> Vec<Tensor<4>> {
+    let h = means.len();
+    let dh = means[0].len();
+    let unit: Vec<f32> = means
+        .iter()
+        .flat_map(|m| {
+            let norm2 = m.iter().map(|v| v * v).sum::<f64>().max(1e-12);
+            m.iter().map(move |v| (v / norm2) as f32)
+        })
+        .collect();
+    (0..ins.masks.len())
+        .map(|b| {
+            let q = queries(model, l, ins, b);
+            let u =
+                Tensor::<4>::from_data(TensorData::new(unit.clone(), [1, h, 1, dh]), &q.device());
+            (q * u).sum_dim(3)
+        })
+        .collect()
 }
 
 /// Per FFN neuron of layer `l`, the moments of the student's pre-activation against the
@@ -375,53 +497,51 @@ fn add_moments(neurons: &mut [Moments], z: &Tensor<3>, g: &Tensor<3>, mask: &[f3
     }
 }
 
-/// Adds Σ KL(p ‖ 2Quad(α·s)) over real query rows, per head, for each α of the grid: `p` the
-/// teacher's attention weights, `s` the student's scores.
+/// Adds Σ KL(p ‖ qᵢ) over real query rows, per head, for each grid point i < `points`: `p` the
+/// teacher's attention weights, `q(i)` the student's at point i.
 fn add_kl(
     kl: &mut [Vec<f64>],
     p: Tensor<4>,
-    scores: Tensor<4>,
     key_mask: Tensor<2>,
-    grid: &[f64],
-    c: f64,
+    points: usize,
+    q: impl Fn(usize) -> Tensor<4>,
 ) {
-    let [b, h, s, _] = scores.dims();
-    let scores = scores.cast(burn::tensor::DType::F32);
+    let [b, h, s, _] = p.dims();
     let p = p.cast(burn::tensor::DType::F32);
-    let rows = key_mask.clone().reshape([b, 1, s, 1]);
+    let rows = key_mask.reshape([b, 1, s, 1]);
     // Masked keys carry p = 0 (exp(−10000)), so they add 0 whatever q is there.
     let log_p = (p.clone() + 1e-9).log();
-    for (i, alpha) in grid.iter().enumerate() {
-        let q = Attn::TwoQuad.composite(scores.clone() * *alpha, key_mask.clone(), c);
-        let per = (p.clone() * (log_p.clone() - (q + 1e-9).log()) * rows.clone())
+    for i in 0..points {
+        let per = (p.clone() * (log_p.clone() - (q(i) + 1e-9).log()) * rows.clone())
             .sum_dim(3)
             .sum_dim(2)
             .sum_dim(0)
             .reshape([h]);
-        for (head, x) in host(per).iter().enumerate() {
-            kl[head][i] += *x as f64;
+        for (head, x) in kl.iter_mut().zip(host(per)) {
+            head[i] += x as f64;
         }
     }
 }
 
-/// Each head's best α on the grid, with the mean KL per row at α = 1 and at the chosen α's.
-fn pick_alphas(kl: &[Vec<f64>], grid: &[f64], rows: f64) -> (f64, f64, Vec<f64>) {
-    let one = grid
+/// Each head's best point on `grid`, with the mean KL per row at `neutral` (the unfitted value,
+/// which must be on the grid) and at the chosen points.
+fn pick(kl: &[Vec<f64>], grid: &[f64], neutral: f64, rows: f64) -> (f64, f64, Vec<f64>) {
+    let start = grid
         .iter()
-        .position(|a| (*a - 1.0).abs() < 1e-9)
-        .expect("1 is on the grid");
+        .position(|a| (*a - neutral).abs() < 1e-9)
+        .expect("the unfitted value is on the grid");
     let rows = rows.max(1.0);
-    let (mut before, mut after, mut alphas) = (0.0, 0.0, Vec::new());
+    let (mut before, mut after, mut chosen) = (0.0, 0.0, Vec::new());
     for kls in kl {
         let best = (0..grid.len())
             .min_by(|&i, &j| kls[i].total_cmp(&kls[j]))
             .expect("a non-empty grid");
-        before += kls[one] / rows;
+        before += kls[start] / rows;
         after += kls[best] / rows;
-        alphas.push(grid[best]);
+        chosen.push(grid[best]);
     }
     let n = kl.len().max(1) as f64;
-    (before / n, after / n, alphas)
+    (before / n, after / n, chosen)
 }
 
 /// The student's weights as host tensors under their HF names (HF layout: weights [out, in]),
@@ -509,6 +629,25 @@ impl Weights {
         *self.get(config, layer, "output.dense.bias")? = down_bias;
         let count = count.max(1.0);
         Ok(((before / count, after / count), flat))
+    }
+
+    /// Adds t·q̄/|q̄|² to head `head`'s key bias in `layer`, which adds t·(q·q̄)/|q̄|² to every
+    /// score of a query q (`mean` = q̄, a scaled query as the scores use it).
+    fn shift_keys(
+        &mut self,
+        config: &ModelConfig,
+        layer: usize,
+        head: usize,
+        mean: &[f64],
+        t: f64,
+    ) -> Result<()> {
+        let dh = config.hidden_size / config.num_attention_heads;
+        let norm2 = mean.iter().map(|v| v * v).sum::<f64>().max(1e-12);
+        let bias = self.get(config, layer, "attention.self.key.bias")?;
+        for (v, m) in bias[head * dh..(head + 1) * dh].iter_mut().zip(mean) {
+            *v = (*v as f64 + t * m / norm2) as f32;
+        }
+        Ok(())
     }
 
     /// Scales head `head`'s query projection (weight rows and bias) in `layer` by `alpha`.

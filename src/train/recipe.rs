@@ -144,6 +144,10 @@ pub struct StudentSpec {
     pub layers: BTreeMap<String, LayerOverride>,
     #[serde(default)]
     pub init: StudentInit,
+    /// With `init = "fitted"`: also fit each approximated head's key shift, the per-query score
+    /// offset 2ReLU and 2Quad feel and softmax ignores ([`crate::distill::fitted`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fit_shift: bool,
     /// Fewer layers than the teacher (must divide the teacher's count).
     #[serde(default)]
     pub num_hidden_layers: Option<usize>,
@@ -185,6 +189,7 @@ impl Default for StudentSpec {
             attn: default_attn(),
             layers: BTreeMap::new(),
             init: StudentInit::Teacher,
+            fit_shift: false,
             num_hidden_layers: None,
             hidden_size: None,
             intermediate_size: None,
@@ -379,6 +384,10 @@ pub struct StageSettings {
     pub logit_loss: LogitLoss,
     #[serde(skip_serializing_if = "is_zero")]
     pub label_weight: f64,
+}
+
+fn is_false(x: &bool) -> bool {
+    !*x
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -649,13 +658,16 @@ impl Recipe {
                 }
             }
         }
+        if self.student.fit_shift && self.student.init != StudentInit::Fitted {
+            bail!("student.fit_shift is part of the fitted start; set student.init = \"fitted\"");
+        }
         if self.student.init == StudentInit::Fitted
             && self.stages.contains(&StageKind::Stage1)
             && self.stage(StageKind::Stage1).attention_target.is_scores()
-            && self.student.uses(crate::model::approx::Attn::TwoQuad)
+            && (self.student.uses(crate::model::approx::Attn::TwoQuad) || self.student.fit_shift)
         {
             bail!(
-                "student.init = \"fitted\" rescales each 2Quad head's scores, which stage 1's score MSE would undo; set stage1.attention_target = \"probs\""
+                "student.init = \"fitted\" rescales each 2Quad head's scores (and student.fit_shift shifts them), which stage 1's score MSE would undo; set stage1.attention_target = \"probs\""
             );
         }
         if self.student.stage1_run.is_some()

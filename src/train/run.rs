@@ -304,12 +304,16 @@ fn fit_record(fit: &fitted::FitReport) -> serde_json::Value {
         .layers
         .iter()
         .map(|l| {
-            json!({
+            let mut layer = json!({
                 "ffn_mse": l.ffn_mse.map(|(b, a)| [b, a]),
                 "flat_neurons": l.flat_neurons,
                 "attention_kl": l.attention_kl.map(|(b, a)| [b, a]),
                 "alphas": l.alphas,
-            })
+            });
+            if !l.shifts.is_empty() {
+                layer["shifts"] = json!(l.shifts);
+            }
+            layer
         })
         .collect();
     json!({"stage": "fit", "tokens": fit.tokens, "layers": layers})
@@ -986,7 +990,10 @@ fn initial_student(
     if recipe.student.init == StudentInit::Fitted {
         let t0 = Instant::now();
         let batches = fitting_batches(&cx.data.train, recipe.seed, &cx.device);
-        let (model, fit) = fitted::refit(student.model, &teacher.valid(), &batches)?;
+        let options = fitted::FitOptions {
+            key_shift: recipe.student.fit_shift,
+        };
+        let (model, fit) = fitted::refit(student.model, &teacher.valid(), &batches, options)?;
         let seconds = t0.elapsed().as_secs_f64();
         eprintln!("{fit}\n  ({seconds:.1} s)");
         walls.insert("fit".to_string(), seconds);
