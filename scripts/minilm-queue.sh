@@ -289,7 +289,8 @@ done
 # 2ReLU's weights ignore the query scale, so the fitted start left its attention as it was
 # (CoLA: mean KL per layer 2.5 from the teacher's softmax, against 2Quad's fitted 0.27) and
 # CoLA's student kept 87 %. The key shift (student.fit_shift) is a fit 2ReLU does have: on
-# CoLA's fit examples it takes the KL to 0.32–0.66 per layer.
+# CoLA's fit examples it takes the KL to 0.32–0.66 per layer. Ran 2026-12-03: MCC 23.6 against
+# 23.7 without, agreement 87.6 % against 92.0 % — no closer student; off by default.
 run "minilm-cola-quad+2relu-fitted-shift-s42" cola --set student.attn=2relu \
     --set student.fit_shift=true --set "$(teacher_of cola)" --set 'label=key shift fitted'
 for task in sst2 imdb; do

@@ -966,7 +966,8 @@ What each lever was worth: each labelled variant against the run it varies, on t
 
 /// What the labelled variant `r` is measured against, among the runs on its teacher with its
 /// seed: the run labelled as its label's longest stem (`"2 + 2"` for `"2 + 2, T = 2"`), else the
-/// shipped recipe's (unlabelled) run, else the run that made the teacher.
+/// shipped recipe's (unlabelled) run with the variant's approximations, else with any, else the
+/// run that made the teacher.
 fn lever_base<'a>(runs: &'a [Run], r: &'a Run) -> &'a Run {
     let o = origin(runs, r);
     let siblings = || {
@@ -979,6 +980,7 @@ fn lever_base<'a>(runs: &'a [Run], r: &'a Run) -> &'a Run {
         .rmatch_indices(", ")
         .map(|(i, _)| &label[..i])
         .find_map(|stem| siblings().find(|x| x.label.as_deref() == Some(stem)))
+        .or_else(|| siblings().find(|x| x.label.is_none() && x.student_approx == r.student_approx))
         .or_else(|| siblings().find(|x| x.label.is_none()))
         .unwrap_or(o)
 }

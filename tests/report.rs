@@ -702,11 +702,28 @@ fn a_shipped_recipe_on_a_relabelled_runs_teacher() {
         Some("MPCFormer's start, attention KL, same compute"),
     );
     run("rte-linear-s42", 0.67, "fitted", Some("linear decay"));
+    // A lever on another approximation is measured against the shipped recipe's run of that
+    // approximation, not the first unlabelled run.
+    run("rte-2relu-s42", 0.64, "fitted", None);
+    run(
+        "rte-2relu-shift-s42",
+        0.63,
+        "fitted",
+        Some("key shift fitted"),
+    );
+    for name in ["rte-2relu-s42", "rte-2relu-shift-s42"] {
+        let student = if name == "rte-2relu-s42" { 0.64 } else { 0.63 };
+        let approx = serde_json::json!({"student": {
+            "approximations": "quad+2relu", "metrics": {"accuracy": student}, "primary": student
+        }});
+        patch_run(root.path(), name, approx, "");
+    }
     let md = markdown(&find_runs(&[root.path().to_path_buf()]).unwrap());
     for row in [
         "| rte | MPCFormer's start | rte-fitted-s42 | 60.0 (-6.0) | – |",
         "| rte | attention KL, same compute | rte-s42 | 62.0 (+2.0) | – |",
         "| rte | linear decay | rte-fitted-s42 | 67.0 (+1.0) | – |",
+        "| rte | key shift fitted | rte-2relu-s42 | 63.0 (-1.0) | – |",
         "| teacher (minilm) | 70.0 |",
     ] {
         assert!(md.contains(row), "{row}\n{md}");
@@ -715,7 +732,7 @@ fn a_shipped_recipe_on_a_relabelled_runs_teacher() {
     let block = md.split("| task | lever | against |").nth(1).unwrap();
     assert_eq!(
         block.split("\n\n").next().unwrap().lines().count(),
-        5,
+        6,
         "{md}"
     );
 }
