@@ -267,7 +267,6 @@ pub fn refit(
             "student.init = \"fitted\" needs the teacher's shape (layers, hidden and FFN sizes); this student differs"
         );
     }
-    let (grid, shifts) = (alpha_grid(), shift_grid());
     let masks: Vec<Tensor<2>> = batches
         .iter()
         .map(|x| x.attention_mask.clone().float())
@@ -298,33 +297,8 @@ pub fn refit(
         };
         let want = model.config.approx.layer(l);
         let mut fit = LayerFit::default();
-        let attn_fitted = t_layer.approx.attn == Attn::Softmax && want.attn != Attn::Softmax;
-        let c = model.config.approx.c;
-        if attn_fitted && want.attn == Attn::TwoQuad {
-            let (kl, rows) = head_kl(&model, t_layer, l, &fitting, grid.len(), |_, s, m, i| {
-                Attn::TwoQuad.composite(s * grid[i], m, c)
-            });
-            let (before, after, alphas) = pick(&kl, &grid, 1.0, rows);
-            for (head, alpha) in alphas.iter().enumerate() {
-                weights.scale_head(&model.config, l, head, *alpha)?;
-            }
-            fit.attention_kl = Some((before, after));
-            fit.alphas = alphas;
-            model = weights.load(model)?;
-        }
-        if attn_fitted && options.key_shift {
-            let means = mean_queries(&model, l, &fitting);
-            let units = shift_units(&model, l, &fitting, &means);
-            let (kl, rows) = head_kl(&model, t_layer, l, &fitting, shifts.len(), |b, s, m, i| {
-                want.attn.composite(s + units[b].clone() * shifts[i], m, c)
-            });
-            let (before, after, chosen) = pick(&kl, &shifts, 0.0, rows);
-            for (head, t) in chosen.iter().enumerate() {
-                weights.shift_keys(&model.config, l, head, &means[head], *t)?;
-            }
-            fit.attention_kl = Some((fit.attention_kl.map_or(before, |(b, _)| b), after));
-            fit.shifts = chosen;
-            model = weights.load(model)?;
+        if t_layer.approx.attn == Attn::Softmax && want.attn != Attn::Softmax {
+            model = fit_attention(model, &mut weights, t_layer, l, &fitting, options, &mut fit)?;
         }
         if want.act == Act::Quad && t_layer.approx.act != Act::Quad {
             let neurons = ffn_moments(&model, t_layer, l, &fitting);
@@ -342,6 +316,51 @@ pub fn refit(
     }
     drop(model);
     Ok((weights.load(student)?, report))
+}
+
+/// Layer `l`'s attention, fitted to the teacher's softmax: each 2Quad head's query scale, then
+/// (with `options.key_shift`) each head's key shift, folded into `weights` and loaded into the
+/// returned model; what changed goes into `fit`.
+fn fit_attention(
+    mut model: SequenceClassifier,
+    weights: &mut Weights,
+    t_layer: &BertLayer,
+    l: usize,
+    fitting: &LayerInputs,
+    options: FitOptions,
+    fit: &mut LayerFit,
+) -> Result<SequenceClassifier> {
+    let attn = model.config.approx.layer(l).attn;
+    let c = model.config.approx.c;
+    if attn == Attn::TwoQuad {
+        let grid = alpha_grid();
+        let (kl, rows) = head_kl(&model, t_layer, l, fitting, grid.len(), |_, s, m, i| {
+            Attn::TwoQuad.composite(s * grid[i], m, c)
+        });
+        let (before, after, alphas) = pick(&kl, &grid, 1.0, rows);
+        for (head, alpha) in alphas.iter().enumerate() {
+            weights.scale_head(&model.config, l, head, *alpha)?;
+        }
+        fit.attention_kl = Some((before, after));
+        fit.alphas = alphas;
+        model = weights.load(model)?;
+    }
+    if options.key_shift {
+        let shifts = shift_grid();
+        let means = mean_queries(&model, l, fitting);
+        let units = shift_units(&model, l, fitting, &means);
+        let (kl, rows) = head_kl(&model, t_layer, l, fitting, shifts.len(), |b, s, m, i| {
+            attn.composite(s + units[b].clone() * shifts[i], m, c)
+        });
+        let (before, after, chosen) = pick(&kl, &shifts, 0.0, rows);
+        for (head, t) in chosen.iter().enumerate() {
+            weights.shift_keys(&model.config, l, head, &means[head], *t)?;
+        }
+        fit.attention_kl = Some((fit.attention_kl.map_or(before, |(b, _)| b), after));
+        fit.shifts = chosen;
+        model = weights.load(model)?;
+    }
+    Ok(model)
 }
 
 /// What one layer is fitted on: per batch, the key mask (as a tensor and on the host), the
