@@ -310,6 +310,50 @@ pub fn disagreements(
     Ok(Some(d))
 }
 
+/// A student's accuracy minus its teacher's on one dev set, in points of accuracy (0–1), with
+/// the half-width of its 95 % confidence interval.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PairedGap {
+    pub mean: f64,
+    pub half_width: f64,
+}
+
+impl PairedGap {
+    pub fn low(&self) -> f64 {
+        self.mean - self.half_width
+    }
+    pub fn high(&self) -> f64 {
+        self.mean + self.half_width
+    }
+}
+
+/// The student − teacher accuracy gap over `n` dev examples, from each seed's
+/// `(teacher_right, student_right)` disagreement counts, paired: per example and seed the gap is
+/// +1 where only the student is right, −1 where only the teacher is, else 0, so the examples both
+/// answer alike add nothing to the spread. The dev examples are the sample; seeds are not new
+/// examples, and their per-example gaps may be correlated to any degree, so the interval takes
+/// the worst case (perfect correlation: the standard deviation of the seeds' mean is at most the
+/// mean of their standard deviations). Normal approximation; `None` without examples or seeds.
+pub fn paired_accuracy_gap(n: usize, parted: &[(usize, usize)]) -> Option<PairedGap> {
+    if n < 2 || parted.is_empty() {
+        return None;
+    }
+    let nf = n as f64;
+    let seeds = parted.len() as f64;
+    let (mut mean, mut sd) = (0.0, 0.0);
+    for &(teacher_right, student_right) in parted {
+        let m = (student_right as f64 - teacher_right as f64) / nf;
+        let second_moment = (student_right + teacher_right) as f64 / nf;
+        let var = (second_moment - m * m) * nf / (nf - 1.0);
+        mean += m / seeds;
+        sd += var.max(0.0).sqrt() / seeds;
+    }
+    Some(PairedGap {
+        mean,
+        half_width: 1.959_964 * sd / nf.sqrt(),
+    })
+}
+
 /// The examples split at the teacher's median confidence: the half where it is surest (the
 /// larger `confidence`; the first half of an odd count), then the other half. A student that
 /// disagrees mostly where the teacher is unsure has followed what the teacher knows, and the
@@ -443,6 +487,44 @@ mod tests {
         let r = scores(&[1.0, 2.0]);
         assert_eq!(disagreements(&r, &r, &r).unwrap(), None);
         assert!(disagreements(&gold, &teacher, &student[..5]).is_err());
+    }
+
+    /// Sample mean and standard deviation of explicit per-example gaps.
+    fn mean_sd(d: &[f64]) -> (f64, f64) {
+        let n = d.len() as f64;
+        let m = d.iter().sum::<f64>() / n;
+        let var = d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
+        (m, var.sqrt())
+    }
+
+    #[test]
+    fn the_paired_gap_is_the_mean_of_per_example_gaps() {
+        // Seed A: 20 examples only the teacher gets right, 17 only the student, 240 alike
+        // (RTE's seed 42); seed B: 22 and 15.
+        let gaps = |teacher_right: usize, student_right: usize| {
+            let mut d = vec![-1.0; teacher_right];
+            d.extend(vec![1.0; student_right]);
+            d.resize(277, 0.0);
+            d
+        };
+        let (a, b) = (gaps(20, 17), gaps(22, 15));
+        let one = paired_accuracy_gap(277, &[(20, 17)]).unwrap();
+        let (m, sd) = mean_sd(&a);
+        assert!((one.mean - m).abs() < 1e-12 && (one.mean + 3.0 / 277.0).abs() < 1e-12);
+        assert!((one.half_width - 1.959_964 * sd / 277f64.sqrt()).abs() < 1e-12);
+        // Two seeds: the mean of their gaps, and the mean of their spreads (the bound, reached
+        // when their per-example gaps are perfectly correlated).
+        let two = paired_accuracy_gap(277, &[(20, 17), (22, 15)]).unwrap();
+        let (mb, sdb) = mean_sd(&b);
+        assert!((two.mean - (m + mb) / 2.0).abs() < 1e-12);
+        assert!((two.half_width - 1.959_964 * (sd + sdb) / 2.0 / 277f64.sqrt()).abs() < 1e-12);
+        // Identical seeds are one seed; a seed that answers like its teacher has no spread.
+        let same = paired_accuracy_gap(277, &[(20, 17), (20, 17)]).unwrap();
+        assert!((same.half_width - one.half_width).abs() < 1e-12);
+        let alike = paired_accuracy_gap(277, &[(0, 0)]).unwrap();
+        assert_eq!((alike.mean, alike.half_width), (0.0, 0.0));
+        assert_eq!(paired_accuracy_gap(277, &[]), None);
+        assert_eq!(paired_accuracy_gap(0, &[(1, 1)]), None);
     }
 
     #[test]

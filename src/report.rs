@@ -115,6 +115,8 @@ pub struct Reseed {
 /// accuracy on each, and the examples they answer differently by who is right.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Parting {
+    /// Dev examples compared.
+    pub n: u64,
     pub agreement: [f64; 2],
     pub teacher_accuracy: [f64; 2],
     pub teacher_right: u64,
@@ -128,6 +130,7 @@ fn parting(c: &Value) -> Option<Parting> {
     let h = &c["by_teacher_confidence"];
     let d = &c["disagreements"];
     Some(Parting {
+        n: c["n"].as_u64()?,
         agreement: pair(&h["agreement"])?,
         teacher_accuracy: pair(&h["teacher_accuracy"])?,
         teacher_right: d["teacher_right"].as_u64()?,
@@ -475,6 +478,10 @@ struct Row {
     last: PerTask,
     last_retention: PerTask,
     last_margin: PerTask,
+    /// Where each seed's student parts from its teacher, and (accuracy tasks) the teacher's lead
+    /// over the trivial answer, which turns an accuracy gap into margin retention.
+    parted: BTreeMap<String, Vec<Parting>>,
+    lead: PerTask,
 }
 
 /// The run that fine-tuned `r`'s teacher, if it is among `runs`, else `r`.
@@ -551,6 +558,15 @@ fn rows(runs: &[Run]) -> Vec<Row> {
             }
             if let Some(a) = r.agreement {
                 row.agreement.entry(t.clone()).or_default().push(a);
+            }
+            if let Some(p) = &r.parting {
+                row.parted.entry(t.clone()).or_default().push(p.clone());
+            }
+            if let (true, Some(z)) = (primary_is_accuracy(&t), r.trivial_primary) {
+                row.lead
+                    .entry(t.clone())
+                    .or_default()
+                    .push(r.teacher_primary - z);
             }
             if let Some(l) = r.last_dev() {
                 row.last.entry(t.clone()).or_default().push(l);
@@ -828,6 +844,72 @@ Against the bar the shipped recipe aims at: retention ≥ {:.0} % on every task 
                 lacks.join(", ")
             }
         );
+    }
+}
+
+fn primary_is_accuracy(task: &str) -> bool {
+    crate::data::Task::find(task).is_ok_and(|t| t.primary == crate::metric::Metric::Accuracy)
+}
+
+/// What dev can tell apart: each shipped student row's accuracy gap to its teacher with a paired
+/// 95 % interval over the dev examples ([`crate::metric::paired_accuracy_gap`]), and on the
+/// tasks scored by accuracy the margin retention that interval allows. A margin bar inside the
+/// interval is one the dev set cannot show met or missed.
+fn resolution_table(rows: &[Row], md: &mut String) {
+    let mut lines = Vec::new();
+    for row in rows.iter().filter(|r| r.shipped) {
+        for (task, parted) in &row.parted {
+            let n = parted[0].n;
+            if parted.iter().any(|p| p.n != n) {
+                continue;
+            }
+            let counts: Vec<(usize, usize)> = parted
+                .iter()
+                .map(|p| (p.teacher_right as usize, p.student_right as usize))
+                .collect();
+            let Some(gap) = crate::metric::paired_accuracy_gap(n as usize, &counts) else {
+                continue;
+            };
+            let points = |v: f64| format!("{:+.1}", 100.0 * v);
+            let lead = row.lead.get(task).filter(|l| !l.is_empty());
+            let margin = lead.map_or("–".to_string(), |l| {
+                let lead = mean_std(l).0;
+                let m = |gap: f64| format!("{:.0}", 100.0 * (1.0 + gap / lead));
+                format!("{} [{}, {}]", m(gap.mean), m(gap.low()), m(gap.high()))
+            });
+            let verdict = if gap.high() < 0.0 {
+                "below its teacher"
+            } else if gap.low() > 0.0 {
+                "above its teacher"
+            } else {
+                "not significantly different from its teacher"
+            };
+            lines.push(format!(
+                "| {} | {task} | {} | {n} | {} [{}, {}] | {margin} | {verdict} |",
+                row.label,
+                parted.len(),
+                points(gap.mean),
+                points(gap.low()),
+                points(gap.high()),
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "
+What dev can tell apart: each student's accuracy minus its teacher's (points; classification tasks with `mpcformer compare` records), with a paired 95 % interval over the dev examples that takes the seeds' errors as perfectly correlated (the widest case), and on the tasks scored by accuracy the margin retention (%) that interval allows. A bar inside the interval is one this dev set cannot show met or missed:
+"
+    );
+    let _ = writeln!(
+        md,
+        "| model | task | seeds | dev examples | student − teacher accuracy [95 % interval] | margin retention [95 % interval] | on dev, the student is |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for l in lines {
+        let _ = writeln!(md, "{l}");
     }
 }
 
@@ -1123,6 +1205,7 @@ pub fn markdown(runs: &[Run]) -> String {
     teachers_table(runs, &mut md);
     fidelity_table(&rows, &mut md);
     bar_table(&rows, &tasks, &mut md);
+    resolution_table(&rows, &mut md);
     selection_table(&rows, &mut md);
     parting_table(runs, &mut md);
     levers_table(runs, &mut md);

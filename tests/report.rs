@@ -756,7 +756,10 @@ fn where_students_part_from_their_teachers() {
     patch_run(
         root.path(),
         "rte-s42",
-        serde_json::json!({"agreement": 0.88}),
+        serde_json::json!({
+            "agreement": 0.88,
+            "trivial": {"primary": 0.5, "metrics": {"accuracy": 0.5}}
+        }),
         "",
     );
     let comparison = |student: f64, agreement: f64, halves: [f64; 2], differ: (usize, usize)| {
@@ -793,6 +796,28 @@ fn where_students_part_from_their_teachers() {
     ] {
         assert!(md.contains(row), "{row} not in\n{md}");
     }
+    // What dev can tell apart, from the counts alone: per-example gaps of −1 (19), +1 (12) and 0
+    // (246) have mean −7/277 = −2.5 points and sample sd 0.3342, so the interval is
+    // ±1.96 · 0.3342 / √277 = ±3.9 points; over the teacher's lead of 10 points that is margin
+    // retention 75 [35, 114].
+    let row = "| MPCFormer quad+2quad (minilm) | rte | 1 | 277 | -2.5 [-6.5, +1.4] | 75 [35, 114] | not significantly different from its teacher |";
+    assert!(md.contains(row), "{row} not in\n{md}");
+    // 40 against 5: −12.6 ± 4.5 points, an interval clear of 0.
+    std::fs::write(
+        run.join("teacher-comparison.json"),
+        comparison(0.58, 0.84, [0.978, 0.797], (40, 5)),
+    )
+    .unwrap();
+    let below = markdown(&find_runs(&[root.path().to_path_buf()]).unwrap());
+    assert!(
+        below.contains("| -12.6 [-17.2, -8.1] | -26 [-72, 19] | below its teacher |"),
+        "{below}"
+    );
+    std::fs::write(
+        run.join("teacher-comparison.json"),
+        comparison(0.58, 0.88, [0.978, 0.797], (19, 12)),
+    )
+    .unwrap();
     // `--save-runs` keeps the comparison beside the run's files.
     let saved = tempfile::tempdir().unwrap();
     save_runs(&runs, saved.path()).unwrap();
