@@ -69,13 +69,14 @@ may_start() {
     STARTED=$((STARTED + 1))
 }
 # compare_run DIR TASK: where the run's student parts from its teacher on dev
-# (teacher-comparison.json, which --save-runs copies into results/). Not IMDb: its runs evaluate
-# on 1,000 drawn reviews, and compare would read all 25,000 at length 512.
+# (teacher-comparison.json, which --save-runs copies into results/). IMDb's runs score 1,000
+# test reviews drawn by data.eval_sample, and `compare --sample 1000` draws the same.
 compare_run() {
-    local dir=$1 task=$2
-    [ "$task" = imdb ] || [ ! -d "$dir/student" ] || [ -f "$dir/teacher-comparison.json" ] && return 0
+    local dir=$1 task=$2 data=(--data ../shared/data/glue)
+    [ ! -d "$dir/student" ] || [ -f "$dir/teacher-comparison.json" ] && return 0
+    [ "$task" = imdb ] && data=(--data ../shared/data/imdb --split test --sample 1000 --batch-size 16)
     "$BIN" compare --teacher "$dir/teacher" --model "$dir/student" --task "$task" \
-        --data ../shared/data/glue --output "$dir/teacher-comparison.json" \
+        "${data[@]}" --output "$dir/teacher-comparison.json" \
         >> "logs/$(basename "$dir").log" 2>&1 ||
         echo "$(date +%T) FAILED: comparing $(basename "$dir") with its teacher (logs/$(basename "$dir").log)"
 }

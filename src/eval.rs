@@ -161,6 +161,8 @@ pub struct Setup {
     pub max_len: Option<usize>,
     /// Data spec (see [`crate::data`]); `None`: the task's Hub dataset.
     pub data: Option<String>,
+    /// Keep this many examples of each split, drawn as [`data::Dataset::sample`] draws.
+    pub sample: Option<usize>,
     pub fields: Fields,
     pub device: Device,
 }
@@ -276,6 +278,22 @@ pub fn evaluate(
     })
 }
 
+/// One split of `task` as the setup reads it: its data, then `sample` examples drawn from it.
+fn load_split(
+    setup: &Setup,
+    task: &'static Task,
+    split: &'static data::Split,
+) -> Result<data::Dataset> {
+    let mut set = data::load(task, setup.data.as_deref(), split, &setup.fields)?;
+    if let Some(n) = setup.sample {
+        if n == 0 {
+            bail!("--sample 0: draw at least 1 example");
+        }
+        set.sample(n);
+    }
+    Ok(set)
+}
+
 /// The splits `split` means for `task`; a single file as `--data` is one split (the first, e.g.
 /// MNLI's `dev_matched`), not read twice.
 fn splits_for(
@@ -313,7 +331,7 @@ pub fn eval_tasks(setup: &Setup, tasks: &[&'static Task], split: &str) -> Result
             );
         }
         for s in splits {
-            let data = data::load(task, setup.data.as_deref(), s, &setup.fields)?;
+            let data = load_split(setup, task, s)?;
             eprintln!(
                 "{} {}: {} examples from {}",
                 task.title,
@@ -340,7 +358,7 @@ pub fn predict_tasks(
         let splits = splits_for(setup, task, split)?;
         let tm = load_for_task(setup, task)?;
         for s in splits {
-            let data = data::load(task, setup.data.as_deref(), s, &setup.fields)?;
+            let data = load_split(setup, task, s)?;
             eprintln!(
                 "{} {}: {} examples from {}",
                 task.title,
@@ -484,7 +502,7 @@ pub fn compare_tasks(
     for &task in tasks {
         let (t, s) = (load_for_task(teacher, task)?, load_for_task(student, task)?);
         for sp in splits_for(teacher, task, split)? {
-            let data = data::load(task, teacher.data.as_deref(), sp, &teacher.fields)?;
+            let data = load_split(teacher, task, sp)?;
             let gold = data.labels().with_context(|| {
                 format!(
                     "{} {} ({}) has unlabelled examples",
@@ -569,6 +587,15 @@ pub fn format_comparison(c: &Comparison) -> String {
             d.both_wrong,
             d.student_right as i64 - d.teacher_right as i64
         );
+        if let Some(g) = metric::paired_accuracy_gap(c.n, &[(d.teacher_right, d.student_right)]) {
+            let _ = writeln!(
+                s,
+                "    student − teacher accuracy: {:+.2} points, paired 95 % interval {:+.2} to {:+.2}",
+                100.0 * g.mean,
+                100.0 * g.low(),
+                100.0 * g.high()
+            );
+        }
     }
     let _ = writeln!(
         s,

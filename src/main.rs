@@ -417,6 +417,10 @@ struct DataArgs {
     /// Label field of JSONL/CSV/parquet/TSV files (default `label`).
     #[arg(long)]
     label_field: Option<String>,
+    /// Use N examples of each split, drawn uniformly as a recipe's `data.eval_sample` draws them
+    /// (the same draw for every model and seed), e.g. the 1,000 IMDb test reviews a run scores.
+    #[arg(long, value_name = "N")]
+    sample: Option<usize>,
 }
 
 fn parse_task(s: &str) -> Result<&'static Task, String> {
@@ -455,6 +459,7 @@ impl CheckpointArgs {
             batch_size: self.batch_size,
             max_len: self.max_len,
             data: data.data.clone(),
+            sample: data.sample,
             fields: Fields {
                 text: data.text_fields.clone(),
                 label: data.label_field.clone(),

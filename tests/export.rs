@@ -149,6 +149,7 @@ fn eval_logits(model: &Path, overrides: &Overrides, c: &Case) -> (Vec<Vec<u32>>,
         batch_size: 3,
         max_len: None,
         data: Some(c.data.to_string_lossy().into()),
+        sample: None,
         fields: Fields::default(),
         device: Device::flex(),
     };

@@ -158,3 +158,38 @@ fn compare_cli_locates_a_changed_normaliser() {
     assert!(at("hidden_mse", 1) > 0.0, "{c}");
     assert!(c["agreement"].as_f64().unwrap() < 1.0, "{c}");
 }
+
+/// `--sample N` scores the examples a recipe's `data.eval_sample = N` would: N of them, drawn as
+/// `Dataset::sample` draws, the same for `eval` and `compare`.
+#[test]
+fn compare_and_eval_sample_the_same_examples() {
+    let c = compare(&["--sample", "100"]);
+    assert_eq!(c["n"], 100);
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("eval.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_mpcformer"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["eval", "--model"])
+        .arg(fixtures().join("quickstart-student"))
+        .args([
+            "--task",
+            "sst2",
+            "--data",
+            "data/quickstart",
+            "--sample",
+            "100",
+        ])
+        .arg("--output")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("100 examples"), "{stderr}");
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(e["n"], 100);
+    // Both commands scored the same 100 examples, which are not the whole split's.
+    assert_eq!(e["metrics"], c["teacher"]);
+    assert_ne!(compare(&[])["teacher"], c["teacher"]);
+}

@@ -1393,6 +1393,7 @@ impl PlainRun {
             batch_size: a.batch_size,
             max_len: None,
             data: a.data.clone(),
+            sample: None,
             fields: Fields::default(),
             device: device.clone(),
         };
