@@ -900,12 +900,12 @@ fn resolution_table(rows: &[Row], md: &mut String) {
     let _ = writeln!(
         md,
         "
-What dev can tell apart: each student's accuracy minus its teacher's (points; classification tasks with `mpcformer compare` records), with a paired 95 % interval over the dev examples that takes the seeds' errors as perfectly correlated (the widest case), and on the tasks scored by accuracy the margin retention (%) that interval allows. A bar inside the interval is one this dev set cannot show met or missed:
+What dev can tell apart: each student's accuracy minus its teacher's (points; classification tasks with `mpcformer compare` records), with a paired 95 % interval over the examples scored (dev; IMDb: the 1,000 drawn test reviews) that takes the seeds' errors as perfectly correlated (the widest case), and on the tasks scored by accuracy the margin retention (%) that interval allows. A bar inside the interval is one this dev set cannot show met or missed:
 "
     );
     let _ = writeln!(
         md,
-        "| model | task | seeds | dev examples | student − teacher accuracy [95 % interval] | margin retention [95 % interval] | on dev, the student is |"
+        "| model | task | seeds | examples | student − teacher accuracy [95 % interval] | margin retention [95 % interval] | on dev, the student is |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     for l in lines {
