@@ -802,6 +802,11 @@ fn where_students_part_from_their_teachers() {
     // retention 75 [35, 114].
     let row = "| MPCFormer quad+2quad (minilm) | rte | 1 | 277 | -2.5 [-6.5, +1.4] | 75 [35, 114] | not significantly different from its teacher |";
     assert!(md.contains(row), "{row} not in\n{md}");
+    // The bar table says so where the run misses the margin bar (80 %) inside that interval.
+    assert!(
+        md.contains("margin retention ≥ 90 % (inside its 95 % interval, 35–114 %: not resolved on these examples)"),
+        "{md}"
+    );
     // 40 against 5: −12.6 ± 4.5 points, an interval clear of 0.
     std::fs::write(
         run.join("teacher-comparison.json"),
@@ -813,6 +818,7 @@ fn where_students_part_from_their_teachers() {
         below.contains("| -12.6 [-17.2, -8.1] | -26 [-72, 19] | below its teacher |"),
         "{below}"
     );
+    assert!(!below.contains("not resolved"), "{below}");
     std::fs::write(
         run.join("teacher-comparison.json"),
         comparison(0.58, 0.88, [0.978, 0.797], (19, 12)),
