@@ -90,10 +90,12 @@ fn readme_students_table_is_results_md() {
             .find(|r| r[0] == SHIPPED && r[1] == task)
             .unwrap_or_else(|| panic!("no fidelity row for {task}"));
         let mut margin = mean(&fid[3]).to_string();
-        if let Some(r) = resolution.iter().find(|r| r[0] == SHIPPED && r[1] == task) {
-            if let Some(interval) = r[5].split_once(' ').map(|(_, i)| i) {
-                margin = format!("{margin} {interval}");
-            }
+        let interval = resolution
+            .iter()
+            .find(|r| r[0] == SHIPPED && r[1] == task)
+            .and_then(|r| r[5].split_once(' ').map(|(_, i)| i.to_string()));
+        if let Some(interval) = interval {
+            margin = format!("{margin} {interval}");
         }
         let expected = [
             row[0].clone(),
