@@ -337,6 +337,11 @@ levers rte 12450 1.0
 # between layers and the hidden term ≈ 2.3× as a whole, which ×5 did not help on RTE.
 run "minilm-rte-quad+2quad-hidden-norm-s42" rte --set "$(teacher_of rte)" \
     --set stage1.hidden_norm=layer --set 'label=stage 1 hidden states normalised per layer'
+# 2Quad's shift c where nothing absorbs it: on MPCFormer's start the query scale stays 1, so
+# c = 3, the shift RTE's fitted start settles on (5 over its heads' geometric-mean α, 1.54),
+# against the reference's 5.
+run "minilm-rte-quad+2quad-c3-s42" rte --set "$(teacher_of rte)" "${OLD[@]}" \
+    --set student.two_quad_c=3 --set "label=$OLD_LABEL, 2Quad c = 3"
 levers cola 42755 1.0 --set 'data.transfer_from=["sst2", "imdb=../shared/data/imdb"]'
 for task in sst2 imdb; do
     for seed in 42 1 2; do
