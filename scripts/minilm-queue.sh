@@ -297,7 +297,8 @@ run "minilm-cola-quad+2relu-fitted-shift-s42" cola --set student.attn=2relu \
 # 2ReLU gives a key with a negative score no weight and no gradient: stage 1's attention KL
 # cannot raise a key the teacher attends to once the student's score for it is below 0, while
 # the reference's score MSE pulls on every score (and 2ReLU, blind to the query scale, has no
-# fitted scale for it to undo).
+# fitted scale for it to undo). Ran 2026-12-03: MCC 24.3 against 23.7, agreement 91.2 % against
+# 92.0 % — inside the seeds' spread (23.7 to 24.7); the KL stays.
 run "minilm-cola-quad+2relu-fitted-scores-s42" cola --set student.attn=2relu \
     --set stage1.attention_target=scores --set "$(teacher_of cola)" \
     --set 'label=stage 1 on attention scores (MSE)'
