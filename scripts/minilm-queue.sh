@@ -310,9 +310,11 @@ run "minilm-cola-quad+2relu-joint-s42" cola --set student.attn=2relu \
     --set stage1.prediction_weight=1 --set "$(teacher_of cola)" \
     --set 'label=stage 1 joined with the logit term'
 # Twice stage 1's epochs: 2ReLU's attention loss on CoLA still fell in its sixth epoch (1.34 to
-# 1.30), and the reference spends 50.
-run "minilm-cola-quad+2relu-fitted-s1x12-s42" cola --set student.attn=2relu \
-    --set stage1.epochs=12 --set "$(teacher_of cola)" --set 'label=12 stage-1 epochs'
+# 1.30), and the reference spends 50. Seed 42 ran 2026-12-04: MCC 25.7 against 23.7 (94.5 %).
+for seed in 42 1 2; do
+    run "minilm-cola-quad+2relu-fitted-s1x12-s$seed" cola --set student.attn=2relu --set seed=$seed \
+        --set stage1.epochs=12 --set "$(teacher_of cola)" --set 'label=12 stage-1 epochs'
+done
 for task in sst2 imdb; do
     for seed in 1 2; do
         fitted $task $seed
