@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
@@ -16,6 +17,16 @@ use mpcformer::model::{self, Capture, Overrides, SequenceClassifier};
 use mpcformer::train::fit::{LossTerms, MetricsLog, Stage};
 use mpcformer::train::precision::Precision;
 use mpcformer::train::recipe::{StageConfig, StageKind, StageSettings, StudentSpec};
+
+/// Burn's seed belongs to the device, which every test thread shares: a test that seeds and then
+/// initialises weights holds this lock, or another test's draws interleave with its own and the
+/// figures compared below change from run to run.
+fn seeded(ad: &Device, seed: u64) -> MutexGuard<'static, ()> {
+    static RNG: Mutex<()> = Mutex::new(());
+    let guard = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    ad.seed(seed);
+    guard
+}
 
 fn teacher(ad: &Device) -> SequenceClassifier {
     let dir = fixtures().join("tiny-bert/model");
@@ -70,7 +81,7 @@ fn gradient(precision: Precision) -> (f64, Vec<f64>) {
 
 fn gradient_on(precision: Precision, ad: &Device) -> (f64, Vec<f64>) {
     let ad = ad.clone();
-    ad.seed(5);
+    let _rng = seeded(&ad, 5);
     let t = teacher(&ad);
     let (student, _) = init_student(&t, &StudentSpec::default(), &ad).unwrap();
     let frozen = t.no_grad();
@@ -119,7 +130,7 @@ fn half_precision_gradients_match_f32_on_the_masters() {
 
 fn stage1_losses(precision: Precision, dir: &Path) -> Vec<serde_json::Value> {
     let ad = Device::flex().autodiff();
-    ad.seed(1);
+    let _rng = seeded(&ad, 1);
     let t = teacher(&ad);
     let (student, _) = init_student(&t, &StudentSpec::default(), &ad).unwrap();
     let frozen = precision.compute_copy(&t.no_grad());
@@ -247,7 +258,7 @@ fn wgpu_f16_gradients_match_f32_and_bf16_is_refused() {
 #[test]
 fn half_precision_forward_matches_f32_layer_by_layer() {
     let ad = Device::flex().autodiff();
-    ad.seed(42);
+    let _rng = seeded(&ad, 42);
     let config = fixtures().join("../../data/quickstart/config.json");
     let m = mpcformer::model::ModelConfig::from_file(&config)
         .unwrap()
